@@ -1,0 +1,282 @@
+"""File formats of the control plane, as pydantic models.
+
+One source of truth for every file a user writes or reads:
+
+* :class:`Deployment` — the deployment file (YAML) a user writes: which models,
+  at what request rate and SLO, on which devices, with which runtime.
+* :class:`Plan` — what the scheduler decides: gpu-lets (a GPU index and an MPS
+  share in %) and, on each, the models it serves with their batch size, assigned
+  rate and the duty cycle they share.
+
+Validation errors are turned into :class:`SpecError`, whose message names the
+file, the field (as a dotted path such as ``models[1].rate``) and the problem,
+so a CLI can print it as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class SpecError(ValueError):
+    """A deployment or plan file that cannot be used; the message says why."""
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a deployment file must not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+class ModelSpec(_Strict):
+    """One model to serve: its name in the model zoo, its load and its SLO."""
+
+    name: str = Field(description="model name in the model repository (see `controlplane repo list`)")
+    rate: float = Field(ge=0, description="request rate to plan for, in requests per second")
+    slo_ms: float = Field(gt=0, description="latency SLO in milliseconds, queueing included")
+    max_batch: int | None = Field(
+        default=None, ge=1, le=1024, description="largest batch the scheduler may use for this model"
+    )
+
+
+class RuntimeSpec(_Strict):
+    """How gpu-lets are run: local tritonserver processes or Docker containers."""
+
+    kind: Literal["process", "docker"] = "process"
+    tritonserver: str | None = Field(
+        default=None, description="tritonserver binary; default: the nvidia-pytriton wheel's, then PATH"
+    )
+    image: str = Field(default="gpulet-triton-cpu:latest", description="Triton image (docker runtime)")
+    startup_timeout_s: float = Field(default=180.0, gt=0)
+    restart: bool = Field(default=True, description="restart a tritonserver that dies")
+    mps_pipe_dir: str | None = Field(default=None, description="CUDA_MPS_PIPE_DIRECTORY; default under the run dir")
+
+
+class RouterSpec(_Strict):
+    """Where the router listens (KServe v2 over HTTP and gRPC)."""
+
+    host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    drop: bool = Field(default=True, description="drop requests early that cannot meet their SLO")
+
+
+class SchedulerSpec(_Strict):
+    """Options of the planner (see controlplane.scheduler)."""
+
+    algorithm: str = "gpulet"
+    shares: list[int] = Field(default_factory=lambda: [20, 40, 50, 60, 80, 100])
+    max_batch: int = Field(default=32, ge=1)
+    latency_margin: float = Field(default=1.1, ge=1.0)
+    interference: bool = True
+    gpus: int | None = Field(default=None, ge=1, description="most GPUs the plan may use; default: all devices")
+
+    @field_validator("shares")
+    @classmethod
+    def _shares_in_range(cls, v: list[int]) -> list[int]:
+        bad = [s for s in v if not 0 < s <= 100]
+        if bad:
+            raise ValueError(f"shares must be in (0, 100], got {bad}")
+        if not v:
+            raise ValueError("at least one share is needed")
+        return sorted(set(v))
+
+
+Devices = Literal["auto", "cpu"] | list[Annotated[int, Field(ge=0)]]
+
+
+class Deployment(_Strict):
+    """A deployment file: what to serve and where."""
+
+    name: str = Field(default="default", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+    models: list[ModelSpec] = Field(min_length=1)
+    devices: Devices = Field(
+        default="auto", description="'auto' (GPUs if any, else CPU), 'cpu', or a list of GPU indices"
+    )
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    repository: str | None = Field(default=None, description="source model repository; default: the zoo")
+    profiles: str | None = Field(default=None, description="profile directory; default: ./profiles")
+    run_dir: str | None = Field(default=None, description="where logs, state and repos go; default .controlplane/<name>")
+
+    @field_validator("runtime", mode="before")
+    @classmethod
+    def _runtime_shorthand(cls, v: Any) -> Any:
+        # `runtime: docker` is shorthand for `runtime: {kind: docker}`.
+        return {"kind": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> "Deployment":
+        seen: set[str] = set()
+        for i, m in enumerate(self.models):
+            if m.name in seen:
+                raise ValueError(f"models[{i}].name: model {m.name!r} is listed twice")
+            seen.add(m.name)
+        return self
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+class Assignment(_Strict):
+    """One model on one gpu-let."""
+
+    model: str
+    batch: int = Field(ge=1)
+    rate: float = Field(ge=0, description="requests/s this gpu-let is planned to take for the model")
+    latency_ms: float = Field(default=0.0, ge=0, description="predicted latency of one batch (interference included)")
+    throughput: float = Field(default=0.0, ge=0, description="predicted requests/s this gpu-let can serve")
+
+
+class GpuLet(_Strict):
+    """A share of one GPU run by one tritonserver, serving one or more models in turn."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="stable name, e.g. gpu0-a")
+    gpu: int = Field(ge=0, description="index of the GPU (or of the virtual CPU device)")
+    share: int = Field(gt=0, le=100, description="MPS active-thread percentage (CPU: % of the cores)")
+    duty_cycle_ms: float = Field(default=0.0, ge=0, description="time slot shared by the models of this gpu-let")
+    models: list[Assignment] = Field(min_length=1)
+
+    def assignment(self, model: str) -> Assignment | None:
+        return next((a for a in self.models if a.model == model), None)
+
+
+class ModelSummary(_Strict):
+    """What the plan promises one model."""
+
+    rate: float
+    slo_ms: float
+    throughput: float = Field(description="predicted requests/s over all its gpu-lets")
+    worst_latency_ms: float = Field(description="predicted worst-case latency, queueing in the duty cycle included")
+
+
+class Plan(_Strict):
+    """The scheduler's answer: gpu-lets, and who runs where."""
+
+    deployment: str = "default"
+    device: str = Field(default="cpu", description="device type the profiles came from, e.g. 'cpu' or 'NVIDIA H100 80GB HBM3'")
+    algorithm: str = "trivial"
+    gpus: int = Field(ge=0, description="number of GPUs the plan uses")
+    gpulets: list[GpuLet]
+    models: dict[str, ModelSummary] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Plan":
+        ids = [g.id for g in self.gpulets]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"gpu-let ids must be unique, got {ids}")
+        used: dict[int, int] = {}
+        for g in self.gpulets:
+            used[g.gpu] = used.get(g.gpu, 0) + g.share
+        over = {gpu: s for gpu, s in used.items() if s > 100}
+        if over:
+            raise ValueError(f"shares of one GPU sum to more than 100 %: {over}")
+        return self
+
+    def used_share(self, gpu: int) -> int:
+        return sum(g.share for g in self.gpulets if g.gpu == gpu)
+
+    def gpulets_for(self, model: str) -> list[GpuLet]:
+        return [g for g in self.gpulets if g.assignment(model) is not None]
+
+    def model_names(self) -> list[str]:
+        names: list[str] = []
+        for g in self.gpulets:
+            for a in g.models:
+                if a.model not in names:
+                    names.append(a.model)
+        return names
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    """('models', 1, 'rate') -> 'models[1].rate'"""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid"]
+    for e in err.errors():
+        loc = _loc(tuple(p for p in e["loc"] if not str(p).startswith(("function-", "literal[", "list[int"))))
+        msg = e["msg"]
+        if e["type"] == "missing":
+            msg = "field required"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_deployment(data: Any, source: str = "<deployment>", known_models: list[str] | None = None) -> Deployment:
+    """Validate a deployment given as parsed YAML; raise SpecError naming the field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        dep = Deployment.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(source, e)) from None
+    if known_models is not None:
+        for i, m in enumerate(dep.models):
+            if m.name not in known_models:
+                raise SpecError(
+                    f"{source}: invalid\n  models[{i}].name: unknown model {m.name!r}; "
+                    f"known models: {', '.join(sorted(known_models))}"
+                )
+    return dep
+
+
+def load_deployment(path: str | Path, known_models: list[str] | None = None) -> Deployment:
+    """Read a deployment YAML file. Errors name the file, the field and the problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"{path}: broken YAML{where}: {problem}") from None
+    return parse_deployment(data, str(path), known_models)
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    try:
+        return Plan.model_validate_json(path.read_text())
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e.strerror}") from None
+    except ValidationError as e:
+        raise SpecError(format_validation_error(str(path), e)) from None
