@@ -1,0 +1,222 @@
+"""Model repositories: the source repository (the zoo) and the per-gpu-let ones.
+
+The *source* repository (``model_repository/`` by default) is in Triton's
+layout: ``<model>/config.pbtxt`` declares inputs, outputs and the default SLO;
+the artifact ``model.pt`` (TorchScript) is either committed by the user in
+``<model>/1/model.pt`` or, for zoo models, built with seeded weights into a
+cache by :func:`build_artifacts` (``controlplane repo build``) — weights stay
+out of git.
+
+From a :class:`~controlplane.spec.Plan`, :func:`write_gpulet_repositories`
+generates one repository per gpu-let: each model it serves with
+``max_batch_size`` = the planned batch, an ``instance_group`` on the gpu-let's
+GPU (or the CPU), no dynamic batching (the router batches), the python-backend
+``model.py`` and the artifact (hard-linked where possible, so a container's
+bind mount sees a real file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from .spec import GpuLet, Plan
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODEL_TEMPLATE = PACKAGE_DIR / "templates" / "model.py"
+DEFAULT_SOURCE = PACKAGE_DIR.parent / "model_repository"
+
+# KServe v2 datatype names of Triton's config enums.
+_DTYPES = {
+    mc.TYPE_BOOL: "BOOL", mc.TYPE_UINT8: "UINT8", mc.TYPE_INT8: "INT8", mc.TYPE_INT16: "INT16",
+    mc.TYPE_INT32: "INT32", mc.TYPE_INT64: "INT64", mc.TYPE_FP16: "FP16", mc.TYPE_FP32: "FP32",
+    mc.TYPE_FP64: "FP64", mc.TYPE_STRING: "BYTES", mc.TYPE_BF16: "BF16",
+}
+
+
+class RepositoryError(ValueError):
+    """A model repository that cannot be used; the message names the file."""
+
+
+def cache_dir() -> Path:
+    """Where built artifacts go: $CONTROLPLANE_CACHE, else ~/.cache/controlplane."""
+    return Path(os.environ.get("CONTROLPLANE_CACHE") or Path.home() / ".cache" / "controlplane")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    datatype: str          # KServe v2 name: FP32, INT64, ...
+    shape: tuple[int, ...]  # without the batch dimension
+
+
+@dataclass
+class ModelInfo:
+    """What the control plane knows about one model of the source repository."""
+
+    name: str
+    path: Path
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    max_batch_size: int
+    slo_ms: float | None = None
+    memory_mb: float | None = None
+    config: mc.ModelConfig = field(repr=False, default_factory=mc.ModelConfig)
+
+    def artifact(self) -> Path:
+        """The TorchScript file: committed in the repository, else the built one in the cache."""
+        local = self.path / "1" / "model.pt"
+        return local if local.exists() else cache_dir() / "zoo" / self.name / "model.pt"
+
+    def is_built(self) -> bool:
+        return self.artifact().exists()
+
+
+def _parse_config(path: Path) -> mc.ModelConfig:
+    try:
+        return text_format.Parse(path.read_text(), mc.ModelConfig())
+    except text_format.ParseError as e:
+        raise RepositoryError(f"{path}: {e}") from None
+
+
+def _tensors(items) -> list[TensorInfo]:
+    return [TensorInfo(t.name, _DTYPES.get(t.data_type, "BYTES"), tuple(int(d) for d in t.dims)) for t in items]
+
+
+def _param(cfg: mc.ModelConfig, key: str) -> float | None:
+    if key in cfg.parameters:
+        try:
+            return float(cfg.parameters[key].string_value)
+        except ValueError:
+            return None
+    return None
+
+
+class SourceRepository:
+    """The source model repository (Triton layout), read once."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root else DEFAULT_SOURCE
+        if not self.root.is_dir():
+            raise RepositoryError(f"{self.root}: model repository not found")
+        self.models: dict[str, ModelInfo] = {}
+        for cfg_path in sorted(self.root.glob("*/config.pbtxt")):
+            cfg = _parse_config(cfg_path)
+            name = cfg.name or cfg_path.parent.name
+            if name != cfg_path.parent.name:
+                raise RepositoryError(f"{cfg_path}: name {name!r} differs from its directory {cfg_path.parent.name!r}")
+            self.models[name] = ModelInfo(
+                name=name, path=cfg_path.parent, inputs=_tensors(cfg.input), outputs=_tensors(cfg.output),
+                max_batch_size=cfg.max_batch_size, slo_ms=_param(cfg, "slo_ms"),
+                memory_mb=_param(cfg, "memory_mb"), config=cfg,
+            )
+
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    def __getitem__(self, name: str) -> ModelInfo:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise RepositoryError(f"unknown model {name!r}; known models: {', '.join(self.models)}") from None
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def build_artifacts(repo: SourceRepository, names: list[str] | None = None, force: bool = False,
+                    progress=None) -> list[Path]:
+    """Trace the zoo models with seeded weights into the cache; skip ones already built.
+
+    Tracing is deterministic for a given torch version, so the file is rebuilt only when
+    missing (or forced). Returns the artifact paths.
+    """
+    from . import zoo
+
+    out = []
+    for name in names or repo.names():
+        info = repo[name]
+        path = info.artifact()
+        if path.exists() and not force:
+            out.append(path)
+            continue
+        if name not in zoo.BUILDERS:
+            raise RepositoryError(f"{info.path}: no 1/model.pt and {name!r} is not a zoo model that can be built")
+        if progress:
+            progress(name)
+        import torch
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.jit.save(zoo.trace(name), str(tmp))
+        tmp.replace(path)
+        out.append(path)
+    return out
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- per-gpu-let repositories
+
+
+def gpulet_config(info: ModelInfo, batch: int, gpulet: GpuLet, on_gpu: bool) -> mc.ModelConfig:
+    """The model's config for one gpu-let: planned batch, placement, no Triton-side queueing."""
+    cfg = mc.ModelConfig()
+    cfg.CopyFrom(info.config)
+    cfg.backend = "python"
+    cfg.ClearField("platform")
+    cfg.max_batch_size = batch
+    cfg.ClearField("dynamic_batching")
+    cfg.ClearField("instance_group")
+    group = cfg.instance_group.add()
+    group.count = 1
+    if on_gpu:
+        group.kind = mc.ModelInstanceGroup.KIND_GPU
+        # The tritonserver sees only its own GPU (CUDA_VISIBLE_DEVICES), so it is device 0.
+        group.gpus.append(0)
+    else:
+        group.kind = mc.ModelInstanceGroup.KIND_CPU
+    return cfg
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_gpulet_repository(repo: SourceRepository, gpulet: GpuLet, dest: Path, on_gpu: bool) -> Path:
+    """Write one gpu-let's model repository under dest; return dest."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    for a in gpulet.models:
+        info = repo[a.model]
+        if not info.is_built():
+            raise RepositoryError(f"model {a.model!r} is not built; run `controlplane repo build {a.model}`")
+        mdir = dest / a.model
+        (mdir / "1").mkdir(parents=True)
+        cfg = gpulet_config(info, a.batch, gpulet, on_gpu)
+        (mdir / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+        shutil.copy2(MODEL_TEMPLATE, mdir / "1" / "model.py")
+        _link_or_copy(info.artifact(), mdir / "1" / "model.pt")
+    return dest
+
+
+def write_gpulet_repositories(repo: SourceRepository, plan: Plan, root: Path, on_gpu: bool) -> dict[str, Path]:
+    """One repository per gpu-let of the plan, under root/<gpulet id>."""
+    return {g.id: write_gpulet_repository(repo, g, root / g.id, on_gpu) for g in plan.gpulets}

@@ -1,0 +1,153 @@
+"""What every runtime does: run one tritonserver per gpu-let, keep it alive, stop it.
+
+A runtime gets a list of :class:`Launch` (one per gpu-let: its generated model
+repository, device placement and environment) and turns each into a *replica*
+whose life is an explicit state machine, as in Ray Serve's controller::
+
+    PENDING ──start──► STARTING ──ready──► READY ──dies──► RESTARTING ──ready──► READY
+                          │                  │                 │
+                          └──timeout/exit──► FAILED ◄──────────┘ (restart failed)
+    any ──stop──► STOPPING ──► STOPPED
+
+``start`` is all-or-nothing: if any replica fails to become ready, every replica
+already started is stopped and :class:`StartError` carries the failing
+server's log tail. ``supervise`` (called periodically) restarts replicas that
+died. ``stop`` leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..spec import GpuLet
+
+
+class ReplicaState(str, enum.Enum):
+    PENDING = "pending"
+    STARTING = "starting"
+    READY = "ready"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class StartError(RuntimeError):
+    """A gpu-let's server did not become ready; the message ends with its log tail."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+
+    @property
+    def http(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+
+@dataclass
+class Launch:
+    """Everything needed to run one gpu-let's tritonserver."""
+
+    gpulet: GpuLet
+    repository: Path                  # the generated model repository of this gpu-let
+    log_path: Path
+    gpu_uuid: str | None = None       # None: CPU gpu-let
+    gpu_index: int | None = None      # physical GPU index (CUDA_VISIBLE_DEVICES)
+    cores: list[int] | None = None    # CPU gpu-let: the cores its share maps to
+    env: dict[str, str] = field(default_factory=dict)  # share, MPS pipe dir, threads
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpu_index is not None
+
+
+@dataclass
+class ReplicaStatus:
+    gpulet: str
+    state: ReplicaState
+    endpoint: Endpoint | None
+    pid: int | None = None            # process runtime
+    container: str | None = None      # docker runtime
+    restarts: int = 0
+    message: str = ""
+
+
+def gpulet_env(launch_gpulet: GpuLet, gpu_index: int | None, cores: list[int] | None,
+               mps_pipe_dir: str | None) -> dict[str, str]:
+    """Environment that makes a tritonserver honour its gpu-let's share.
+
+    GPU: CUDA_VISIBLE_DEVICES, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE and the MPS pipe directory.
+    CPU: thread counts equal to the number of cores the share maps to.
+    """
+    env: dict[str, str] = {"CONTROLPLANE_GPULET": launch_gpulet.id, "CONTROLPLANE_SHARE": str(launch_gpulet.share)}
+    if gpu_index is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
+        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(launch_gpulet.share)
+        if mps_pipe_dir:
+            env["CUDA_MPS_PIPE_DIRECTORY"] = mps_pipe_dir
+    else:
+        n = str(len(cores or []) or 1)
+        env.update({"CUDA_VISIBLE_DEVICES": "", "CONTROLPLANE_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n})
+    return env
+
+
+def cpu_cores_for(gpulets: list[GpuLet], available: list[int] | None = None) -> dict[str, list[int]]:
+    """Map CPU gpu-lets to cores so a share means the same on CPU as on a GPU.
+
+    Each virtual device is the machine's whole set of cores; a gpu-let of share s
+    at offset o (shares of the gpu-lets before it on the same device) gets the
+    cores in [o, o + s) % of that set, at least one.
+    """
+    cores = sorted(available if available is not None else os.sched_getaffinity(0))
+    n = len(cores)
+    out: dict[str, list[int]] = {}
+    offset: dict[int, int] = {}
+    for g in gpulets:
+        o = offset.get(g.gpu, 0)
+        lo = min(n - 1, (o * n) // 100)
+        hi = max(lo + 1, min(n, round((o + g.share) * n / 100)))
+        out[g.id] = cores[lo:hi]
+        offset[g.gpu] = o + g.share
+    return out
+
+
+class Runtime(ABC):
+    """One tritonserver per gpu-let, behind one interface (process or docker)."""
+
+    @abstractmethod
+    def start(self, launches: list[Launch]) -> dict[str, Endpoint]:
+        """Start every gpu-let and wait until all are ready; all-or-nothing (StartError)."""
+
+    @abstractmethod
+    def supervise(self) -> list[str]:
+        """Restart replicas that died; return the ids restarted. Called periodically."""
+
+    @abstractmethod
+    def status(self) -> dict[str, ReplicaStatus]:
+        ...
+
+    @abstractmethod
+    def logs(self, gpulet: str, tail: int = 100) -> str:
+        ...
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop everything this runtime started; idempotent."""
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,62 @@
+"""Triton python-backend model that serves one TorchScript file (`model.pt` beside it).
+
+Generated into every gpu-let's model repository by the control plane. Tensors
+cross the Triton boundary through DLPack, not numpy: numpy-backed outputs fail
+on some numpy versions ("output tensor shape does not match size of output"),
+and DLPack keeps GPU outputs on the GPU.
+
+Environment (set by the runtime for each gpu-let):
+  CONTROLPLANE_THREADS  intra-op threads on the CPU (the gpu-let's cores).
+"""
+
+import json
+import os
+
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        if args["model_instance_kind"] == "GPU":
+            self.device = torch.device("cuda", int(args["model_instance_device_id"]))
+        else:
+            self.device = torch.device("cpu")
+            threads = int(os.environ.get("CONTROLPLANE_THREADS", "0") or 0)
+            if threads > 0:
+                torch.set_num_threads(threads)
+        path = os.path.join(args["model_repository"], args["model_version"], "model.pt")
+        self.model = torch.jit.load(path, map_location=self.device).eval()
+        self.inputs = [i["name"] for i in config["input"]]
+        self.outputs = [o["name"] for o in config["output"]]
+
+    def _tensor(self, request, name):
+        t = pb_utils.get_input_tensor_by_name(request, name)
+        return from_dlpack(t.to_dlpack()).to(self.device, non_blocking=True)
+
+    def execute(self, requests):
+        # Triton may hand over several requests at once: run them as one batch.
+        sizes = []
+        columns = [[] for _ in self.inputs]
+        for request in requests:
+            tensors = [self._tensor(request, n) for n in self.inputs]
+            sizes.append(tensors[0].shape[0])
+            for col, t in zip(columns, tensors):
+                col.append(t)
+        batch = [torch.cat(c) if len(c) > 1 else c[0] for c in columns]
+        with torch.inference_mode():
+            out = self.model(*batch)
+        if not isinstance(out, (tuple, list)):
+            out = (out,)
+        responses = []
+        start = 0
+        for n in sizes:
+            tensors = [
+                pb_utils.Tensor.from_dlpack(name, to_dlpack(o[start:start + n].contiguous()))
+                for name, o in zip(self.outputs, out)
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            start += n
+        return responses
