@@ -1,0 +1,329 @@
+"""`controlplane`: plan, launch and serve many models on few GPUs.
+
+Commands: up, down, status, plan, repo build|list, profile, loadgen, compose, logs.
+Every command that reads a deployment file exits with status 2 and a message
+naming the file, the field and the problem when the file is invalid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .spec import Deployment, SpecError, load_deployment
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+repo_app = typer.Typer(no_args_is_help=True, help="The source model repository (the zoo).")
+app.add_typer(repo_app, name="repo")
+
+console = Console()
+err = Console(stderr=True)
+
+DEFAULT_DEPLOYMENT = "deployments/default.yaml"
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+FileOpt = typer.Option(DEFAULT_DEPLOYMENT, "-f", "--file", help="deployment file (YAML)")
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _deployment(path: str) -> Deployment:
+    from .repository import RepositoryError, SourceRepository
+
+    p = Path(path)
+    if not p.exists() and path == DEFAULT_DEPLOYMENT and (_PROJECT_ROOT / path).exists():
+        p = _PROJECT_ROOT / path
+    try:
+        raw = load_deployment(p)  # field errors first, then model names against the repository
+        known = SourceRepository(raw.repository).names()
+        return load_deployment(p, known_models=known)
+    except (SpecError, RepositoryError) as e:
+        _fail(str(e))
+
+
+# --------------------------------------------------------------------------- up / down / status
+
+
+@app.command()
+def up(
+    file: str = FileOpt,
+    detach: bool = typer.Option(False, "--detach", "-d", help="run in the background; stop with `controlplane down`"),
+    plan_file: Optional[Path] = typer.Option(None, "--plan", help="use this plan (JSON) instead of planning"),
+) -> None:
+    """Plan, launch one tritonserver per gpu-let, and serve every model behind one KServe v2 endpoint."""
+    dep = _deployment(file)
+    from .deploy import Controller, RunPaths, pid_alive, read_state
+
+    paths = RunPaths.for_deployment(dep)
+    state = read_state(paths)
+    if state and pid_alive(state.get("pid")):
+        _fail(f"deployment {dep.name!r} is already up (pid {state['pid']}); run `controlplane down -f {file}` first", 1)
+    if detach:
+        _detach(file, paths, plan_file)
+        return
+
+    from .repository import RepositoryError
+    from .runtime.base import StartError
+    from .spec import load_plan
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    ctl = Controller(dep, log=lambda m: console.print(m, highlight=False))
+    try:
+        plan = ctl.prepare(load_plan(plan_file) if plan_file else None)
+        _print_plan(plan)
+        ctl.start()
+    except (StartError, RepositoryError, SpecError, ValueError, RuntimeError, OSError) as e:
+        ctl.shutdown()
+        _fail(str(e), 1)
+    except BaseException:
+        ctl.shutdown()
+        raise
+    r = ctl.router
+    host, hport, gport = dep.router.host, getattr(r, "http_port", dep.router.http_port), getattr(r, "grpc_port", dep.router.grpc_port)
+    m = dep.models[0].name
+    console.print(f"[bold green]ready[/]: KServe v2 HTTP at http://{host}:{hport}, gRPC at {host}:{gport}")
+    console.print(f"  try: curl -s http://{host}:{hport}/v2/models/{m}", highlight=False)
+    console.print(f"  stop: Ctrl-C, or `controlplane down -f {file}`", highlight=False)
+    try:
+        ctl.serve(stop)
+    finally:
+        console.print("stopping ...")
+        ctl.shutdown()
+        console.print("stopped")
+
+
+def _detach(file: str, paths, plan_file: Optional[Path]) -> None:
+    from .deploy import pid_alive, read_state
+
+    paths.root.mkdir(parents=True, exist_ok=True)
+    log = paths.root / "controlplane.log"
+    cmd = [sys.executable, "-m", "controlplane", "up", "-f", file] + (["--plan", str(plan_file)] if plan_file else [])
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    while True:
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            _fail(f"controlplane up exited with code {proc.returncode}; {log}:\n{tail}", 1)
+        state = read_state(paths)
+        if state and state.get("state") == "ready" and state.get("pid") == proc.pid and pid_alive(proc.pid):
+            break
+    console.print(log.read_text(errors="replace").rstrip(), highlight=False)
+    console.print(f"running in the background (pid {proc.pid}); log: {log}")
+
+
+@app.command()
+def down(file: str = FileOpt) -> None:
+    """Stop a deployment: its router, every gpu-let's server, and the MPS daemon it started."""
+    dep = _deployment(file)
+    from .deploy import RunPaths, stop_deployment
+
+    stopped = stop_deployment(RunPaths.for_deployment(dep))
+    if not stopped:
+        console.print(f"deployment {dep.name!r} is not running")
+        return
+    for s in stopped:
+        console.print(f"stopped {s}")
+
+
+@app.command()
+def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Gpu-lets of a running deployment: share, models, ports, health."""
+    import httpx
+
+    from .deploy import RunPaths, pid_alive, read_state
+
+    dep = _deployment(file)
+    state = read_state(RunPaths.for_deployment(dep))
+    if not state or not pid_alive(state.get("pid")):
+        console.print(f"deployment {dep.name!r} is not running")
+        raise typer.Exit(3)
+
+    def ready(addr: str | None) -> bool:
+        if not addr:
+            return False
+        try:
+            return httpx.get(f"http://{addr}/v2/health/ready", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    r = state["router"]
+    router_addr = f"{r['host']}:{r['http_port']}"
+    rows = []
+    for g in state["plan"]["gpulets"]:
+        info = state["gpulets"].get(g["id"], {})
+        rows.append({
+            "gpulet": g["id"], "gpu": g["gpu"], "share": g["share"],
+            "models": ", ".join(f"{a['model']}(b{a['batch']})" for a in g["models"]),
+            "http": info.get("http"), "grpc": info.get("grpc"), "pid": info.get("pid"),
+            "restarts": info.get("restarts", 0), "ready": ready(info.get("http")),
+        })
+    if as_json:
+        console.print_json(json.dumps({"deployment": dep.name, "state": state["state"], "router": router_addr,
+                                       "router_ready": ready(router_addr), "gpulets": rows}))
+        return
+    console.print(f"deployment [bold]{dep.name}[/] ({state['state']}, {state['runtime']} runtime, "
+                  f"device {state['device']}); router http://{router_addr} "
+                  f"{'ready' if ready(router_addr) else 'NOT ready'}")
+    t = Table("gpu-let", "GPU", "share %", "models (batch)", "HTTP", "gRPC", "pid", "restarts", "health")
+    for row in rows:
+        t.add_row(row["gpulet"], str(row["gpu"]), str(row["share"]), row["models"], str(row["http"]),
+                  str(row["grpc"]), str(row["pid"]), str(row["restarts"]),
+                  "[green]ready[/]" if row["ready"] else "[red]not ready[/]")
+    console.print(t)
+
+
+@app.command()
+def logs(gpulet: str, file: str = FileOpt, tail: int = typer.Option(100, "--tail", "-n")) -> None:
+    """The log of one gpu-let's tritonserver."""
+    from .deploy import RunPaths, read_state
+
+    dep = _deployment(file)
+    state = read_state(RunPaths.for_deployment(dep)) or {}
+    info = state.get("gpulets", {}).get(gpulet)
+    if info and info.get("container"):
+        from .runtime.docker import container_logs
+
+        console.print(container_logs(info["container"], tail), highlight=False, markup=False)
+        return
+    path = RunPaths.for_deployment(dep).logs / f"{gpulet}.log"
+    if not path.exists():
+        _fail(f"no log for gpu-let {gpulet!r} at {path}", 1)
+    console.print("\n".join(path.read_text(errors="replace").splitlines()[-tail:]), highlight=False, markup=False)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def _print_plan(plan) -> None:
+    t = Table("gpu-let", "GPU", "share %", "duty cycle ms", "model", "batch", "rate req/s", "throughput req/s",
+              "latency ms", title=f"plan: {plan.gpus} GPU(s), {len(plan.gpulets)} gpu-let(s), algorithm {plan.algorithm}")
+    for g in plan.gpulets:
+        for i, a in enumerate(g.models):
+            t.add_row(g.id if i == 0 else "", str(g.gpu) if i == 0 else "", str(g.share) if i == 0 else "",
+                      f"{g.duty_cycle_ms:.1f}" if i == 0 else "", a.model, str(a.batch), f"{a.rate:.1f}",
+                      f"{a.throughput:.1f}", f"{a.latency_ms:.2f}")
+    console.print(t)
+
+
+@app.command("plan")
+def plan_cmd(
+    file: str = FileOpt,
+    algorithm: Optional[str] = typer.Option(None, "--algorithm", "-a", help="gpulet, temporal, greedy, ideal, trivial"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="at most this many GPUs"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+    png: Optional[Path] = typer.Option(None, "--png", help="draw the plan into this PNG file"),
+) -> None:
+    """Plan a deployment without launching anything."""
+    dep = _deployment(file)
+    from . import devices as devmod
+    from .planner import plan as make_plan
+    from .profiles_loader import load_profiles_for
+
+    devices = devmod.resolve(dep.devices)
+    try:
+        profiles = load_profiles_for(dep, devices, log=lambda m: err.print(m))
+        p = make_plan(dep, profiles, device=devices.name, gpus=gpus, algorithm=algorithm)
+    except ValueError as e:
+        _fail(str(e), 1)
+    if png:
+        from .plot import plot_plan
+
+        plot_plan(p, png)
+    if as_json:
+        print(p.model_dump_json(indent=2))
+    else:
+        _print_plan(p)
+
+
+# --------------------------------------------------------------------------- repo
+
+
+@repo_app.command("list")
+def repo_list(path: Optional[Path] = typer.Option(None, "--repository", help="source repository")) -> None:
+    """Models of the source repository with their inputs, outputs, default SLO and build state."""
+    from .repository import SourceRepository
+
+    repo = SourceRepository(path)
+    t = Table("model", "inputs", "outputs", "max batch", "SLO ms", "built")
+    for info in repo.models.values():
+        io = lambda ts: ", ".join(f"{x.name} {x.datatype}{list(x.shape)}" for x in ts)  # noqa: E731
+        t.add_row(info.name, io(info.inputs), io(info.outputs), str(info.max_batch_size),
+                  f"{info.slo_ms:g}" if info.slo_ms else "-", "yes" if info.is_built() else "no")
+    console.print(t)
+
+
+@repo_app.command("build")
+def repo_build(
+    names: Optional[list[str]] = typer.Argument(None, help="models to build (default: all)"),
+    force: bool = typer.Option(False, "--force", help="rebuild even if built"),
+    path: Optional[Path] = typer.Option(None, "--repository", help="source repository"),
+) -> None:
+    """Build zoo models (TorchScript, seeded weights) into the cache."""
+    from .repository import RepositoryError, SourceRepository, build_artifacts
+
+    repo = SourceRepository(path)
+    try:
+        for n in names or []:
+            repo[n]
+        built = build_artifacts(repo, names or None, force=force, progress=lambda n: console.print(f"building {n} ..."))
+    except RepositoryError as e:
+        _fail(str(e))
+    for p in built:
+        console.print(f"{p.parent.name}: {p}")
+
+
+# --------------------------------------------------------------------------- optional parts
+
+
+def _mount_optional() -> None:
+    """Commands whose implementation lives in other packages (profiler, router, docker)."""
+    try:
+        from profiler.cli import profile
+
+        app.command("profile")(profile)
+    except ImportError:
+        pass
+    try:
+        from .loadgen_cli import loadgen
+
+        app.command("loadgen")(loadgen)
+    except ImportError:
+        pass
+    try:
+        from .compose import compose_command
+
+        app.command("compose")(compose_command)
+    except ImportError:
+        pass
+
+
+_mount_optional()
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

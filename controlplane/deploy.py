@@ -1,0 +1,272 @@
+"""The controller behind `controlplane up`: plan, launch, route, supervise, tear down.
+
+One :class:`Controller` owns one deployment's life:
+
+1. ``prepare`` resolves the devices, loads (or makes) profiles, plans, and builds
+   the model artifacts the plan needs;
+2. ``start`` writes a model repository per gpu-let, starts the runtime (one
+   tritonserver per gpu-let, all-or-nothing) and the router, and records the
+   state file that `status` and `down` read;
+3. ``serve`` supervises (restarts dead servers) until asked to stop;
+4. ``shutdown`` stops the router, every server and the MPS daemon it started.
+
+Only this module and the CLI do I/O around the pure scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import devices as devmod
+from .planner import plan as make_plan
+from .repository import SourceRepository, build_artifacts, write_gpulet_repositories
+from .runtime.base import Endpoint, Launch, Runtime, cpu_cores_for, gpulet_env
+from .spec import Deployment, Plan
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one deployment keeps its state, logs and generated repositories."""
+
+    root: Path
+
+    @classmethod
+    def for_deployment(cls, dep: Deployment) -> "RunPaths":
+        return cls(Path(dep.run_dir) if dep.run_dir else Path(".controlplane") / dep.name)
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def repos(self) -> Path:
+        return self.root / "repos"
+
+    @property
+    def mps(self) -> Path:
+        return self.root / "mps"
+
+
+def read_state(paths: RunPaths) -> dict | None:
+    try:
+        return json.loads(paths.state.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is not alive for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Controller:
+    def __init__(self, deployment: Deployment, repo: SourceRepository | None = None, log=print) -> None:
+        self.dep = deployment
+        self.repo = repo or SourceRepository(deployment.repository)
+        self.paths = RunPaths.for_deployment(deployment)
+        self.log = log
+        self.devices: devmod.DeviceSet | None = None
+        self.plan: Plan | None = None
+        self.runtime: Runtime | None = None
+        self.router = None
+        self.mps = None
+        self.endpoints: dict[str, Endpoint] = {}
+        self._stopped = False
+
+    # ------------------------------------------------------------------ prepare
+
+    def prepare(self, plan: Plan | None = None) -> Plan:
+        self.devices = devmod.resolve(self.dep.devices)
+        if plan is None:
+            from .profiles_loader import load_profiles_for
+
+            profiles = load_profiles_for(self.dep, self.devices, log=self.log)
+            gpus = self.dep.scheduler.gpus or (self.devices.count() if self.devices.on_gpu else None)
+            max_batch = {n: self.repo[n].max_batch_size or 1 for n in (m.name for m in self.dep.models)}
+            plan = make_plan(self.dep, profiles, device=self.devices.name, gpus=gpus, max_batch=max_batch)
+        if self.devices.on_gpu and plan.gpulets and max(g.gpu for g in plan.gpulets) >= self.devices.count():
+            raise ValueError(f"the plan needs {plan.gpus} GPU(s) but the deployment has {self.devices.count()}")
+        build_artifacts(self.repo, plan.model_names(), progress=lambda n: self.log(f"building model {n} ..."))
+        self.plan = plan
+        return plan
+
+    def launches(self) -> list[Launch]:
+        assert self.plan is not None and self.devices is not None
+        on_gpu = self.devices.on_gpu
+        repos = write_gpulet_repositories(self.repo, self.plan, self.paths.repos, on_gpu=on_gpu)
+        cores = cpu_cores_for(self.plan.gpulets, list(self.devices.cores)) if not on_gpu else {}
+        pipe = self.dep.runtime.mps_pipe_dir or str(self.paths.mps / "pipe")
+        out = []
+        for g in self.plan.gpulets:
+            gpu = self.devices.gpus[g.gpu] if on_gpu else None
+            out.append(Launch(
+                gpulet=g, repository=repos[g.id].resolve(), log_path=(self.paths.logs / f"{g.id}.log").resolve(),
+                gpu_uuid=gpu.uuid if gpu else None, gpu_index=gpu.index if gpu else None,
+                cores=cores.get(g.id),
+                env=gpulet_env(g, gpu.index if gpu else None, cores.get(g.id), pipe if on_gpu else None),
+            ))
+        return out
+
+    # ------------------------------------------------------------------ start / stop
+
+    def _make_runtime(self) -> Runtime:
+        rt = self.dep.runtime
+        if rt.kind == "docker":
+            from .runtime.docker import DockerRuntime
+
+            return DockerRuntime(image=rt.image, deployment=self.dep.name,
+                                 startup_timeout_s=rt.startup_timeout_s, restart=rt.restart)
+        from .runtime.process import ProcessRuntime
+
+        return ProcessRuntime(rt.tritonserver, startup_timeout_s=rt.startup_timeout_s, restart=rt.restart)
+
+    def start(self) -> None:
+        """Launch gpu-lets and the router; on any failure stop what was started and re-raise."""
+        assert self.plan is not None
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self._write_state("starting")
+        try:
+            if self.devices.on_gpu:
+                from .runtime.mps import MPSDaemon
+
+                self.mps = MPSDaemon(self.paths.mps / "pipe", self.paths.mps / "log")
+                self.mps.start()
+            self.runtime = self._make_runtime()
+            launches = self.launches()
+            self.log(f"starting {len(launches)} gpu-let(s) with the {self.dep.runtime.kind} runtime ...")
+            self.endpoints = self.runtime.start(launches)
+            self._write_state("starting")
+            from .router import RouterServer, RoutingTable
+
+            table = RoutingTable.from_plan(self.plan, self.endpoints, self.repo, self.dep)
+            self.router = RouterServer(table, self.dep.router)
+            self.router.start_in_thread()
+            self._write_state("ready")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def serve(self, stop: threading.Event, interval_s: float = 1.0) -> None:
+        """Supervise until stop is set: restart dead servers, keep the state file current."""
+        while not stop.wait(interval_s):
+            restarted = self.runtime.supervise()
+            for gid in restarted:
+                self.log(f"gpu-let {gid}: restarted")
+            if restarted:
+                self._write_state("ready")
+
+    def shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._write_state("stopping")
+        if self.router is not None:
+            try:
+                self.router.stop()
+            except Exception as e:  # keep tearing down
+                self.log(f"router stop: {e}")
+        if self.runtime is not None:
+            self.runtime.stop()
+        if self.mps is not None:
+            self.mps.stop()
+        try:
+            self.paths.state.unlink()
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ state file
+
+    def _write_state(self, state: str) -> None:
+        if self.plan is None:
+            return
+        statuses = self.runtime.status() if self.runtime is not None else {}
+        doc = {
+            "deployment": self.dep.name,
+            "state": state,
+            "pid": os.getpid(),
+            "runtime": self.dep.runtime.kind,
+            "device": self.devices.name if self.devices else None,
+            "updated": time.time(),
+            "router": {
+                "host": self.dep.router.host,
+                "http_port": getattr(self.router, "http_port", self.dep.router.http_port),
+                "grpc_port": getattr(self.router, "grpc_port", self.dep.router.grpc_port),
+            },
+            "gpulets": {
+                gid: {
+                    "http": s.endpoint.http if s.endpoint else None,
+                    "grpc": s.endpoint.grpc if s.endpoint else None,
+                    "pid": s.pid, "container": s.container, "restarts": s.restarts,
+                    "log": str(self.paths.logs / f"{gid}.log"),
+                }
+                for gid, s in statuses.items()
+            },
+            "plan": self.plan.model_dump(),
+        }
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.paths.state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.replace(self.paths.state)
+
+
+def stop_deployment(paths: RunPaths, timeout_s: float = 60.0) -> list[str]:
+    """Stop a running deployment through its state file; return what was stopped.
+
+    Asks the controller to shut down (SIGTERM) and waits; if it does not, kills it and
+    every server process group it recorded, and removes containers by label.
+    """
+    state = read_state(paths)
+    if state is None:
+        return []
+    done = []
+    pid = state.get("pid")
+    if pid_alive(pid) and pid != os.getpid():
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        done.append(f"controller (pid {pid})")
+    for gid, g in state.get("gpulets", {}).items():
+        gpid = g.get("pid")
+        if pid_alive(gpid):
+            try:
+                os.killpg(gpid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            done.append(f"gpu-let {gid} (pid {gpid})")
+    if state.get("runtime") == "docker":
+        try:
+            from .runtime.docker import remove_deployment_containers
+
+            done += [f"container {c}" for c in remove_deployment_containers(state["deployment"])]
+        except Exception:
+            pass
+    try:
+        paths.state.unlink()
+    except OSError:
+        pass
+    return done

@@ -1,0 +1,82 @@
+"""Which devices a deployment runs on: the GPUs pynvml sees, or this machine's CPU."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GPU:
+    index: int
+    uuid: str
+    name: str
+    memory_mb: float
+
+
+@dataclass(frozen=True)
+class DeviceSet:
+    kind: str                 # "gpu" or "cpu"
+    name: str                 # device type: the GPU's name, or "cpu-<n>c"
+    gpus: tuple[GPU, ...] = ()
+    cores: tuple[int, ...] = ()
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.kind == "gpu"
+
+    def count(self) -> int:
+        return len(self.gpus)
+
+
+def list_gpus() -> list[GPU]:
+    """GPUs visible through NVML; empty when there is no driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return []
+    try:
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            uuid = pynvml.nvmlDeviceGetUUID(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**20
+            out.append(GPU(i, uuid if isinstance(uuid, str) else uuid.decode(),
+                           name if isinstance(name, str) else name.decode(), mem))
+        return out
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def cpu_name() -> str:
+    """A stable device type for this CPU, e.g. 'cpu-2c'; profiles are kept per device type."""
+    return f"cpu-{len(os.sched_getaffinity(0))}c"
+
+
+def resolve(devices) -> DeviceSet:
+    """'auto' -> all GPUs, or the CPU when there are none; 'cpu'; or a list of GPU indices."""
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    if devices == "cpu":
+        return DeviceSet("cpu", cpu_name(), cores=cores)
+    gpus = list_gpus()
+    if devices == "auto":
+        if not gpus:
+            return DeviceSet("cpu", cpu_name(), cores=cores)
+        chosen = gpus
+    else:
+        by_index = {g.index: g for g in gpus}
+        missing = [i for i in devices if i not in by_index]
+        if missing:
+            raise ValueError(f"devices: GPU(s) {missing} not found; this host has {len(gpus)} GPU(s)"
+                             f" on {platform.node()}")
+        chosen = [by_index[i] for i in devices]
+    names = {g.name for g in chosen}
+    if len(names) > 1:
+        raise ValueError(f"devices: mixed GPU types {sorted(names)}; list GPUs of one type")
+    return DeviceSet("gpu", chosen[0].name, gpus=tuple(chosen), cores=cores)

@@ -1,0 +1,103 @@
+"""What the router knows: per model its KServe metadata, SLO and gpu-lets.
+
+Built from the scheduler's :class:`~controlplane.spec.Plan`, the endpoints the
+runtime started (one tritonserver per gpu-let), the source repository (tensor
+names, dtypes, shapes) and the deployment (SLOs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from ..repository import SourceRepository, TensorInfo
+from ..runtime.base import Endpoint
+from ..spec import Deployment, Plan
+
+
+@dataclass(frozen=True)
+class GpuletRoute:
+    """One gpu-let serving one model: where it is and what the plan promised."""
+
+    id: str
+    endpoint: Endpoint
+    batch: int                   # planned batch = the tritonserver's max_batch_size for the model
+    duty_cycle_ms: float = 0.0
+    rate: float = 0.0            # requests/s the plan assigned
+    throughput: float = 0.0      # predicted requests/s
+    latency_ms: float = 0.0      # predicted latency of one batch
+    share: int = 100
+
+    @property
+    def weight(self) -> float:
+        """Capacity used to share load among a model's gpu-lets."""
+        return self.throughput or self.rate or float(self.batch * self.share)
+
+
+@dataclass
+class ModelRoute:
+    name: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    max_batch_size: int          # what clients may send in one request (the model's own limit)
+    slo_ms: float | None
+    gpulets: list[GpuletRoute]
+    config: mc.ModelConfig = field(default_factory=mc.ModelConfig, repr=False)
+    version: str = "1"
+
+    def input(self, name: str) -> TensorInfo | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorInfo | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+
+@dataclass
+class RoutingTable:
+    models: dict[str, ModelRoute]
+
+    @classmethod
+    def from_plan(cls, plan: Plan, endpoints: dict[str, Endpoint], repo: SourceRepository,
+                  deployment: Deployment | None = None) -> "RoutingTable":
+        models: dict[str, ModelRoute] = {}
+        for name in plan.model_names():
+            info = repo[name]
+            slo = None
+            if deployment is not None:
+                try:
+                    slo = deployment.model(name).slo_ms
+                except KeyError:
+                    slo = None
+            if slo is None and name in plan.models:
+                slo = plan.models[name].slo_ms
+            if slo is None:
+                slo = info.slo_ms
+            routes = []
+            for g in plan.gpulets_for(name):
+                if g.id not in endpoints:
+                    raise KeyError(f"no endpoint for gpu-let {g.id!r} (serving {name!r})")
+                a = g.assignment(name)
+                assert a is not None
+                routes.append(GpuletRoute(
+                    id=g.id, endpoint=endpoints[g.id], batch=a.batch, duty_cycle_ms=g.duty_cycle_ms,
+                    rate=a.rate, throughput=a.throughput, latency_ms=a.latency_ms, share=g.share,
+                ))
+            cfg = mc.ModelConfig()
+            cfg.CopyFrom(info.config)
+            cfg.name = name
+            max_batch = info.max_batch_size if info.max_batch_size > 0 else max(r.batch for r in routes)
+            cfg.max_batch_size = max_batch
+            cfg.ClearField("instance_group")
+            cfg.ClearField("dynamic_batching")
+            models[name] = ModelRoute(name=name, inputs=list(info.inputs), outputs=list(info.outputs),
+                                      max_batch_size=max_batch, slo_ms=slo, gpulets=routes, config=cfg)
+        return cls(models)
+
+    def gpulets(self) -> dict[str, Endpoint]:
+        """Every gpu-let of the table, once."""
+        out: dict[str, Endpoint] = {}
+        for m in self.models.values():
+            for g in m.gpulets:
+                out[g.id] = g.endpoint
+        return out

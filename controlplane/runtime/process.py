@@ -1,0 +1,230 @@
+"""The embedded runtime: one local ``tritonserver`` process per gpu-let.
+
+Each server gets its own generated model repository, free loopback ports, a log
+file and the environment of its share (see :func:`~.base.gpulet_env`); on CPU
+its cores are pinned with ``sched_setaffinity``. Servers run in their own
+process group (so a terminal's Ctrl-C reaches the control plane, which stops
+them in order) and with ``PR_SET_PDEATHSIG`` (so they die with the control
+plane even if it is killed outright: nothing is left behind).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from .base import Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError
+from .triton import TritonInstall, find_tritonserver, python_env
+
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _preexec(cores: list[int] | None):
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+    def run() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if cores:
+            os.sched_setaffinity(0, cores)
+
+    return run
+
+
+@dataclass
+class _Replica:
+    launch: Launch
+    endpoint: Endpoint
+    state: ReplicaState = ReplicaState.PENDING
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    message: str = ""
+    log_file: object | None = field(default=None, repr=False)
+
+
+class ProcessRuntime(Runtime):
+    """tritonserver subprocesses on this machine."""
+
+    def __init__(self, tritonserver: str | None = None, host: str = "127.0.0.1",
+                 startup_timeout_s: float = 180.0, restart: bool = True) -> None:
+        self.install: TritonInstall = find_tritonserver(tritonserver)
+        self.host = host
+        self.startup_timeout_s = startup_timeout_s
+        self.restart = restart
+        self.replicas: dict[str, _Replica] = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ process control
+
+    def _command(self, r: _Replica) -> list[str]:
+        e, cmd = r.endpoint, [str(self.install.binary)]
+        cmd += [
+            f"--model-repository={r.launch.repository}",
+            f"--http-address={e.host}", f"--http-port={e.http_port}",
+            f"--grpc-address={e.host}", f"--grpc-port={e.grpc_port}",
+            f"--metrics-address={e.host}", f"--metrics-port={e.metrics_port}",
+            "--exit-on-error=true", "--strict-readiness=true", "--exit-timeout-secs=5",
+        ]
+        if self.install.backend_dir:
+            cmd.append(f"--backend-directory={self.install.backend_dir}")
+        return cmd
+
+    def _env(self, launch: Launch) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(python_env())
+        libs = ":".join(str(p) for p in self.install.lib_dirs)
+        env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else libs
+        env.update(launch.env)
+        return env
+
+    def _spawn(self, r: _Replica) -> None:
+        r.launch.log_path.parent.mkdir(parents=True, exist_ok=True)
+        r.log_file = open(r.launch.log_path, "ab")
+        r.log_file.write(f"\n=== controlplane: starting {r.launch.gpulet.id} ===\n".encode())
+        r.log_file.flush()
+        r.proc = subprocess.Popen(
+            self._command(r), env=self._env(r.launch), stdout=r.log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_preexec(r.launch.cores),
+        )
+
+    def _ready(self, r: _Replica) -> bool:
+        try:
+            return httpx.get(f"http://{r.endpoint.http}/v2/health/ready", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _wait_ready(self, reps: list[_Replica]) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        waiting = list(reps)
+        while waiting:
+            for r in list(waiting):
+                if r.proc.poll() is not None:
+                    r.state = ReplicaState.FAILED
+                    raise StartError(
+                        f"gpu-let {r.launch.gpulet.id}: tritonserver exited with code {r.proc.returncode} "
+                        f"before it was ready; log {r.launch.log_path}:\n{log_tail(r.launch.log_path)}"
+                    )
+                if self._ready(r):
+                    r.state = ReplicaState.READY
+                    waiting.remove(r)
+            if waiting and time.monotonic() > deadline:
+                r = waiting[0]
+                r.state = ReplicaState.FAILED
+                raise StartError(
+                    f"gpu-let {r.launch.gpulet.id}: tritonserver not ready after {self.startup_timeout_s:.0f} s; "
+                    f"log {r.launch.log_path}:\n{log_tail(r.launch.log_path)}"
+                )
+            if waiting:
+                time.sleep(0.25)
+
+    def _kill(self, r: _Replica, timeout: float = 10.0) -> None:
+        p = r.proc
+        if p is not None and p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        if p is not None:
+            # Also the python-backend stubs left in the group.
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        if r.log_file:
+            r.log_file.close()
+            r.log_file = None
+
+    # ------------------------------------------------------------------ Runtime
+
+    def start(self, launches: list[Launch]) -> dict[str, Endpoint]:
+        with self._lock:
+            reps = []
+            for launch in launches:
+                ep = Endpoint(self.host, free_port(self.host), free_port(self.host), free_port(self.host))
+                r = _Replica(launch, ep)
+                self.replicas[launch.gpulet.id] = r
+                reps.append(r)
+            try:
+                for r in reps:
+                    r.state = ReplicaState.STARTING
+                    self._spawn(r)
+                self._wait_ready(reps)
+            except BaseException:
+                self.stop()
+                raise
+            return {r.launch.gpulet.id: r.endpoint for r in reps}
+
+    def supervise(self) -> list[str]:
+        """Restart servers that exited; a replica that cannot come back is FAILED."""
+        restarted = []
+        with self._lock:
+            for gid, r in self.replicas.items():
+                if r.state not in (ReplicaState.READY, ReplicaState.RESTARTING) or r.proc is None:
+                    continue
+                if r.state is ReplicaState.READY and r.proc.poll() is None:
+                    continue
+                if not self.restart:
+                    r.state, r.message = ReplicaState.FAILED, f"exited with code {r.proc.returncode}"
+                    continue
+                r.state = ReplicaState.RESTARTING
+                r.message = f"exited with code {r.proc.returncode}; restarting"
+                self._kill(r)
+                r.restarts += 1
+                self._spawn(r)
+                try:
+                    self._wait_ready([r])
+                    r.message = ""
+                    restarted.append(gid)
+                except StartError as e:
+                    r.state, r.message = ReplicaState.FAILED, str(e)
+                    self._kill(r)
+        return restarted
+
+    def status(self) -> dict[str, ReplicaStatus]:
+        with self._lock:
+            return {
+                gid: ReplicaStatus(gid, r.state, r.endpoint, pid=r.proc.pid if r.proc else None,
+                                   restarts=r.restarts, message=r.message)
+                for gid, r in self.replicas.items()
+            }
+
+    def logs(self, gpulet: str, tail: int = 100) -> str:
+        return log_tail(self.replicas[gpulet].launch.log_path, tail)
+
+    def stop(self) -> None:
+        with self._lock:
+            for r in self.replicas.values():
+                if r.state is not ReplicaState.STOPPED:
+                    r.state = ReplicaState.STOPPING
+                    self._kill(r)
+                    r.state = ReplicaState.STOPPED

@@ -1,0 +1,360 @@
+"""Shared machinery of all planners: the duty-cycle model of a gpu-let, GPUs with
+interference, feasibility checks, the lower bound and conversion to a Plan.
+
+The duty-cycle model unifies the paper's three latency rules. A gpu-let of
+share ``s`` serving models ``i`` at rates ``r_i`` runs one batch of each model in
+turn every ``D`` ms (the duty cycle). Model ``i`` runs batch ``b_i`` with latency
+``L_i = L(i, s, b_i) * margin * slowdown_i``. It is feasible when
+
+* ``sum_i L_i <= D``                      (the round fits in the cycle),
+* ``1000 * b_i / D >= r_i``               (each model's throughput covers its rate),
+* ``D + L_i <= SLO_i``                    (a request that just missed a batch waits
+  at most ``D`` and then runs ``L_i``: the worst-case latency).
+
+A saturated gpu-let of one model is ``D = L(b)``, i.e. the paper's ``2 L(b) <= SLO``;
+a residue gpu-let is ``D = 1000 b / r``, i.e. ``L(b) + b/r <= SLO``; a
+time-shared gpu-let is the paper's common duty cycle. For given rates the
+smallest feasible ``D`` is found exactly by walking the breakpoints where some
+``b_i = ceil(r_i D / 1000)`` changes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from ..profiles import ProfileStore
+from ..spec import Assignment, Deployment, GpuLet, ModelSummary, Plan
+from .interference import InterferenceModel, NoInterference
+
+EPS = 1e-9
+
+
+class SchedulingError(ValueError):
+    """No plan exists under the given constraints; the message says why and what would help."""
+
+
+@dataclass
+class Ctx:
+    """Everything a planner needs, resolved from the deployment and options."""
+
+    rates: dict[str, float]
+    slos: dict[str, float]
+    max_batch: dict[str, int]
+    profiles: ProfileStore
+    shares: list[int]
+    margin: float = 1.1
+    interference: InterferenceModel = field(default_factory=NoInterference)
+    max_models: int = 3          # models per time-shared gpu-let (prototype: 3)
+    max_lets_per_gpu: int = 2    # gpu-lets per GPU (prototype: 2, a and 100-a)
+    memory_check: bool = True
+    pct: str = "p99"
+    trivial_batch: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._lat: dict[tuple[str, int, int], float] = {}
+        self._cap: dict[tuple[str, int, float], tuple[float, int]] = {}
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.rates)
+
+    def lat(self, m: str, s: int, b: int) -> float:
+        """Planned latency of one batch without interference: profile x margin."""
+        k = (m, s, b)
+        v = self._lat.get(k)
+        if v is None:
+            v = self.profiles.latency(m, s, b, self.pct) * self.margin
+            self._lat[k] = v
+        return v
+
+    def cap(self, m: str, s: int, slow: float = 1.0) -> tuple[float, int]:
+        """Saturated capacity (req/s) of model m alone on share s and its batch:
+        the batch with the most throughput among those with 2 L(b) <= SLO."""
+        k = (m, s, round(slow, 9))
+        v = self._cap.get(k)
+        if v is None:
+            best, bb = 0.0, 0
+            for b in range(1, self.max_batch[m] + 1):
+                L = self.lat(m, s, b) * slow
+                if 2 * L > self.slos[m] + EPS:
+                    break
+                t = 1000.0 * b / L
+                if t > best:
+                    best, bb = t, b
+            v = (best, bb)
+            self._cap[k] = v
+        return v
+
+    def memory(self, m: str) -> float:
+        v = self.profiles.memory_mb(m)
+        return v or 0.0
+
+
+@dataclass
+class Let:
+    """A gpu-let being planned: share, the rate of each model, and its schedule."""
+
+    share: int
+    rates: dict[str, float]
+    duty: float = 0.0
+    batches: dict[str, int] = field(default_factory=dict)
+    slow: dict[str, float] = field(default_factory=dict)
+
+    def copy(self) -> "Let":
+        return Let(self.share, dict(self.rates), self.duty, dict(self.batches), dict(self.slow))
+
+
+def schedule(ctx: Ctx, share: int, rates: dict[str, float], slow: dict[str, float] | None = None
+             ) -> tuple[float, dict[str, int]] | None:
+    """Smallest feasible duty cycle and the batches for it, or None (see module doc)."""
+    slow = slow or {}
+    ms = [m for m, r in rates.items() if r > EPS]
+    if not ms:
+        return None
+    sl = {m: slow.get(m, 1.0) for m in ms}
+    # breakpoints of D where a batch size steps up
+    points = sorted({1000.0 * k / rates[m] for m in ms for k in range(1, ctx.max_batch[m] + 1)})
+    lo = 0.0
+    dmax = min(ctx.slos[m] for m in ms)
+    for hi in points:
+        if lo >= dmax:
+            break
+        # for D in (lo, hi]: b_m = ceil(r_m * D / 1000) is constant; evaluate at D = hi
+        bs = {}
+        ok = True
+        for m in ms:
+            b = max(1, math.ceil(rates[m] * hi / 1000.0 - 1e-9))
+            if b > ctx.max_batch[m]:
+                ok = False
+                break
+            bs[m] = b
+        if not ok:
+            break
+        lats = {m: ctx.lat(m, share, bs[m]) * sl[m] for m in ms}
+        d = max(sum(lats.values()), lo + EPS if lo > 0 else 0.0)
+        # the batches at D=hi also hold for any D in (lo, hi] since ceil is constant there
+        if d <= hi + EPS:
+            d = max(d, EPS)
+            if all(d + lats[m] <= ctx.slos[m] + 1e-7 for m in ms) and all(1000.0 * bs[m] / d >= rates[m] - 1e-7 for m in ms):
+                return d, bs
+        lo = hi
+    return None
+
+
+def let_ok(ctx: Ctx, let: Let, slow: dict[str, float]) -> bool:
+    """Whether a let's fixed batches and duty still hold under the given slowdowns."""
+    lats = {m: ctx.lat(m, let.share, let.batches[m]) * slow.get(m, 1.0) for m in let.rates}
+    if sum(lats.values()) > let.duty + 1e-7:
+        return False
+    for m, r in let.rates.items():
+        if let.duty + lats[m] > ctx.slos[m] + 1e-7 or 1000.0 * let.batches[m] / let.duty < r - 1e-7:
+            return False
+    return True
+
+
+def slowdowns(ctx: Ctx, lets: Sequence[Let], batches: Sequence[dict[str, int]]) -> list[dict[str, float]]:
+    """Slowdown of each model of each let given the others on the same GPU.
+
+    For a time-shared co-runner only its most disturbing model counts (its models
+    run one after another, never together)."""
+    out = []
+    for i, let in enumerate(lets):
+        d = {}
+        for m in let.rates:
+            if len(lets) == 1 or isinstance(ctx.interference, NoInterference):
+                d[m] = 1.0
+                continue
+            b = batches[i][m]
+            chosen = []
+            for j, other in enumerate(lets):
+                if j == i:
+                    continue
+                cands = [(om, other.share, batches[j][om]) for om in other.rates]
+                chosen.append(max(cands, key=lambda o: ctx.interference.slowdown(m, let.share, b, [o])))
+            d[m] = max(1.0, ctx.interference.slowdown(m, let.share, b, chosen))
+        out.append(d)
+    return out
+
+
+def settle(ctx: Ctx, lets: list[Let]) -> list[Let] | None:
+    """Schedule all lets of one GPU under mutual interference, or None if impossible.
+
+    Fixed point: schedule without interference, compute slowdowns from those
+    batches, reschedule, and repeat; accept when the final schedules hold under
+    the slowdowns their own batches cause."""
+    cur = []
+    for let in lets:
+        r = schedule(ctx, let.share, let.rates)
+        if r is None:
+            return None
+        cur.append(Let(let.share, dict(let.rates), r[0], r[1], {m: 1.0 for m in let.rates}))
+    if len(cur) == 1 or isinstance(ctx.interference, NoInterference):
+        return cur
+    for _ in range(6):
+        sl = slowdowns(ctx, cur, [c.batches for c in cur])
+        if all(let_ok(ctx, c, s) for c, s in zip(cur, sl)):
+            for c, s in zip(cur, sl):
+                c.slow = s
+            return cur
+        nxt = []
+        for c, s in zip(cur, sl):
+            # keep the larger of old and new slowdown so the iteration cannot oscillate
+            s2 = {m: max(s[m], c.slow.get(m, 1.0)) for m in c.rates}
+            r = schedule(ctx, c.share, c.rates, s2)
+            if r is None:
+                return None
+            nxt.append(Let(c.share, dict(c.rates), r[0], r[1], s2))
+        cur = nxt
+    sl = slowdowns(ctx, cur, [c.batches for c in cur])
+    if all(let_ok(ctx, c, s) for c, s in zip(cur, sl)):
+        for c, s in zip(cur, sl):
+            c.slow = s
+        return cur
+    return None
+
+
+@dataclass
+class Gpu:
+    lets: list[Let] = field(default_factory=list)
+
+    @property
+    def used(self) -> int:
+        return sum(let.share for let in self.lets)
+
+    @property
+    def free(self) -> int:
+        return 100 - self.used
+
+
+def memory_ok(ctx: Ctx, lets: Sequence[Let]) -> bool:
+    """Each gpu-let is its own server process holding its models: memory adds up."""
+    total = ctx.profiles.memory_mb_total
+    if not ctx.memory_check or not total:
+        return True
+    return sum(ctx.memory(m) for let in lets for m in let.rates) <= total
+
+
+def try_gpu(ctx: Ctx, gpu: Gpu, new: Sequence[Let], replace: int | None = None) -> list[Let] | None:
+    """The GPU's lets (with ``new`` added, optionally replacing lets[replace]) settled, or None."""
+    lets = [x for i, x in enumerate(gpu.lets) if i != replace] + list(new)
+    if len(lets) > ctx.max_lets_per_gpu or sum(x.share for x in lets) > 100 or not memory_ok(ctx, lets):
+        return None
+    return settle(ctx, lets)
+
+
+def lower_bound(ctx: Ctx) -> float:
+    """GPUs no plan can beat: sum over models of rate x the least GPU-time per request,
+    share/100 * L(s, b) / b over shares and batches with 2 L <= SLO (any feasible
+    gpu-let has L <= D and D + L <= SLO; interference only adds)."""
+    total = 0.0
+    for m, r in ctx.rates.items():
+        if r <= 0:
+            continue
+        best = math.inf
+        for s in ctx.shares:
+            for b in range(1, ctx.max_batch[m] + 1):
+                L = ctx.lat(m, s, b)
+                if 2 * L > ctx.slos[m] + EPS:
+                    break
+                best = min(best, s / 100.0 * L / (1000.0 * b))
+        if best == math.inf:
+            return math.inf
+        total += r * best
+    return total
+
+
+def check_slo_reachable(ctx: Ctx) -> None:
+    """Raise SchedulingError for a model that no share and batch can serve within its SLO."""
+    for m, r in ctx.rates.items():
+        best = min(ctx.lat(m, s, 1) for s in ctx.shares)
+        if 2 * best > ctx.slos[m] + EPS:
+            raw = min(ctx.profiles.latency(m, s, 1, ctx.pct) for s in ctx.shares)
+            raise SchedulingError(
+                f"model {m!r}: SLO {ctx.slos[m]:g} ms cannot be met: its best batch-1 latency is "
+                f"{raw:.3g} ms ({ctx.pct}, share {max(ctx.shares)} %), {best:.3g} ms with the latency margin "
+                f"x{ctx.margin:g}, and a request may wait one batch before its own, so the SLO must be at least "
+                f"{2 * best:.3g} ms"
+            )
+
+
+def to_plan(ctx: Ctx, gpus: Sequence[Gpu], deployment: str, algorithm: str) -> Plan:
+    """Turn planned GPUs into a Plan: ids gpu<N>-a/-b/..., per-model summaries."""
+    out: list[GpuLet] = []
+    thr: dict[str, float] = {m: 0.0 for m in ctx.rates}
+    worst: dict[str, float] = {m: 0.0 for m in ctx.rates}
+    n = 0
+    for gpu in gpus:
+        if not gpu.lets:
+            continue
+        for j, let in enumerate(sorted(gpu.lets, key=lambda x: -x.share)):
+            assigns = []
+            for m, r in let.rates.items():
+                b = let.batches[m]
+                L = ctx.lat(m, let.share, b) * let.slow.get(m, 1.0)
+                t = 1000.0 * b / let.duty
+                thr[m] += t
+                worst[m] = max(worst[m], let.duty + L)
+                assigns.append(Assignment(model=m, batch=b, rate=round(r, 6), latency_ms=round(L, 6),
+                                          throughput=round(t, 6)))
+            out.append(GpuLet(id=f"gpu{n}-{chr(ord('a') + j)}", gpu=n, share=let.share,
+                              duty_cycle_ms=round(let.duty, 6), models=assigns))
+        n += 1
+    summaries = {m: ModelSummary(rate=ctx.rates[m], slo_ms=ctx.slos[m], throughput=round(thr[m], 6),
+                                 worst_latency_ms=round(worst[m], 6)) for m in ctx.rates}
+    return Plan(deployment=deployment, device=ctx.profiles.device, algorithm=algorithm, gpus=n,
+                gpulets=out, models=summaries)
+
+
+def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *, margin: float | None = None,
+                  interference: InterferenceModel | None = None, pct: str = "p99") -> list[str]:
+    """Independent check of a plan against its profile; returns the violations (empty = feasible).
+
+    Recomputes every latency from the profile (x margin x interference from the
+    co-located gpu-lets' batches), then checks shares per GPU <= 100, each
+    model's throughput >= its rate, duty cycles and worst latency within SLO."""
+    margin = deployment.scheduler.latency_margin if margin is None else margin
+    im = interference or NoInterference()
+    errs: list[str] = []
+    used: dict[int, int] = {}
+    thr: dict[str, float] = {}
+    by_gpu: dict[int, list[GpuLet]] = {}
+    for g in plan.gpulets:
+        used[g.gpu] = used.get(g.gpu, 0) + g.share
+        by_gpu.setdefault(g.gpu, []).append(g)
+    for gpu, s in used.items():
+        if s > 100:
+            errs.append(f"gpu{gpu}: shares sum to {s} %")
+    for gpu, lets in by_gpu.items():
+        for g in lets:
+            total = 0.0
+            for a in g.models:
+                spec = deployment.model(a.model)
+                others = []
+                for h in lets:
+                    if h is g:
+                        continue
+                    others.append(max(((x.model, h.share, x.batch) for x in h.models),
+                                      key=lambda o: im.slowdown(a.model, g.share, a.batch, [o])))
+                sd = max(1.0, im.slowdown(a.model, g.share, a.batch, others)) if others else 1.0
+                L = profiles.latency(a.model, g.share, a.batch, pct) * margin * sd
+                total += L
+                t = 1000.0 * a.batch / g.duty_cycle_ms if g.duty_cycle_ms > 0 else 0.0
+                thr[a.model] = thr.get(a.model, 0.0) + t
+                if t < a.rate - 1e-6 * max(1.0, a.rate):
+                    errs.append(f"{g.id}: {a.model} throughput {t:.3f} < assigned rate {a.rate:.3f}")
+                if g.duty_cycle_ms + L > spec.slo_ms * (1 + 1e-6) + 1e-6:
+                    errs.append(f"{g.id}: {a.model} worst latency {g.duty_cycle_ms + L:.3f} ms > SLO {spec.slo_ms} ms")
+            if total > g.duty_cycle_ms * (1 + 1e-6) + 1e-6:
+                errs.append(f"{g.id}: batches take {total:.3f} ms > duty cycle {g.duty_cycle_ms:.3f} ms")
+    for m in deployment.models:
+        if m.rate > 0 and thr.get(m.name, 0.0) < m.rate * (1 - 1e-6) - 1e-6:
+            errs.append(f"{m.name}: planned throughput {thr.get(m.name, 0.0):.3f} < rate {m.rate}")
+    return errs
+
+
+@lru_cache(maxsize=None)
+def _letter(j: int) -> str:  # pragma: no cover - kept for ids beyond 'z'
+    return chr(ord("a") + j) if j < 26 else f"x{j}"
