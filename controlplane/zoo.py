@@ -147,6 +147,10 @@ def example_input(name: str, batch: int = 1, seed: int = 0) -> torch.Tensor:
 
 def trace(name: str) -> torch.jit.ScriptModule:
     """TorchScript of the model, traced on a batch of 2 so the batch dimension stays dynamic."""
+    import warnings
+
     model = build(name)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated upstream but is what Triton's backends load.
+        warnings.simplefilter("ignore", FutureWarning)
         return torch.jit.trace(model, example_input(name, 2), check_trace=False)

@@ -1,0 +1,104 @@
+"""The process runtime against real tritonserver processes (CPU gpu-lets)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as httpclient
+
+from controlplane import zoo
+from controlplane.repository import SourceRepository, build_artifacts, write_gpulet_repositories
+from controlplane.runtime.base import Launch, ReplicaState, StartError, cpu_cores_for, gpulet_env
+from controlplane.runtime.process import ProcessRuntime
+from controlplane.spec import Assignment, GpuLet, Plan
+
+from helpers import tritonserver_pids
+
+
+def _plan() -> Plan:
+    return Plan(gpus=1, gpulets=[GpuLet(id="gpu0-a", gpu=0, share=100, models=[
+        Assignment(model="lenet", batch=8, rate=10), Assignment(model="mobilenet_v2", batch=4, rate=1)])])
+
+
+def _launches(plan: Plan, tmp_path) -> list[Launch]:
+    repo = SourceRepository()
+    build_artifacts(repo, plan.model_names())
+    repos = write_gpulet_repositories(repo, plan, tmp_path / "repos", on_gpu=False)
+    cores = cpu_cores_for(plan.gpulets)
+    return [Launch(gpulet=g, repository=repos[g.id], log_path=tmp_path / f"{g.id}.log", cores=cores[g.id],
+                   env=gpulet_env(g, None, cores[g.id], None)) for g in plan.gpulets]
+
+
+def _infer(addr: str, model: str, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    x = zoo.example_input(model, batch, seed=batch).numpy()
+    c = httpclient.InferenceServerClient(addr)
+    inp = httpclient.InferInput("INPUT", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    got = c.infer(model, [inp]).as_numpy("OUTPUT")
+    ref = torch.jit.load(str(SourceRepository()[model].artifact()))(torch.from_numpy(x)).detach().numpy()
+    return got, ref
+
+
+def test_cpu_cores_follow_shares():
+    gl = [GpuLet(id=i, gpu=0, share=s, models=[Assignment(model="m", batch=1, rate=1)]) for i, s in
+          (("gpu0-a", 50), ("gpu0-b", 50))] + [GpuLet(id="gpu1-a", gpu=1, share=25,
+                                                       models=[Assignment(model="m", batch=1, rate=1)])]
+    cores = cpu_cores_for(gl, available=[0, 1, 2, 3])
+    assert cores == {"gpu0-a": [0, 1], "gpu0-b": [2, 3], "gpu1-a": [0]}
+    env = gpulet_env(gl[1], None, cores["gpu0-b"], None)
+    assert env["OMP_NUM_THREADS"] == "2" and env["CUDA_VISIBLE_DEVICES"] == ""
+    genv = gpulet_env(gl[0], 3, None, "/tmp/pipe")
+    assert genv["CUDA_VISIBLE_DEVICES"] == "3" and genv["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
+    assert genv["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/pipe"
+
+
+def test_serves_restarts_and_stops(tmp_path):
+    before = set(tritonserver_pids())
+    rt = ProcessRuntime(startup_timeout_s=120)
+    try:
+        eps = rt.start(_launches(_plan(), tmp_path))
+        addr = eps["gpu0-a"].http
+        for model, batch in (("lenet", 3), ("mobilenet_v2", 2)):
+            got, ref = _infer(addr, model, batch)
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+        st = rt.status()["gpu0-a"]
+        assert st.state is ReplicaState.READY and st.pid in tritonserver_pids()
+
+        # Kill the server outright: supervise() brings it back on the same ports.
+        os.kill(st.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while st.pid in tritonserver_pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert rt.supervise() == ["gpu0-a"]
+        st2 = rt.status()["gpu0-a"]
+        assert st2.state is ReplicaState.READY and st2.restarts == 1 and st2.pid != st.pid
+        got, ref = _infer(addr, "lenet", 1)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    finally:
+        rt.stop()
+    assert rt.status()["gpu0-a"].state is ReplicaState.STOPPED
+    assert set(tritonserver_pids()) <= before
+
+
+def test_failed_start_reports_log_tail_and_leaves_nothing(tmp_path):
+    before = set(tritonserver_pids())
+    plan = Plan(gpus=2, gpulets=[
+        GpuLet(id="gpu0-a", gpu=0, share=100, models=[Assignment(model="lenet", batch=4, rate=1)]),
+        GpuLet(id="gpu1-a", gpu=1, share=100, models=[Assignment(model="lenet", batch=4, rate=1)]),
+    ])
+    launches = _launches(plan, tmp_path)
+    # Break the second gpu-let's model so its tritonserver exits on load.
+    (launches[1].repository / "lenet" / "config.pbtxt").write_text('name: "lenet"\nbackend: "python"\nmax_batch_size: -3\n')
+    rt = ProcessRuntime(startup_timeout_s=120)
+    with pytest.raises(StartError) as e:
+        rt.start(launches)
+    msg = str(e.value)
+    assert "gpu1-a" in msg and "exited with code" in msg
+    assert "failed to load" in msg  # the server's own words, from its log tail
+    assert all(s.state in (ReplicaState.STOPPED, ReplicaState.FAILED) for s in rt.status().values())
+    assert set(tritonserver_pids()) <= before

@@ -1,0 +1,78 @@
+"""Deployment files: valid ones load; invalid ones exit non-zero naming the file and the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane.spec import Deployment, GpuLet, Plan, Assignment, SpecError, load_deployment
+
+from helpers import run_cli
+
+GOOD = """\
+name: t
+models:
+  - {name: lenet, rate: 10, slo_ms: 50}
+  - {name: mobilenet_v2, rate: 2.5, slo_ms: 500, max_batch: 8}
+devices: cpu
+runtime: process
+"""
+
+
+def test_valid_deployment_loads(tmp_path):
+    p = tmp_path / "d.yaml"
+    p.write_text(GOOD)
+    d = load_deployment(p, known_models=["lenet", "mobilenet_v2"])
+    assert [m.name for m in d.models] == ["lenet", "mobilenet_v2"]
+    assert d.models[1].max_batch == 8
+    assert d.runtime.kind == "process" and d.router.host == "127.0.0.1"
+    assert d.scheduler.shares == [20, 40, 50, 60, 80, 100]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (GOOD.replace("lenet, rate: 10", "lenett, rate: 10"),
+         ["models[0].name", "unknown model 'lenett'", "known models:", "mobilenet_v2"]),
+        (GOOD.replace("rate: 2.5", "rate: -1"), ["models[1].rate", "greater than or equal to 0"]),
+        (GOOD.replace(", slo_ms: 50}", "}"), ["models[0].slo_ms", "field required"]),
+        (GOOD.replace("devices: cpu", "devices: [cpu"), ["broken YAML", "line"]),
+        (GOOD.replace("runtime: process", "runtime: kubernetes"), ["runtime.kind", "'process' or 'docker'"]),
+        (GOOD + "colour: blue\n", ["colour", "unknown field"]),
+        ("- just\n- a list\n", ["expected a mapping"]),
+        (GOOD.replace("name: t\n", "name: t\n").replace("mobilenet_v2, rate", "lenet, rate"), ["listed twice"]),
+    ],
+    ids=["unknown-model", "negative-rate", "missing-slo", "broken-yaml", "bad-runtime", "unknown-field", "not-a-mapping",
+         "duplicate-model"],
+)
+def test_invalid_deployment_is_rejected_by_the_cli(tmp_path, text, expected):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    proc = run_cli("plan", "-f", str(p), "--algorithm", "trivial")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    msg = " ".join(proc.stderr.split())  # rich may wrap long lines
+    assert str(p.name) in msg
+    for e in expected:
+        assert e in msg, f"{e!r} not in {msg!r}"
+
+
+def test_missing_file_is_an_error(tmp_path):
+    proc = run_cli("up", "-f", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2
+    assert "cannot read" in proc.stderr
+
+
+def test_plan_rejects_oversubscribed_gpu():
+    with pytest.raises(ValueError, match="more than 100"):
+        Plan(gpus=1, gpulets=[
+            GpuLet(id="gpu0-a", gpu=0, share=60, models=[Assignment(model="a", batch=1, rate=1)]),
+            GpuLet(id="gpu0-b", gpu=0, share=50, models=[Assignment(model="b", batch=1, rate=1)]),
+        ])
+
+
+def test_runtime_shorthand_and_error_type():
+    d = Deployment.model_validate({"models": [{"name": "x", "rate": 1, "slo_ms": 1}], "runtime": "docker"})
+    assert d.runtime.kind == "docker"
+    with pytest.raises(SpecError):
+        from controlplane.spec import parse_deployment
+
+        parse_deployment({"models": []}, "x.yaml")
