@@ -17,13 +17,16 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bo
     return proc
 
 
-def tritonserver_pids() -> list[int]:
-    """PIDs of every running tritonserver (to check nothing is left behind)."""
+def tritonserver_pids(containing: str = "") -> list[int]:
+    """PIDs of running tritonservers whose command line contains `containing` (e.g. a test's tmp dir,
+    so that servers of other tests or other users of the machine do not count)."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if (d / "comm").read_text().strip() == "tritonserver":
+                if (d / "comm").read_text().strip() != "tritonserver":
+                    continue
+                if containing in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
                     out.append(int(d.name))
             except OSError:
                 pass

@@ -2,16 +2,16 @@
 
 Each server gets its own generated model repository, free loopback ports, a log
 file and the environment of its share (see :func:`~.base.gpulet_env`); on CPU
-its cores are pinned with ``sched_setaffinity``. Servers run in their own
-process group (so a terminal's Ctrl-C reaches the control plane, which stops
-them in order) and with ``PR_SET_PDEATHSIG`` (so they die with the control
-plane even if it is killed outright: nothing is left behind).
+its cores are pinned with ``taskset``. Servers run in their own process group
+(so a terminal's Ctrl-C reaches the control plane, which stops them in order)
+and with a parent-death signal (``setpriv --pdeathsig``: they die with the
+control plane even if it is killed outright, so nothing is left behind).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,9 +24,6 @@ import httpx
 
 from .base import Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError
 from .triton import TritonInstall, find_tritonserver, python_env
-
-_PR_SET_PDEATHSIG = 1
-
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -42,15 +39,18 @@ def log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _preexec(cores: list[int] | None):
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+def _wrappers(cores: list[int] | None) -> list[str]:
+    """Command prefix: die with the control plane (PDEATHSIG) and run on the gpu-let's cores.
 
-    def run() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if cores:
-            os.sched_setaffinity(0, cores)
-
-    return run
+    Done with util-linux's setpriv and taskset rather than a preexec_fn, which can
+    deadlock the child of a multi-threaded parent (the router's threads) before exec.
+    """
+    prefix: list[str] = []
+    if shutil.which("setpriv"):
+        prefix += ["setpriv", "--pdeathsig", "TERM"]
+    if cores and shutil.which("taskset"):
+        prefix += ["taskset", "-c", ",".join(map(str, cores))]
+    return prefix
 
 
 @dataclass
@@ -79,7 +79,7 @@ class ProcessRuntime(Runtime):
     # ------------------------------------------------------------------ process control
 
     def _command(self, r: _Replica) -> list[str]:
-        e, cmd = r.endpoint, [str(self.install.binary)]
+        e, cmd = r.endpoint, [*_wrappers(r.launch.cores), str(self.install.binary)]
         cmd += [
             f"--model-repository={r.launch.repository}",
             f"--http-address={e.host}", f"--http-port={e.http_port}",
@@ -106,7 +106,7 @@ class ProcessRuntime(Runtime):
         r.log_file.flush()
         r.proc = subprocess.Popen(
             self._command(r), env=self._env(r.launch), stdout=r.log_file, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_preexec(r.launch.cores),
+            stdin=subprocess.DEVNULL, start_new_session=True,
         )
 
     def _ready(self, r: _Replica) -> bool:

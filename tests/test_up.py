@@ -1,0 +1,151 @@
+"""`controlplane up` end to end: real tritonservers, the real router, real clients; `down` leaves nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from controlplane import zoo
+from controlplane.repository import DEFAULT_SOURCE, SourceRepository
+
+from helpers import run_cli, tritonserver_pids
+
+DEPLOYMENT = """\
+name: {name}
+models:
+  - {{name: lenet, rate: 10, slo_ms: 2000}}
+  - {{name: mobilenet_v2, rate: 2, slo_ms: 5000}}
+devices: cpu
+router: {{http_port: 0, grpc_port: 0}}
+scheduler: {{algorithm: trivial}}
+run_dir: {run_dir}
+{extra}
+"""
+
+
+def _write(tmp_path: Path, name: str, extra: str = "") -> Path:
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(DEPLOYMENT.format(name=name, run_dir=tmp_path / "run", extra=extra))
+    return p
+
+
+def _reference(model: str, x: np.ndarray) -> np.ndarray:
+    ts = torch.jit.load(str(SourceRepository()[model].artifact()))
+    with torch.no_grad():
+        return ts(torch.from_numpy(x)).numpy()
+
+
+def _processes_named(fragment: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if fragment in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("up")
+    path = _write(tmp, "e2e")
+    before = set(tritonserver_pids(str(tmp)))
+    proc = run_cli("up", "-f", str(path), "--detach", timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ready: KServe v2 HTTP at http://127.0.0.1:" in proc.stdout
+    assert "curl -s http://127.0.0.1:" in proc.stdout
+    state = json.loads((tmp / "run" / "state.json").read_text())
+    yield path, state, before
+
+    run_cli("down", "-f", str(path))
+
+
+def test_http_and_grpc_through_the_router_match_torchscript(deployment):
+    _, state, _ = deployment
+    r = state["router"]
+    http = httpclient.InferenceServerClient(f"127.0.0.1:{r['http_port']}")
+    grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{r['grpc_port']}")
+    assert http.is_server_ready()
+    for model, batch in (("lenet", 3), ("mobilenet_v2", 2)):
+        x = zoo.example_input(model, batch, seed=7).numpy()
+        ref = _reference(model, x)
+        hi = httpclient.InferInput("INPUT", list(x.shape), "FP32")
+        hi.set_data_from_numpy(x)
+        np.testing.assert_allclose(http.infer(model, [hi]).as_numpy("OUTPUT"), ref, rtol=1e-4, atol=1e-5)
+        gi = grpcclient.InferInput("INPUT", list(x.shape), "FP32")
+        gi.set_data_from_numpy(x)
+        np.testing.assert_allclose(grpc.infer(model, [gi]).as_numpy("OUTPUT"), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_status_lists_gpulets_ready(deployment):
+    path, _, _ = deployment
+    proc = run_cli("status", "-f", str(path), "--json", check=True)
+    doc = json.loads(proc.stdout)
+    assert doc["router_ready"] is True
+    assert sorted(g["gpulet"] for g in doc["gpulets"]) == ["gpu0-a", "gpu1-a"]
+    assert all(g["ready"] and g["share"] == 100 for g in doc["gpulets"])
+    assert {g["models"] for g in doc["gpulets"]} == {"lenet(b32)", "mobilenet_v2(b32)"}
+
+
+def test_killed_tritonserver_is_restarted_and_serves_again(deployment):
+    path, state, _ = deployment
+    victim = state["gpulets"]["gpu0-a"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    http = httpclient.InferenceServerClient(f"127.0.0.1:{state['router']['http_port']}")
+    x = zoo.example_input("lenet", 1, seed=3).numpy()
+    deadline = time.monotonic() + 120
+    while True:
+        doc = json.loads(run_cli("status", "-f", str(path), "--json").stdout or "{}")
+        g = next((g for g in doc.get("gpulets", []) if g["gpulet"] == "gpu0-a"), None)
+        if g and g["restarts"] == 1 and g["ready"] and http.is_server_ready():
+            break
+        assert time.monotonic() < deadline, f"gpu0-a not back: {doc}"
+        time.sleep(1)
+    assert g["pid"] != victim
+    inp = httpclient.InferInput("INPUT", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_allclose(http.infer("lenet", [inp]).as_numpy("OUTPUT"), _reference("lenet", x), rtol=1e-4, atol=1e-5)
+
+
+def test_down_leaves_nothing_running(deployment):
+    path, state, before = deployment
+    controller = state["pid"]
+    assert len(tritonserver_pids(str(path.parent))) == 2
+    proc = run_cli("down", "-f", str(path), check=True)
+    assert f"stopped controller (pid {controller})" in proc.stdout
+    assert not tritonserver_pids(str(path.parent))
+    assert not _processes_named(str(path))  # no `controlplane up -f <this file>` left
+    assert not Path(state["plan"] and path.parent / "run" / "state.json").exists()
+    with pytest.raises(Exception):
+        httpclient.InferenceServerClient(f"127.0.0.1:{state['router']['http_port']}").is_server_live()
+    again = run_cli("status", "-f", str(path))
+    assert again.returncode == 3 and "not running" in again.stdout
+
+
+def test_server_that_cannot_start_fails_up_with_its_log_and_leaves_nothing(tmp_path):
+    # A source repository whose lenet artifact is not TorchScript: tritonserver fails to load it and exits.
+    src = tmp_path / "repo"
+    shutil.copytree(DEFAULT_SOURCE / "lenet", src / "lenet")
+    shutil.copytree(DEFAULT_SOURCE / "mobilenet_v2", src / "mobilenet_v2")
+    (src / "lenet" / "1").mkdir()
+    (src / "lenet" / "1" / "model.pt").write_bytes(b"this is not a TorchScript file")
+    path = _write(tmp_path, "broken", extra=f"repository: {src}\nruntime: {{startup_timeout_s: 120}}")
+    proc = run_cli("up", "-f", str(path), timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    msg = " ".join(proc.stderr.split())
+    assert "gpu-let gpu0-a: tritonserver exited with code" in msg
+    assert "failed to load" in msg  # the server's log tail
+    assert not tritonserver_pids(str(tmp_path))
+    assert not (tmp_path / "run" / "state.json").exists()
