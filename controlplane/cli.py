@@ -224,6 +224,12 @@ def _print_plan(plan) -> None:
                       f"{g.duty_cycle_ms:.1f}" if i == 0 else "", a.model, str(a.batch), f"{a.rate:.1f}",
                       f"{a.throughput:.1f}", f"{a.latency_ms:.2f}")
     console.print(t)
+    if any(m.throughput for m in plan.models.values()):
+        s = Table("model", "rate req/s", "planned throughput", "worst latency ms", "SLO ms", "meets SLO")
+        for name, m in plan.models.items():
+            s.add_row(name, f"{m.rate:.1f}", f"{m.throughput:.1f}", f"{m.worst_latency_ms:.1f}", f"{m.slo_ms:g}",
+                      "yes" if m.worst_latency_ms <= m.slo_ms and m.throughput >= m.rate * (1 - 1e-9) else "[red]no[/]")
+        console.print(s)
 
 
 @app.command("plan")
@@ -233,6 +239,9 @@ def plan_cmd(
     gpus: Optional[int] = typer.Option(None, "--gpus", help="at most this many GPUs"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
     png: Optional[Path] = typer.Option(None, "--png", help="draw the plan into this PNG file"),
+    profile: Optional[Path] = typer.Option(
+        None, "--profile", help="plan with this profile (a device folder such as profiles/h100, or a latency.csv) "
+        "instead of the one of this machine's devices"),
 ) -> None:
     """Plan a deployment without launching anything."""
     dep = _deployment(file)
@@ -240,16 +249,24 @@ def plan_cmd(
     from .planner import plan as make_plan
     from .profiles_loader import load_profiles_for
 
-    devices = devmod.resolve(dep.devices)
     try:
-        profiles = load_profiles_for(dep, devices, log=lambda m: err.print(m))
-        p = make_plan(dep, profiles, device=devices.name, gpus=gpus, algorithm=algorithm)
+        if profile is not None:
+            from .profiles import ProfileStore
+
+            profiles = ProfileStore.load(profile)
+            device = profiles.device
+        else:
+            devices = devmod.resolve(dep.devices)
+            profiles = load_profiles_for(dep, devices, log=lambda m: err.print(m))
+            device = devices.name
+        p = make_plan(dep, profiles, device=device, gpus=gpus, algorithm=algorithm)
     except ValueError as e:
         _fail(str(e), 1)
     if png:
-        from .plot import plot_plan
+        from .plot import plot
 
-        plot_plan(p, png)
+        plot(p, png)
+        err.print(f"plan drawn to {png}")
     if as_json:
         print(p.model_dump_json(indent=2))
     else:

@@ -221,6 +221,9 @@ class ProfileStore:
             self._tables[model] = t
         self._cache: dict[tuple[str, float, float, str], float] = {}
         self._aliases: dict[str, str] = {}
+        #: the device's own interference model (loaded from interference.json beside
+        #: latency.csv when present); the scheduler prefers it over the paper's 2080 Ti model
+        self.interference = None
 
     # ------------------------------------------------------------------ construction
 
@@ -243,7 +246,16 @@ class ProfileStore:
             rows.extend(read_csv(f))
         if not rows:
             raise ProfileError(f"{path}: no profile rows")
-        return cls(rows, device, **kw)
+        store = cls(rows, device, **kw)
+        fitted = [f.parent / "interference.json" for f in files if (f.parent / "interference.json").is_file()]
+        if fitted:
+            from .scheduler.interference import load_interference
+
+            try:
+                store.interference = load_interference(fitted[0])
+            except (ValueError, KeyError) as e:
+                raise ProfileError(f"{fitted[0]}: not a usable interference model: {e}") from None
+        return store
 
     def save(self, path: str | Path) -> None:
         write_csv(path, self.rows)
@@ -347,13 +359,18 @@ SYNTHETIC_BATCHES = (1, 2, 4, 8, 16, 32)
 
 
 def synthetic_latency(fixed_ms: float, per_item_ms: float, full_batch: float, share: float, batch: float) -> float:
-    """Roofline-ish latency: a fixed part plus parallel work that runs at full speed
-    only if the share covers the SMs the batch can use (``batch/full_batch`` of the
-    GPU), and proportionally slower otherwise. This is what gives real profiles
-    their knee: small batches gain nothing from a large share."""
-    usable = min(1.0, batch / full_batch)
-    slow = max(1.0, usable / (share / 100.0))
-    return fixed_ms * (1.0 + 0.15 * max(0.0, 1.0 - share / 100.0)) + per_item_ms * batch * slow
+    """Roofline-ish latency of one batch on ``share`` % of a GPU.
+
+    A fixed part (launches, copies; a little slower on small shares) plus the
+    parallel part: a share processes items at ``share/100`` of the full GPU's
+    rate (``1/per_item_ms`` items per ms), but a batch narrower than the GPU
+    cannot use all of it, so the parallel part never drops below the time of
+    one "wave" (half the width of the GPU, ``full_batch``/2 items, plus half the
+    batch). This gives real profiles' knee: small batches gain nothing from a
+    large share, large batches scale with it."""
+    s = share / 100.0
+    parallel = per_item_ms * max(batch / s, 0.5 * full_batch + 0.5 * batch)
+    return fixed_ms * (1.0 + 0.15 * max(0.0, 1.0 - s)) + parallel
 
 
 def synthetic_rows(params: dict[str, tuple[float, float, float, float]] | None = None,

@@ -31,10 +31,11 @@ from .gpulet import gpulet
 
 
 def temporal(ctx: Ctx, max_gpus: int | None = None, *, max_models: int | None = None) -> list[Gpu]:
-    """Nexus-style squishy bin packing on whole GPUs."""
+    """Nexus-style squishy bin packing on whole GPUs (any number of models per GPU,
+    unless the context's max_models is 1, which turns temporal sharing off everywhere)."""
     full = 100 if 100 in ctx.shares else max(ctx.shares)
     old = ctx.max_models
-    ctx.max_models = max_models or max(old, len(ctx.models))
+    ctx.max_models = max_models or (max(old, len(ctx.models)) if old > 1 else 1)
     try:
         gpus: list[Gpu] = []
         residues: list[tuple[float, str, float]] = []
@@ -64,7 +65,7 @@ def temporal(ctx: Ctx, max_gpus: int | None = None, *, max_models: int | None = 
         for _, m, rem in sorted(residues, key=lambda x: (-x[0], x[1])):
             placed = False
             for g in gpus:
-                if len(g.lets) != 1 or len(g.lets[0].rates) >= ctx.max_models:
+                if len(g.lets) != 1 or m in g.lets[0].rates or len(g.lets[0].rates) >= ctx.max_models:
                     continue
                 cand = Let(full, {**g.lets[0].rates, m: rem})
                 got = try_gpu(ctx, g, [cand], replace=0)

@@ -81,36 +81,81 @@ class _Planner:
         self.max_gpus = max_gpus
         self.share_policy = share_policy
         self.gpus: list[Gpu] = []
+        self.pending: dict[str, float] = {}
+        self.remedy = True
 
     # -- placement ---------------------------------------------------------------
 
-    def _place(self, let: Let) -> float:
-        """Place ``let`` best-fit; return the rate it carries (may be less after the
-        interference remedy), 0 if it fits nowhere (caller opens nothing itself)."""
+    def _eff_share(self, gpu: Gpu, want: int, elastic: bool) -> int | None:
+        """Share a new gpu-let gets on ``gpu``: the GPU's last slot takes all the free
+        share (a bigger share is never slower); ``elastic`` lets a hole smaller than
+        ``want`` be used at the largest share that fits."""
         ctx = self.ctx
-        cands = sorted((g for g in self.gpus if g.free >= let.share), key=lambda g: (g.free, self.gpus.index(g)))
-        for gpu in cands:
-            got = try_gpu(ctx, gpu, [let])
+        if len(gpu.lets) >= ctx.max_lets_per_gpu:
+            return None
+        fits = [x for x in ctx.shares if x <= gpu.free]
+        if not fits:
+            return None
+        if len(gpu.lets) == ctx.max_lets_per_gpu - 1:
+            eff = fits[-1]
+            return eff if (eff >= want or elastic) else None
+        if gpu.free >= want:
+            return want
+        return fits[-1] if elastic else None
+
+    def _try(self, gpu: Gpu, m: str, share: int, rate: float) -> float:
+        """Add (m, rate) on a new gpu-let of ``share`` to ``gpu``. On interference the
+        paper's remedy: shrink what the gpu-lets carry (smaller batches, so less
+        slowdown) and queue the throughput the co-located ones lose for re-placement.
+        Returns the rate the new gpu-let carries (0: not placed)."""
+        ctx = self.ctx
+        for frac in (1.0, 0.85, 0.7, 0.5):
+            got = try_gpu(ctx, gpu, [Let(share, {m: rate * frac})])
             if got is not None:
                 gpu.lets = got
-                return sum(let.rates.values())
-            # remedy: shrink the new gpu-let to what it can carry next to the co-runners
-            if len(let.rates) == 1:
-                (m, r), = let.rates.items()
-                for frac in (0.85, 0.7, 0.5, 0.35):
-                    smaller = Let(let.share, {m: r * frac})
-                    got = try_gpu(ctx, gpu, [smaller])
-                    if got is not None:
-                        gpu.lets = got
-                        return r * frac
+                return rate * frac
+            if not gpu.lets:
+                return 0.0
+        if not self.remedy:
+            return 0.0
+        for frac in (0.85, 0.7, 0.5):
+            shrunk = [Let(x.share, {k: v * frac for k, v in x.rates.items()}) for x in gpu.lets]
+            got = try_gpu(ctx, Gpu(shrunk), [Let(share, {m: rate * frac})])
+            if got is not None:
+                for x in gpu.lets:
+                    for k, v in x.rates.items():
+                        self.pending[k] = self.pending.get(k, 0.0) + v * (1 - frac)
+                gpu.lets = got
+                return rate * frac
+        return 0.0
+
+    def _place(self, m: str, want: int, rem: float, saturated: bool) -> float:
+        """Best fit of a gpu-let for m (share >= want unless elastic) among open GPUs,
+        else a new GPU. ``saturated``: carry what the share can (<= rem); residue: all of rem."""
+        ctx = self.ctx
+        cands = []
+        for i, gpu in enumerate(self.gpus):
+            eff = self._eff_share(gpu, want, elastic=saturated)
+            if eff is not None:
+                cands.append((gpu.free, i, gpu, eff))
+        for _, _, gpu, eff in sorted(cands, key=lambda x: (x[0], x[1])):
+            c = ctx.cap(m, eff)[0]
+            if c <= 0:
+                continue
+            rate = min(rem, c) if saturated else rem
+            if not saturated and c < rem:
+                continue
+            got = self._try(gpu, m, eff, rate)
+            if got > 0:
+                return got
         if self.max_gpus is None or len(self.gpus) < self.max_gpus:
             gpu = Gpu()
-            got = try_gpu(ctx, gpu, [let])
-            if got is None:
-                return 0.0
-            gpu.lets = got
-            self.gpus.append(gpu)
-            return sum(let.rates.values())
+            eff = want if ctx.max_lets_per_gpu > 1 else ctx.shares[-1]
+            rate = min(rem, ctx.cap(m, eff)[0])
+            got = self._try(gpu, m, eff, rate)
+            if got > 0:
+                self.gpus.append(gpu)
+                return got
         return 0.0
 
     def _merge(self, m: str, r: float) -> bool:
@@ -121,10 +166,10 @@ class _Planner:
             for i, let in enumerate(gpu.lets):
                 if m in let.rates or len(let.rates) >= ctx.max_models:
                     continue
-                cand = Let(let.share, {**let.rates, m: r})
                 key = (let.share, gpu.free)
                 if best is not None and key >= best[0]:
                     continue
+                cand = Let(let.share, {**let.rates, m: r})
                 got = try_gpu(ctx, gpu, [cand], replace=i)
                 if got is not None:
                     best = (key, gpu, got)
@@ -138,81 +183,81 @@ class _Planner:
         if self.temporal and self._merge(m, r):
             return r
         for s in ctx.shares:
-            if ctx.cap(m, s)[0] + EPS < r and schedule(ctx, s, {m: r}) is None:
+            if ctx.cap(m, s)[0] + EPS < r or schedule(ctx, s, {m: r}) is None:
                 continue
-            if schedule(ctx, s, {m: r}) is None:
-                continue
-            got = self._place(Let(s, {m: r}))
-            if got > 0:
-                return got
+            return self._place(m, s, r, saturated=False)
         return 0.0
-
-    def _saturated(self, m: str, s: int, rem: float) -> float:
-        ctx = self.ctx
-        c, _ = ctx.cap(m, s)
-        got = self._place(Let(s, {m: min(rem, c)})) if self._fits_somewhere(s) else 0.0
-        if got > 0:
-            return got
-        # elastic: fill the largest hole with the largest share that fits
-        holes = sorted({g.free for g in self.gpus if g.free > 0 and len(g.lets) < ctx.max_lets_per_gpu}, reverse=True)
-        for h in holes:
-            for s2 in sorted((x for x in ctx.shares if x <= h), reverse=True):
-                c2, _ = ctx.cap(m, s2)
-                if c2 <= 0:
-                    continue
-                got = self._place(Let(s2, {m: min(rem, c2)}))
-                if got > 0:
-                    return got
-                break
-        return self._place(Let(s, {m: min(rem, c)}))
-
-    def _fits_somewhere(self, s: int) -> bool:
-        return any(g.free >= s and len(g.lets) < self.ctx.max_lets_per_gpu for g in self.gpus)
 
     # -- main loop ---------------------------------------------------------------
 
     def run(self, order: list[str]) -> list[Gpu]:
         ctx = self.ctx
         for m in order:
-            rem = ctx.rates[m]
-            if rem <= EPS:
-                continue
-            if self.share_policy == "knee":
-                s = knee_share(ctx, m)
-            else:  # "smallest": the smallest share carrying the whole rate, else 100
-                s = next((x for x in ctx.shares if ctx.cap(m, x)[0] >= rem), ctx.shares[-1])
-            cap = ctx.cap(m, s)[0]
-            guard = 0
-            while rem > EPS * max(1.0, ctx.rates[m]) and rem > 1e-6:
-                guard += 1
-                if guard > 10000:
-                    raise SchedulingError(f"model {m!r}: placement does not converge")
-                if rem >= cap * (1 - 1e-9):
-                    got = self._saturated(m, s, rem)
-                else:
-                    got = self._residue(m, rem)
-                    if got <= 0:
-                        got = self._saturated(m, s, rem)
-                if got <= 0:
-                    need = "" if self.max_gpus is None else f" within {self.max_gpus} GPU(s)"
-                    raise SchedulingError(f"model {m!r}: {rem:.1f} req/s left that fit nowhere{need}")
-                rem -= got
+            self._serve(m, ctx.rates[m])
+        rounds = 0
+        while self.pending:  # throughput lost to the interference remedy
+            rounds += 1
+            if rounds > 50:
+                raise SchedulingError("interference remedy does not converge")
+            m, r = self.pending.popitem()
+            self._serve(m, r)
         return self.gpus
+
+    def _serve(self, m: str, rem: float) -> None:
+        ctx = self.ctx
+        if rem <= 1e-6:
+            return
+        if self.share_policy == "knee":
+            s = knee_share(ctx, m)
+        else:  # "smallest": the smallest share carrying the whole rate, else the largest
+            s = next((x for x in ctx.shares if ctx.cap(m, x)[0] >= rem), ctx.shares[-1])
+        cap = ctx.cap(m, s)[0]
+        guard = 0
+        while rem > 1e-6 * max(1.0, ctx.rates[m]):
+            guard += 1
+            if guard > 10000:
+                raise SchedulingError(f"model {m!r}: placement does not converge")
+            if rem >= cap * (1 - 1e-9):
+                got = self._place(m, s, rem, saturated=True)
+            else:
+                got = self._residue(m, rem)
+                if got <= 0:
+                    got = self._place(m, s, rem, saturated=True)
+            if got <= 0:
+                need = "" if self.max_gpus is None else f" within {self.max_gpus} GPU(s)"
+                raise SchedulingError(f"model {m!r}: {rem:.1f} req/s left that fit nowhere{need}")
+            rem -= got
 
 
 def gpulet(ctx: Ctx, max_gpus: int | None = None, *, orders: Sequence[str] | None = None,
-           temporal: bool = True, share_policy: str = "knee") -> list[Gpu]:
-    """Run the heuristic for each order and keep the plan with the fewest GPUs."""
+           temporal: bool = True, share_policy: str = "knee", portfolio: bool | None = None) -> list[Gpu]:
+    """Run the heuristic for each order and keep the plan with the fewest GPUs.
+
+    ``portfolio`` (default: on when no ``orders`` are given) also tries the
+    heuristic with the "smallest share carrying the whole rate" policy and the
+    temporal-only packing, which are gpu-let plans too: the heuristic alone can
+    lose to them (e.g. one model whose rate just exceeds its knee share's
+    capacity gets split over two gpu-lets that then interfere), and a planner
+    that tries them is never worse than temporal-only sharing."""
+    if portfolio is None:
+        portfolio = orders is None
     orders = list(orders or ORDERS)
+    runs: list[Callable[[], list[Gpu]]] = [
+        (lambda o=o: _Planner(ctx, temporal, max_gpus, share_policy).run(ORDERS[o](ctx))) for o in orders
+    ]
+    if portfolio:
+        from .baselines import temporal as temporal_only
+
+        runs.append(lambda: _Planner(ctx, temporal, max_gpus, "smallest").run(ORDERS["rate_slo"](ctx)))
+        runs.append(lambda: temporal_only(ctx, max_gpus))
     best: list[Gpu] | None = None
     err: SchedulingError | None = None
-    for name in orders:
+    for run in runs:
         try:
-            gpus = _Planner(ctx, temporal, max_gpus, share_policy).run(ORDERS[name](ctx))
+            gpus = run()
         except SchedulingError as e:
             err = e
             continue
-        gpus = shrink_shares(ctx, gpus)
         if best is None or len(gpus) < len(best):
             best = gpus
     if best is None:

@@ -1,0 +1,259 @@
+"""Scheduler: hand-computed plans on a tiny profile, error messages, properties of every plan."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from controlplane.profiles import store_from_function, synthetic_store
+from controlplane.scheduler import (
+    ALGORITHMS,
+    FittedInterference,
+    LinearUtilInterference,
+    NoInterference,
+    SchedulingError,
+    fit_pairs,
+    gpu_lower_bound,
+    plan,
+    prediction_errors,
+    render_table,
+    validate_plan,
+)
+from controlplane.spec import Deployment, Plan
+
+
+def dep(models, **sched):
+    sched.setdefault("latency_margin", 1.0)
+    sched.setdefault("interference", False)
+    return Deployment.model_validate({"name": "t", "models": models, "scheduler": sched})
+
+
+# latency (2 + 2b) * 100/share ms: easy to compute by hand
+TINY = store_from_function(lambda m, s, b: (2.0 + 2.0 * b) * 100.0 / s, ["a", "b", "c"], shares=[50, 100],
+                           batches=[1, 2, 3, 4])
+
+
+class Const:
+    """Slowdown x2 whenever another gpu-let shares the GPU."""
+
+    name = "const2"
+
+    def slowdown(self, model, share, batch, others):
+        return 2.0 if others else 1.0
+
+
+def test_temporal_sharing_hand_computed():
+    # shares [100] only: a and b at 100 req/s each, SLO 40. One gpu-let, batch 1 each:
+    # L = 4 ms each, duty D = 4 + 4 = 8 ms (<= 10 ms, the largest D at which batch 1
+    # still covers 100 req/s), throughput 1000/8 = 125 req/s, worst latency 8 + 4 = 12 ms.
+    d = dep([{"name": "a", "rate": 100, "slo_ms": 40}, {"name": "b", "rate": 100, "slo_ms": 40}],
+            shares=[100], max_batch=4)
+    p = plan(d, TINY, algorithm="gpulet")
+    assert p.gpus == 1 and len(p.gpulets) == 1
+    g = p.gpulets[0]
+    assert g.id == "gpu0-a" and g.share == 100
+    assert g.duty_cycle_ms == pytest.approx(8.0)
+    assert {a.model: a.batch for a in g.models} == {"a": 1, "b": 1}
+    assert p.models["a"].throughput == pytest.approx(125.0)
+    assert p.models["b"].worst_latency_ms == pytest.approx(12.0)
+    # without temporal sharing each model needs its own whole GPU
+    assert plan(d, TINY, algorithm="greedy").gpus == 2
+    assert plan(d, TINY, algorithm="temporal").gpus == 1
+    assert gpu_lower_bound(d, TINY) == 1
+
+
+def test_interference_forces_an_extra_gpu():
+    # shares [50, 100], SLO 20, 100 req/s each, temporal sharing off (max_models=1) so only
+    # spatial sharing can put them together. Alone on 50 %: L(1) = 8 ms, D = 8 (1000/8 = 125
+    # >= 100 req/s), worst 8 + 8 = 16 <= 20. So a and b get one 50 % gpu-let each: one GPU.
+    # With a x2 slowdown L(1) = 16 ms and D + L = 32 > 20 (batch 2 is worse: L = 24): they
+    # cannot share a GPU -> two GPUs.
+    d = dep([{"name": "a", "rate": 100, "slo_ms": 20}, {"name": "b", "rate": 100, "slo_ms": 20}], max_batch=4,
+            shares=[50, 100])
+    p0 = plan(d, TINY, algorithm="gpulet", interference=NoInterference(), max_models=1)
+    assert p0.gpus == 1
+    assert sorted(g.share for g in p0.gpulets) == [50, 50]
+    p1 = plan(d, TINY, algorithm="gpulet", interference=Const(), max_models=1)
+    assert p1.gpus == 2
+    assert validate_plan(p1, d, TINY, interference=Const()) == []
+    # the first plan would break under that interference, which the checker sees
+    assert validate_plan(p0, d, TINY, interference=Const()) != []
+    assert plan(d, TINY, algorithm="milp", interference=Const()).gpus == 2
+    assert plan(d, TINY, algorithm="milp", interference=NoInterference()).gpus == 1
+
+
+def test_unreachable_slo_names_model_and_best_latency():
+    d = dep([{"name": "a", "rate": 10, "slo_ms": 40}, {"name": "c", "rate": 10, "slo_ms": 7}])
+    with pytest.raises(SchedulingError) as e:
+        plan(d, TINY)
+    msg = str(e.value)
+    assert "'c'" in msg and "4 ms" in msg and "SLO 7" in msg
+
+
+def test_not_enough_gpus_says_how_many():
+    d = dep([{"name": "a", "rate": 1000, "slo_ms": 20}], max_batch=4)
+    need = plan(d, TINY).gpus
+    assert need >= 2
+    with pytest.raises(SchedulingError, match=rf"needs {need} GPU"):
+        plan(d, TINY, gpus=need - 1)
+    assert plan(d, TINY, gpus=need).gpus == need
+
+
+def test_unknown_model_and_algorithm():
+    with pytest.raises(SchedulingError, match="no profile .* zzz"):
+        plan(dep([{"name": "zzz", "rate": 1, "slo_ms": 100}]), TINY)
+    with pytest.raises(SchedulingError, match="unknown scheduling algorithm"):
+        plan(dep([{"name": "a", "rate": 1, "slo_ms": 100}]), TINY, algorithm="nope")
+
+
+def test_trivial_plan_one_gpu_per_model():
+    d = dep([{"name": "a", "rate": 5, "slo_ms": 100, "max_batch": 3}, {"name": "b", "rate": 5, "slo_ms": 100}])
+    p = plan(d, TINY, algorithm="trivial")
+    assert p.gpus == 2 and [g.share for g in p.gpulets] == [100, 100]
+    assert [g.models[0].batch for g in p.gpulets] == [3, 1]
+    assert {g.id for g in p.gpulets} == {"gpu0-a", "gpu1-a"}
+
+
+def test_zero_rate_model_gets_no_gpulet():
+    d = dep([{"name": "a", "rate": 0, "slo_ms": 40}, {"name": "b", "rate": 50, "slo_ms": 40}])
+    p = plan(d, TINY)
+    assert p.model_names() == ["b"]
+    assert p.models["a"].throughput == 0
+
+
+def test_plan_is_json_roundtrip_and_table_renders():
+    d = dep([{"name": "resnet50", "rate": 900, "slo_ms": 108}, {"name": "lenet", "rate": 500, "slo_ms": 5}],
+            interference=True, latency_margin=1.1)
+    p = plan(d, synthetic_store())
+    again = Plan.model_validate(json.loads(p.model_dump_json()))
+    assert again == p
+    assert p.algorithm == "gpulet" and p.device == "synthetic-h100"
+    t = render_table(p)
+    assert "resnet50" in t and f"{p.gpus} GPU(s)" in t
+
+
+def test_memory_check_splits_models():
+    store = store_from_function(lambda m, s, b: 1.0 + b, ["a", "b"], shares=[50, 100], batches=[1, 2],
+                                memory_mb={"a": 600, "b": 600}, memory_mb_total=1000)
+    d = dep([{"name": "a", "rate": 10, "slo_ms": 50}, {"name": "b", "rate": 10, "slo_ms": 50}], max_batch=2)
+    assert plan(d, store).gpus == 2
+    assert plan(d, store, memory_check=False).gpus == 1
+
+
+# --------------------------------------------------------------------------- interference
+
+
+def test_linear_model_alone_is_one_and_pressure_grows():
+    im = LinearUtilInterference()
+    assert im.slowdown("resnet50", 50, 8, []) == 1.0
+    light = im.slowdown("resnet50", 50, 8, [("lenet", 50, 1)])
+    heavy = im.slowdown("resnet50", 50, 8, [("vgg16", 50, 32)])
+    assert 1.0 <= light < heavy < 2.0
+    assert im.slowdown("lenet4", 50, 8, [("vgg16", 50, 32)]) == im.slowdown("lenet", 50, 8, [("vgg16", 50, 32)])
+
+
+def _pairs_from(truth, n, seed=0):
+    rng = random.Random(seed)
+    models = ["resnet50", "vgg16", "lenet", "bert"]
+    rows = []
+    for _ in range(n):
+        ma, mb = rng.choice(models), rng.choice(models)
+        sa = rng.choice([20, 40, 50, 60, 80])
+        sb = 100 - sa
+        ba, bb = rng.choice([1, 4, 16]), rng.choice([1, 4, 16])
+        rows.append({"device": "H100", "model_a": ma, "share_a": str(sa), "batch_a": str(ba), "model_b": mb,
+                     "share_b": str(sb), "batch_b": str(bb),
+                     "slowdown_a": str(truth.slowdown(ma, sa, ba, [(mb, sb, bb)])),
+                     "slowdown_b": str(truth.slowdown(mb, sb, bb, [(ma, sa, ba)]))})
+    return rows
+
+
+def test_fit_pairs_recovers_a_model_of_its_own_form(tmp_path):
+    truth = FittedInterference(
+        coef={"k0": 0.05, "k_share_a": -0.02, "k_share_b": 0.1, "k_log2batch_a": 0.01, "k_log2batch_b": 0.02},
+        sensitivity={"resnet50": 0.05, "vgg16": 0.1, "lenet": 0.0, "bert": 0.03},
+        pressure={"resnet50": 0.08, "vgg16": 0.15, "lenet": 0.0, "bert": 0.04})
+    fit = fit_pairs(_pairs_from(truth, 200))
+    err = prediction_errors(fit, _pairs_from(truth, 100, seed=1))
+    assert err["mae"] < 0.01 and err["n"] == 200
+    p = tmp_path / "int.json"
+    fit.save(p)
+    back = FittedInterference.load(p)
+    row = _pairs_from(truth, 1, seed=2)[0]
+    assert back.predict(row) == pytest.approx(fit.predict(row))
+    assert fit.slowdown("resnet50", 50, 4, []) == 1.0
+    assert fit.slowdown("unseen", 50, 4, [("unseen2", 50, 4)]) >= 1.0
+
+
+def test_fit_pairs_rejects_incomplete_rows():
+    with pytest.raises(ValueError, match="missing"):
+        fit_pairs([{"model_a": "x"}])
+
+
+# --------------------------------------------------------------------------- properties
+
+SLO = {"lenet": 5, "googlenet": 66, "resnet50": 108, "ssd-mobilenet": 202, "vgg16": 142, "mnasnet1_0": 62,
+       "mobilenet_v2": 64, "densenet161": 202, "bert": 22}
+SYN = synthetic_store()
+
+workloads = st.lists(
+    st.tuples(st.sampled_from(sorted(SLO)), st.integers(0, 2500)), min_size=1, max_size=4, unique_by=lambda x: x[0]
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(wl=workloads, interference=st.booleans())
+def test_every_plan_is_feasible_and_never_worse_than_temporal(wl, interference):
+    d = dep([{"name": m, "rate": r, "slo_ms": SLO[m]} for m, r in wl], latency_margin=1.1,
+            interference=interference)
+    im = LinearUtilInterference() if interference else NoInterference()
+    lb = gpu_lower_bound(d, SYN)
+    results = {}
+    for algo in ("gpulet", "temporal", "greedy", "milp"):
+        p = plan(d, SYN, algorithm=algo)
+        assert validate_plan(p, d, SYN, interference=im) == [], algo
+        for gid in range(p.gpus):
+            assert p.used_share(gid) <= 100
+        for m, r in wl:
+            assert p.models[m].throughput >= r - 1e-6
+            assert p.models[m].worst_latency_ms <= SLO[m] + 1e-6
+        assert p.gpus >= lb
+        results[algo] = p.gpus
+    assert results["gpulet"] <= results["temporal"]
+
+
+@settings(max_examples=15, deadline=None)
+@given(wl=workloads)
+def test_more_gpus_allowed_never_hurts(wl):
+    d = dep([{"name": m, "rate": r, "slo_ms": SLO[m]} for m, r in wl])
+    p = plan(d, SYN)
+    assert plan(d, SYN, gpus=max(p.gpus, 1)).gpus == p.gpus
+
+
+def test_registry_names():
+    assert {"gpulet", "temporal", "greedy", "ideal", "milp", "trivial"} <= set(ALGORITHMS)
+
+
+def test_planning_10_models_is_fast():
+    import time
+
+    names = sorted(SLO)
+    d = dep([{"name": n, "rate": 3000.0, "slo_ms": SLO[n]} for n in names], latency_margin=1.1, interference=True)
+    t = time.perf_counter()
+    p = plan(d, SYN)
+    assert time.perf_counter() - t < 5.0
+    assert p.gpus >= gpu_lower_bound(d, SYN)
+    assert not math.isnan(p.models["bert"].throughput)
+
+
+def test_plot_writes_png(tmp_path):
+    from controlplane.plot import plot
+
+    d = dep([{"name": "a", "rate": 100, "slo_ms": 40}, {"name": "b", "rate": 100, "slo_ms": 40}], shares=[100])
+    out = plot(plan(d, TINY), tmp_path / "p.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
