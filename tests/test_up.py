@@ -149,3 +149,25 @@ def test_server_that_cannot_start_fails_up_with_its_log_and_leaves_nothing(tmp_p
     assert "failed to load" in msg  # the server's log tail
     assert not tritonserver_pids(str(tmp_path))
     assert not (tmp_path / "run" / "state.json").exists()
+
+
+def test_ctrl_c_stops_everything(tmp_path):
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, "ctrlc")
+    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "up", "-f", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state_file = tmp_path / "run" / "state.json"
+    deadline = time.monotonic() + 240
+    while not (state_file.exists() and json.loads(state_file.read_text()).get("state") == "ready"):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "up did not become ready"
+        time.sleep(0.5)
+    assert len(tritonserver_pids(str(tmp_path))) == 2
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "stopped" in out
+    assert not tritonserver_pids(str(tmp_path))
+    assert not state_file.exists()
