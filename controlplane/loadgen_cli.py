@@ -1,0 +1,54 @@
+"""`controlplane loadgen`: open-loop load through the router (CLI glue over controlplane.loadgen)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def loadgen(
+    file: str = typer.Option("deployments/default.yaml", "-f", "--file", help="deployment file (rates, SLOs, router)"),
+    url: Optional[str] = typer.Option(None, "--url", help="host:port; default: the running deployment's router"),
+    protocol: str = typer.Option("http", "--protocol", help="http or grpc"),
+    rate: Optional[list[str]] = typer.Option(None, "--rate", help="MODEL=REQ_PER_S (repeatable); default: the deployment's rates"),
+    duration: float = typer.Option(10.0, "--duration", help="seconds of load"),
+    arrival: str = typer.Option("poisson", "--arrival", help="poisson or constant"),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON"),
+    png: Optional[Path] = typer.Option(None, "--png", help="write a latency CDF plot"),
+) -> None:
+    """Send Poisson (or constant-rate) load per model; report throughput, p50/p99, SLO attainment and drops."""
+    from rich.console import Console
+
+    from . import loadgen as lg
+    from .cli import _deployment, _fail
+    from .deploy import RunPaths, read_state
+
+    dep = _deployment(file)
+    rates = {m.name: m.rate for m in dep.models}
+    if rate:
+        rates = {}
+        for item in rate:
+            name, _, value = item.partition("=")
+            try:
+                rates[name] = float(value)
+            except ValueError:
+                _fail(f"--rate {item!r}: expected MODEL=REQ_PER_S")
+    if url is None:
+        state = read_state(RunPaths.for_deployment(dep))
+        if not state:
+            _fail(f"deployment {dep.name!r} is not running; start it with `controlplane up -f {file}` or pass --url", 1)
+        r = state["router"]
+        url = f"{r['host']}:{r['grpc_port'] if protocol == 'grpc' else r['http_port']}"
+    slo = {m.name: m.slo_ms for m in dep.models}
+    try:
+        result = lg.run(url, rates, duration, protocol=protocol, arrival=arrival, slo_ms=slo, seed=seed)
+    except ValueError as e:
+        _fail(str(e))
+    Console().print(lg.render_table(result))
+    if json_out:
+        lg.write_json(result, json_out)
+    if png:
+        lg.write_cdf_png(result, png)
