@@ -14,7 +14,7 @@ def trivial_plan(deployment: Deployment, device: str = "cpu", max_batch: dict[st
     """Each model alone on a full-share gpu-let of its own (the baseline of one Triton per model)."""
     gpulets, models = [], {}
     for i, m in enumerate(deployment.models):
-        batch = m.max_batch or (max_batch or {}).get(m.name) or 1
+        batch = min(m.max_batch or deployment.scheduler.max_batch, (max_batch or {}).get(m.name) or 1024)
         gpulets.append(GpuLet(id=f"gpu{i}-a", gpu=i, share=100, duty_cycle_ms=0.0,
                               models=[Assignment(model=m.name, batch=batch, rate=m.rate)]))
         models[m.name] = ModelSummary(rate=m.rate, slo_ms=m.slo_ms, throughput=0.0, worst_latency_ms=0.0)

@@ -1,0 +1,188 @@
+"""RouterServer: the HTTP (uvicorn) and gRPC (grpc.aio) sides on one event loop, one Router."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+
+import grpc
+import uvicorn
+
+from ..spec import RouterSpec
+from .core import Router, RouterOptions
+from .grpc_service import add_to_server
+from .http import create_app
+from .table import RoutingTable
+
+log = logging.getLogger("controlplane.router")
+
+GRPC_MAX_MESSAGE = 256 * 1024 * 1024
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop where installed (a large share of the router's per-request cost is the loop), else asyncio's."""
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its signal handling: the owner of ``stop`` decides when to exit."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+    def install_signal_handlers(self) -> None:  # older uvicorn
+        pass
+
+
+class RouterServer:
+    """The router: ``await serve(stop)`` on the current loop, or ``start_in_thread()`` / ``stop()``.
+
+    Ports 0 pick free ports; the bound ones are in ``http_port`` / ``grpc_port``
+    once ``await started()`` returns (or after ``start_in_thread()``).
+    """
+
+    def __init__(self, table: RoutingTable, spec: RouterSpec | None = None,
+                 options: RouterOptions | None = None) -> None:
+        self.table = table
+        self.spec = spec or RouterSpec()
+        self.options = options or RouterOptions(drop=self.spec.drop, max_body_bytes=self.spec.max_body_bytes)
+        self.host = self.spec.host
+        self.http_port: int = self.spec.http_port
+        self.grpc_port: int = self.spec.grpc_port
+        self.router: Router | None = None
+        self._started: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread_started = threading.Event()
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    async def started(self) -> None:
+        while self._started is None:
+            await asyncio.sleep(0.01)
+        await self._started.wait()
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        self._started = asyncio.Event()
+        self._stop = stop
+        router = self.router = Router(self.table, self.options)
+        await router.start()
+        # proto=IPPROTO_TCP so asyncio sets TCP_NODELAY on accepted connections (with proto 0 it
+        # does not, and every response then waits ~40 ms on delayed ACKs); set it here too.
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM,
+                             socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        grpc_server = None
+        try:
+            sock.bind((self.host, self.http_port))
+            sock.listen(2048)
+            sock.setblocking(False)
+            self.http_port = sock.getsockname()[1]
+            grpc_server = grpc.aio.server(options=[
+                ("grpc.max_receive_message_length", min(self.options.max_body_bytes, GRPC_MAX_MESSAGE)),
+                ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+                ("grpc.so_reuseport", 0),
+            ])
+            add_to_server(grpc_server, router)
+            port = grpc_server.add_insecure_port(f"{self.host}:{self.grpc_port}")
+            if port == 0:
+                raise OSError(f"cannot bind gRPC port {self.host}:{self.grpc_port}")
+            self.grpc_port = port
+            await grpc_server.start()
+            app = create_app(self.table, self.spec, router=router)
+            config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                    timeout_graceful_shutdown=2, loop="none")
+            server = _Uvicorn(config)
+            task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+            while not server.started and not task.done():
+                await asyncio.sleep(0.01)
+            if task.done():
+                task.result()
+                raise RuntimeError("HTTP server exited at start")
+            log.info("router: HTTP on %s, gRPC on %s", self.http_url, self.grpc_url)
+            self._started.set()
+            stop_wait = asyncio.get_running_loop().create_task(stop.wait())
+            await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            server.should_exit = True
+            stop_wait.cancel()
+            await task
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(1.0)
+            sock.close()
+            await router.close()
+
+    # ------------------------------------------------------------------ thread wrapper
+
+    def start_in_thread(self, timeout: float = 30.0) -> "RouterServer":
+        """Run the router in a background thread with its own event loop; return once it listens."""
+
+        def run() -> None:
+            loop = new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            stop = asyncio.Event()
+            self._stop = stop
+            self._thread_started.set()
+            try:
+                loop.run_until_complete(self.serve(stop))
+            except BaseException as e:  # noqa: BLE001
+                self._error = e
+                log.exception("router stopped with an error")
+            finally:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="router", daemon=True)
+        self._thread.start()
+        self._thread_started.wait(timeout)
+        deadline = timeout
+        import time
+
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < deadline:
+            if self._error is not None:
+                raise RuntimeError(f"router failed to start: {self._error}") from self._error
+            if self._started is not None and self._started.is_set():
+                return self
+            if not self._thread.is_alive():
+                raise RuntimeError(f"router failed to start: {self._error}")
+            time.sleep(0.01)
+        self.stop()
+        raise TimeoutError("router did not start in time")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:
+                pass
+        self._thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self) -> "RouterServer":
+        return self.start_in_thread()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
