@@ -234,8 +234,8 @@ class DockerRuntime(Runtime):
             # The container sees only its GPU; a UUID is right however devices are numbered.
             env["CUDA_VISIBLE_DEVICES"] = launch.gpu_uuid or "0"
             pipe = env.get("CUDA_MPS_PIPE_DIRECTORY") or self.mps_pipe_dir
-            if pipe:
-                env["CUDA_MPS_PIPE_DIRECTORY"] = pipe
+            if pipe:   # mounted at the same (absolute) path inside the container
+                env["CUDA_MPS_PIPE_DIRECTORY"] = str(Path(pipe).resolve())
         else:
             env["CUDA_VISIBLE_DEVICES"] = ""
         return env
@@ -271,7 +271,7 @@ class DockerRuntime(Runtime):
             pipe = env.get("CUDA_MPS_PIPE_DIRECTORY")
             if pipe:
                 Path(pipe).mkdir(parents=True, exist_ok=True)
-                volumes[str(Path(pipe).resolve())] = {"bind": pipe, "mode": "rw"}
+                volumes[pipe] = {"bind": pipe, "mode": "rw"}
         elif launch.cores:
             kwargs["cpuset_cpus"] = ",".join(str(c) for c in launch.cores)
         if self.network_mode == "host":
