@@ -212,6 +212,36 @@ def logs(gpulet: str, file: str = FileOpt, tail: int = typer.Option(100, "--tail
     console.print("\n".join(path.read_text(errors="replace").splitlines()[-tail:]), highlight=False, markup=False)
 
 
+@app.command("router")
+def router_cmd(
+    deployment: Path = typer.Option(..., "--deployment", help="deployment file"),
+    plan_file: Path = typer.Option(..., "--plan", help="plan (JSON)"),
+    endpoints: Path = typer.Option(..., "--endpoints", help="JSON: gpu-let id -> {host, http_port, grpc_port, metrics_port}"),
+    host: Optional[str] = typer.Option(None, "--host", help="bind address (default: the deployment's)"),
+) -> None:
+    """Run only the router, in front of gpu-lets started elsewhere (e.g. by docker compose)."""
+    from .repository import SourceRepository
+    from .router import RouterServer, RoutingTable
+    from .runtime.base import Endpoint
+    from .spec import load_plan
+
+    dep = _deployment(str(deployment))
+    try:
+        plan = load_plan(plan_file)
+        eps = {k: Endpoint(**v) for k, v in json.loads(endpoints.read_text()).items()}
+    except (SpecError, OSError, ValueError, TypeError) as e:
+        _fail(f"{e}")
+    spec = dep.router.model_copy(update={"host": host}) if host else dep.router
+    server = RouterServer(RoutingTable.from_plan(plan, eps, SourceRepository(dep.repository), dep), spec)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server.start_in_thread()
+    console.print(f"router: KServe v2 HTTP at http://{spec.host}:{server.http_port}, gRPC at {spec.host}:{server.grpc_port}")
+    stop.wait()
+    server.stop()
+
+
 # --------------------------------------------------------------------------- plan
 
 
