@@ -29,12 +29,13 @@ def load_profiles_for(dep: Deployment, devices: DeviceSet, log=print, profile_mi
     missing = [n for n in names if store is None or n not in store.models()]
     if missing and profile_missing and not devices.on_gpu:
         try:
-            from profiler.latency import ensure_profile
+            from profiler.ensure import ensure_profile
         except ImportError:
             ensure_profile = None
         if ensure_profile is not None:
             log(f"no {devices.name} profile for {', '.join(missing)}: profiling them first ...")
-            ensure_profile(missing, device="cpu", root=profile_root(dep), shares=dep.scheduler.shares)
+            ensure_profile(missing, device="cpu", profiles_root=profile_root(dep), shares=dep.scheduler.shares,
+                           batches=[b for b in (1, 2, 4, 8, 16, 32) if b <= dep.scheduler.max_batch])
             store = ProfileStore.load(folder, device=devices.name)
             missing = [n for n in names if n not in store.models()]
     if missing:
