@@ -52,9 +52,13 @@ class RunPaths:
     def repos(self) -> Path:
         return self.root / "repos"
 
-    @property
-    def mps(self) -> Path:
-        return self.root / "mps"
+    def mps(self, name: str) -> Path:
+        """MPS pipe/log dirs: short and under /tmp, since the pipe is a Unix socket (108-byte path limit)."""
+        import hashlib
+        import tempfile
+
+        tag = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:8]
+        return Path(tempfile.gettempdir()) / f"gpulet-mps-{name}-{tag}"
 
 
 def read_state(paths: RunPaths) -> dict | None:
@@ -117,7 +121,7 @@ class Controller:
         on_gpu = self.devices.on_gpu
         repos = write_gpulet_repositories(self.repo, self.plan, self.paths.repos, on_gpu=on_gpu)
         cores = cpu_cores_for(self.plan.gpulets, list(self.devices.cores)) if not on_gpu else {}
-        pipe = self.dep.runtime.mps_pipe_dir or str(self.paths.mps / "pipe")
+        pipe = self.dep.runtime.mps_pipe_dir or str(self.paths.mps(self.dep.name) / "pipe")
         out = []
         for g in self.plan.gpulets:
             gpu = self.devices.gpus[g.gpu] if on_gpu else None
@@ -151,7 +155,8 @@ class Controller:
             if self.devices.on_gpu:
                 from .runtime.mps import MPSDaemon
 
-                self.mps = MPSDaemon(self.paths.mps / "pipe", self.paths.mps / "log")
+                pipe = Path(self.dep.runtime.mps_pipe_dir) if self.dep.runtime.mps_pipe_dir else self.paths.mps(self.dep.name) / "pipe"
+                self.mps = MPSDaemon(pipe, self.paths.mps(self.dep.name) / "log")
                 self.mps.start()
             self.runtime = self._make_runtime()
             launches = self.launches()

@@ -194,8 +194,9 @@ class ProfileStore:
     """
 
     def __init__(self, rows: Iterable[ProfileRow], device: str | None = None,
-                 memory_mb_total: float | None = None) -> None:
-        rows = list(rows)
+                 memory_mb_total: float | None = None, precision: str = "fp32") -> None:
+        # One precision per store: fp16 rows share (model, share, batch) keys with fp32 ones.
+        rows = [r for r in rows if r.precision == precision]
         devices = sorted({r.device for r in rows})
         if device is None:
             if len(devices) > 1:

@@ -42,16 +42,31 @@ def _env(pipe_dir: Path, log_dir: Path | None = None) -> dict[str, str]:
     return env
 
 
-def control(command: str, pipe_dir: Path, timeout: float = 10.0) -> str | None:
-    """Send one command to the control daemon on ``pipe_dir``; None when none answers."""
-    if shutil.which(CONTROL) is None or not (Path(pipe_dir) / "control").exists():
+def control(command: str, pipe_dir: Path, timeout: float = 10.0, tries: int = 4) -> str | None:
+    """Send one command to the control daemon on ``pipe_dir``; None when none answers.
+
+    Several ``nvidia-cuda-mps-control`` clients at once can fail (seen on the H100 when six
+    workers checked at the same moment), so calls are serialised with a lock file beside the
+    pipe directory and retried.
+    """
+    import fcntl
+
+    pipe_dir = Path(pipe_dir)
+    if shutil.which(CONTROL) is None or not (pipe_dir / "control").exists():
         return None
-    try:
-        r = subprocess.run([CONTROL], input=command + "\n", text=True, capture_output=True,
-                           env=_env(Path(pipe_dir)), timeout=timeout)
-    except (subprocess.TimeoutExpired, OSError):
-        return None
-    return r.stdout if r.returncode == 0 else None
+    lock_path = pipe_dir.parent / (pipe_dir.name + ".profiler.lock")
+    for attempt in range(tries):
+        try:
+            with open(lock_path, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                r = subprocess.run([CONTROL], input=command + "\n", text=True, capture_output=True,
+                                   env=_env(pipe_dir), timeout=timeout)
+            if r.returncode == 0:
+                return r.stdout
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+        time.sleep(0.2 * (attempt + 1))
+    return None
 
 
 @dataclass

@@ -1,0 +1,81 @@
+"""``ensure_profile``: profile what a deployment needs and is missing, with a progress bar.
+
+``controlplane up`` on a device with no (or an incomplete) profile calls this
+first; rows already in the CSV are skipped, so it is cheap once done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from .common import DEFAULT_BATCHES, DEFAULT_SHARES, existing_rows, profile_dir, row_key
+
+#: Rough seconds per point for the first estimate (before any point was measured); refined as it goes.
+_FIRST_GUESS_S = {"cpu": 0.6, "gpu": 0.5}
+_WORKER_START_S = {"cpu": 3.0, "gpu": 6.0}
+
+
+def estimate_seconds(points: int, shares: int, device: str, point_budget_s: float) -> float:
+    kind = "cpu" if device == "cpu" else "gpu"
+    return points * min(point_budget_s, _FIRST_GUESS_S[kind]) + shares * _WORKER_START_S[kind]
+
+
+def ensure_profile(models: Sequence[str], device: str = "cpu", shares: Sequence[int] = DEFAULT_SHARES,
+                   batches: Sequence[int] = DEFAULT_BATCHES, progress: bool = True, *,
+                   profiles_root: str | Path = "profiles", precisions: Sequence[str] = ("fp32",),
+                   runs: int = 50, min_runs: int = 10, point_budget_s: float = 0.5,
+                   mps_pipe_dir: str | Path | None = None, gpu_index: int = 0, console=None) -> Path:
+    """Make sure ``profiles/<device>/latency.csv`` has every (model, share, batch); return its path.
+
+    ``device``: 'cpu' or 'gpu'. ``progress``: show a rich progress bar with a time estimate
+    (or pass a callable taking the profiler's event dicts). GPU shares < 100 need a running MPS
+    daemon on ``mps_pipe_dir`` (see :class:`profiler.mps.Daemon`); without one MPSNotActive is raised.
+    """
+    from .common import device_name
+    from .latency import profile_latency
+
+    on_gpu = device != "cpu"
+    dev = device_name("gpu" if on_gpu else "cpu", gpu_index)
+    csv_path = profile_dir(profiles_root, dev) / "latency.csv"
+    have = {row_key(r) for r in existing_rows(csv_path)}
+    precs = [p for p in precisions if on_gpu or p != "fp16"]
+    missing = [(m, s, b, p) for m in models for s in shares for b in batches for p in precs
+               if (dev, m, int(s), int(b), p) not in have]
+    if not missing:
+        return csv_path
+    kw = dict(device="gpu" if on_gpu else "cpu", shares=shares, batches=batches, precisions=precs, out_csv=csv_path,
+              runs=runs, min_runs=min_runs, point_budget_s=point_budget_s, mps_pipe_dir=mps_pipe_dir,
+              gpu_index=gpu_index, device_label=dev)
+    if callable(progress):
+        profile_latency(models, progress=progress, **kw)
+        return csv_path
+    if not progress:
+        profile_latency(models, **kw)
+        return csv_path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = console or Console(stderr=True)
+    n_shares = len({s for _, s, _, _ in missing})
+    est = estimate_seconds(len(missing), n_shares, device, point_budget_s)
+    console.print(f"[bold]profiling[/] {len(missing)} missing point(s) of {', '.join(models)} on {dev} "
+                  f"(shares {sorted(set(shares))}, batches {sorted(set(batches))}); estimated ~{est:.0f} s; "
+                  f"results cached in {csv_path}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("profile", total=len(missing))
+
+        def on_event(ev: dict) -> None:
+            t = ev.get("type")
+            if t == "share":
+                bar.update(task, description=f"share {ev['share']:>3}%")
+            elif t == "row":
+                r = ev["row"]
+                bar.update(task, advance=1, description=f"share {r.share:>3}% {r.model} b{r.batch}")
+            elif t == "skipped":
+                bar.update(task, advance=ev.get("n", 0))
+
+        profile_latency(models, progress=on_event, **kw)
+    return csv_path
