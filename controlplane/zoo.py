@@ -86,10 +86,11 @@ class BertEncoder(nn.Module):
         layer = nn.TransformerEncoderLayer(width, heads, 4 * width, activation="gelu", batch_first=True, dropout=0.0)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.classifier = nn.Linear(width, 2)
+        # A buffer, not torch.arange in forward: tracing would freeze arange's device (the CPU).
+        self.register_buffer("positions", torch.arange(512).unsqueeze(0), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        h = self.norm(self.tok(input_ids) + self.pos(pos))
+        h = self.norm(self.tok(input_ids) + self.pos(self.positions[:, : input_ids.shape[1]]))
         return self.classifier(self.encoder(h)[:, 0])
 
 

@@ -16,6 +16,7 @@ from controlplane.scheduler import (
     FittedInterference,
     LinearUtilInterference,
     NoInterference,
+    OptimumTooLarge,
     SchedulingError,
     fit_pairs,
     gpu_lower_bound,
@@ -83,8 +84,13 @@ def test_interference_forces_an_extra_gpu():
     assert validate_plan(p1, d, TINY, interference=Const()) == []
     # the first plan would break under that interference, which the checker sees
     assert validate_plan(p0, d, TINY, interference=Const()) != []
-    assert plan(d, TINY, algorithm="milp", interference=Const()).gpus == 2
-    assert plan(d, TINY, algorithm="milp", interference=NoInterference()).gpus == 1
+    assert plan(d, TINY, algorithm="milp", interference=Const(), max_models=1).gpus == 2
+    assert plan(d, TINY, algorithm="milp", interference=NoInterference(), max_models=1).gpus == 1
+    # with temporal sharing the optimum runs both on one whole gpu-let (no co-runner, no slowdown):
+    # L(1) = 4 ms each, D = 8 ms, worst 12 <= 20
+    p2 = plan(d, TINY, algorithm="milp", interference=Const())
+    assert p2.gpus == 1 and len(p2.gpulets) == 1 and p2.gpulets[0].share == 100
+    assert validate_plan(p2, d, TINY, interference=Const()) == []
 
 
 def test_unreachable_slo_names_model_and_best_latency():
@@ -215,7 +221,11 @@ def test_every_plan_is_feasible_and_never_worse_than_temporal(wl, interference):
     lb = gpu_lower_bound(d, SYN)
     results = {}
     for algo in ("gpulet", "temporal", "greedy", "milp"):
-        p = plan(d, SYN, algorithm=algo)
+        try:
+            p = plan(d, SYN, algorithm=algo)
+        except OptimumTooLarge:  # the exact optimum has limits; the others must always answer
+            assert algo == "milp"
+            continue
         assert validate_plan(p, d, SYN, interference=im) == [], algo
         for gid in range(p.gpus):
             assert p.used_share(gid) <= 100
@@ -225,6 +235,8 @@ def test_every_plan_is_feasible_and_never_worse_than_temporal(wl, interference):
         assert p.gpus >= lb
         results[algo] = p.gpus
     assert results["gpulet"] <= results["temporal"]
+    if "milp" in results:
+        assert results["milp"] <= results["gpulet"]
 
 
 @settings(max_examples=15, deadline=None)
@@ -257,3 +269,74 @@ def test_plot_writes_png(tmp_path):
     d = dep([{"name": "a", "rate": 100, "slo_ms": 40}, {"name": "b", "rate": 100, "slo_ms": 40}], shares=[100])
     out = plot(plan(d, TINY), tmp_path / "p.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- exact optimum vs brute force
+
+
+def _brute_force_gpus(store, rates, slos, shares, max_batch, max_models, interference, limit=3):
+    """Fewest GPUs by enumerating every gpu-let (share, models, batches; duty = sum of latencies)
+    and every GPU (one gpu-let, or two whose shares fit, slowed down by ``interference``), then
+    every multiset of up to ``limit`` GPUs. Independent of the column program."""
+    import itertools as it
+
+    models = [m for m in rates if rates[m] > 0]
+
+    def let_thr(s, S, bs, slow):
+        lat = [store.latency(m, s, b) * slow for m, b in zip(S, bs)]
+        D = sum(lat)
+        if any(D + L > slos[m] + 1e-9 for m, L in zip(S, lat)):
+            return None
+        return {m: 1000.0 * b / D for m, b in zip(S, bs)}
+
+    lets = []
+    for s in shares:
+        for k in range(1, max_models + 1):
+            for S in it.combinations(models, k):
+                for bs in it.product(range(1, max_batch + 1), repeat=k):
+                    lets.append((s, S, bs))
+    gpus = []
+    for s, S, bs in lets:
+        t = let_thr(s, S, bs, 1.0)
+        if t:
+            gpus.append(t)
+    for (s1, S1, b1), (s2, S2, b2) in it.combinations_with_replacement(lets, 2):
+        if s1 + s2 > 100:
+            continue
+        f = 2.0 if interference else 1.0
+        t1, t2 = let_thr(s1, S1, b1, f), let_thr(s2, S2, b2, f)
+        if t1 and t2:
+            gpus.append({m: t1.get(m, 0.0) + t2.get(m, 0.0) for m in models})
+    vecs = {tuple(round(min(g.get(m, 0.0), rates[m]), 9) for m in models) for g in gpus}
+    vecs = [v for v in vecs if not any(w != v and all(a >= b for a, b in zip(w, v)) for w in vecs)]
+    for n in range(1, limit + 1):
+        for combo in it.combinations_with_replacement(vecs, n):
+            if all(sum(v[i] for v in combo) >= rates[m] - 1e-6 for i, m in enumerate(models)):
+                return n
+    return None
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_exact_optimum_matches_brute_force(seed):
+    rng = random.Random(seed)
+    store = store_from_function(lambda m, s, b: ({"a": 2.0, "b": 3.0, "c": 1.0}[m] + 1.5 * b) * 100.0 / s,
+                                ["a", "b", "c"], shares=[50, 100], batches=[1, 2, 3])
+    slos = {"a": rng.choice([20, 30, 40]), "b": rng.choice([25, 40]), "c": rng.choice([10, 15, 30])}
+    rates = {m: rng.choice([0, 50, 100, 150, 250, 400]) for m in slos}
+    if not any(rates.values()):
+        rates["a"] = 100
+    interference = seed % 2 == 1
+    d = dep([{"name": m, "rate": rates[m], "slo_ms": slos[m]} for m in slos], shares=[50, 100], max_batch=3)
+    im = Const() if interference else NoInterference()
+    want = _brute_force_gpus(store, rates, slos, [50, 100], 3, 2, interference)
+    try:
+        p = plan(d, store, algorithm="milp", interference=im, max_models=2)
+    except SchedulingError:
+        assert want is None
+        return
+    if want is not None:
+        assert p.gpus == want, (rates, slos)
+    else:
+        assert p.gpus > 3
+    assert validate_plan(p, d, store, interference=im) == []
+    assert p.gpus <= plan(d, store, algorithm="gpulet", interference=im, max_models=2).gpus

@@ -33,13 +33,13 @@ class TritonInstall:
 
 
 def _pytriton_root() -> Path | None:
-    try:
-        import pytriton  # noqa: F401  (installed by the nvidia-pytriton wheel)
-    except ImportError:
-        return None
-    import pytriton as _p
+    """The wheel's tritonserver folder, found without importing pytriton (which pulls in its client deps)."""
+    import importlib.util
 
-    root = Path(_p.__file__).resolve().parent / "tritonserver"
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]).resolve() / "tritonserver"
     return root if (root / "bin" / "tritonserver").exists() else None
 
 

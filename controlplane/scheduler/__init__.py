@@ -8,8 +8,12 @@ One entry point, :func:`plan` (pure: no I/O). Algorithms by name
 * ``gpulet-paper`` — the same, one order (rate x SLO), as in the paper;
 * ``temporal`` — temporal sharing on whole GPUs (Nexus squishy bin packing);
 * ``greedy`` — spatial partitioning without temporal sharing;
-* ``milp`` / ``ideal`` — exact optimum over per-GPU configurations (HiGHS);
-* ``best`` — the better of ``gpulet`` and ``milp``;
+* ``milp`` / ``ideal`` — the exact optimum of the same planning problem (temporal
+  sharing, shares, gpu-lets per GPU, margin, interference and memory as per-GPU
+  checks): a column integer program solved by HiGHS (:mod:`.optimum`);
+* ``ideal-prototype`` — the prototype's exhaustive space only (fixed per-GPU splits,
+  one model per gpu-let at its saturated batch, no temporal sharing): not an optimum;
+* ``best`` — the better of ``gpulet`` and ``ideal-prototype``;
 * ``trivial`` — each model alone on a whole GPU.
 
 Example (what ``controlplane plan`` does)::
@@ -30,6 +34,7 @@ from ..spec import Deployment, Plan
 from .baselines import MilpColumns, best, greedy, milp, milp_columns, solve_milp, temporal, trivial
 from .core import Ctx, Gpu, SchedulingError, check_slo_reachable, lower_bound, to_plan, validate_plan
 from .gpulet import gpulet
+from .optimum import OptimumInfo, OptimumTooLarge, ideal, optimum
 from .interference import (
     FittedInterference,
     InterferenceModel,
@@ -53,8 +58,9 @@ ALGORITHMS: dict[str, Algorithm] = {
     "gpulet-paper": _gpulet_paper,
     "temporal": temporal,
     "greedy": greedy,
-    "milp": milp,
-    "ideal": milp,
+    "milp": ideal,
+    "ideal": ideal,
+    "ideal-prototype": milp,
     "best": best,
     "trivial": trivial,
 }
@@ -187,7 +193,7 @@ def render_table(plan: Plan) -> str:
 
 __all__ = [
     "ALGORITHMS", "Ctx", "FittedInterference", "InterferenceModel", "LinearUtilInterference", "MilpColumns",
-    "NoInterference", "SchedulingError", "fit_pairs", "gpu_lower_bound", "load_interference", "lower_bound",
+    "NoInterference", "OptimumInfo", "OptimumTooLarge", "SchedulingError", "ideal", "optimum", "fit_pairs", "gpu_lower_bound", "load_interference", "lower_bound",
     "make_ctx", "milp_columns", "plan", "poisson_pad", "prediction_errors", "register", "render_table",
     "solve_milp", "validate_plan",
 ]

@@ -182,6 +182,24 @@ def slowdowns(ctx: Ctx, lets: Sequence[Let], batches: Sequence[dict[str, int]]) 
 def settle(ctx: Ctx, lets: list[Let]) -> list[Let] | None:
     """Schedule all lets of one GPU under mutual interference, or None if impossible.
 
+    Memoised per context on the lets' shares and rates (plans repeat the same GPU
+    many times: saturated gpu-lets of one model, a residue tried on every GPU);
+    callers get fresh copies."""
+    key = tuple((x.share, tuple(x.rates.items())) for x in lets)
+    memo = ctx.__dict__.setdefault("_settle_memo", {})
+    if key in memo:
+        got = memo[key]
+        return None if got is None else [x.copy() for x in got]
+    got = _settle(ctx, lets)
+    if len(memo) > 200_000:
+        memo.clear()
+    memo[key] = None if got is None else [x.copy() for x in got]
+    return got
+
+
+def _settle(ctx: Ctx, lets: list[Let]) -> list[Let] | None:
+    """See :func:`settle` (not memoised).
+
     Fixed point: schedule without interference, compute slowdowns from those
     batches, reschedule, and repeat; accept when the final schedules hold under
     the slowdowns their own batches cause."""

@@ -27,10 +27,30 @@ class TritonPythonModel:
             threads = int(os.environ.get("CONTROLPLANE_THREADS", "0") or 0)
             if threads > 0:
                 torch.set_num_threads(threads)
+        # The profiling executor re-specialises the graph for every new input shape, so the
+        # first batches of each size take seconds; the router's batches vary in size.
+        for off in ("_jit_set_profiling_executor", "_jit_set_profiling_mode"):
+            if hasattr(torch._C, off):
+                getattr(torch._C, off)(False)
         path = os.path.join(args["model_repository"], args["model_version"], "model.pt")
         self.model = torch.jit.load(path, map_location=self.device).eval()
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
+        self._warm_up(config)
+
+    def _warm_up(self, config):
+        """Run the smallest and the largest batch once, so the first real requests are not the slow ones
+        (CUDA context, cuDNN/cuBLAS handles, allocator growth)."""
+        dtypes = {"TYPE_FP32": torch.float32, "TYPE_FP16": torch.float16, "TYPE_INT64": torch.int64,
+                  "TYPE_INT32": torch.int32}
+        largest = max(1, int(config.get("max_batch_size", 1)))
+        for b in sorted({1, largest}):
+            xs = [torch.zeros((b, *[int(d) for d in i["dims"]]), dtype=dtypes.get(i["data_type"], torch.float32),
+                              device=self.device) for i in config["input"]]
+            with torch.inference_mode():
+                self.model(*xs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _tensor(self, request, name):
         t = pb_utils.get_input_tensor_by_name(request, name)
