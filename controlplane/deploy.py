@@ -153,10 +153,10 @@ class Controller:
         self._write_state("starting")
         try:
             if self.devices.on_gpu:
-                from .runtime.mps import MPSDaemon
+                from .runtime.mps import Daemon
 
                 pipe = Path(self.dep.runtime.mps_pipe_dir) if self.dep.runtime.mps_pipe_dir else self.paths.mps(self.dep.name) / "pipe"
-                self.mps = MPSDaemon(pipe, self.paths.mps(self.dep.name) / "log")
+                self.mps = Daemon(pipe, self.paths.mps(self.dep.name) / "log")
                 self.mps.start()
             self.runtime = self._make_runtime()
             launches = self.launches()

@@ -3,7 +3,7 @@
 * :mod:`profiler.latency` — latency tables, in-process (one worker process per
   share; an MPS share is fixed for a process's life) and through the serving
   path (:mod:`profiler.serving`, a tritonserver per share timed from a client).
-* :mod:`profiler.mps` — the MPS control daemon, and whether a process really is
+* :mod:`controlplane.runtime.mps` (shared with the runtime) — the MPS control daemon, and whether a process really is
   an MPS client (CUDA silently ignores the share otherwise).
 * :mod:`profiler.interference` — pairs of models at complementary shares, each
   one's slowdown against running alone, and the fit the scheduler uses.

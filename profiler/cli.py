@@ -59,7 +59,7 @@ def profile(
     from controlplane import zoo
 
     from .common import device_name, existing_rows, profile_dir
-    from .mps import Daemon, MPSNotActive, default_dirs
+    from controlplane.runtime.mps import Daemon, MPSNotActive, default_dirs
 
     con = Console(stderr=True)
     names = zoo.names() if models == "all" else [m for m in models.split(",") if m]

@@ -30,7 +30,7 @@ def ensure_profile(models: Sequence[str], device: str = "cpu", shares: Sequence[
 
     ``device``: 'cpu' or 'gpu'. ``progress``: show a rich progress bar with a time estimate
     (or pass a callable taking the profiler's event dicts). GPU shares < 100 need a running MPS
-    daemon on ``mps_pipe_dir`` (see :class:`profiler.mps.Daemon`); without one MPSNotActive is raised.
+    daemon on ``mps_pipe_dir`` (see :class:`controlplane.runtime.mps.Daemon`); without one MPSNotActive is raised.
     """
     from .common import device_name
     from .latency import profile_latency

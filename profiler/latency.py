@@ -23,7 +23,7 @@ from controlplane.profiles import ProfileRow
 from . import TOOL_VERSION
 from .common import (DEFAULT_BATCHES, DEFAULT_SHARES, append_rows, device_name, existing_rows, profile_dir,
                      row_key, today)
-from .mps import MPSNotActive, status as mps_status
+from controlplane.runtime.mps import MPSNotActive, status as mps_status
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -43,7 +43,7 @@ class Bench:
             torch.cuda.init()
             torch.empty(1, device=self.dev).add_(1)
             torch.cuda.synchronize()
-            from .mps import require_client
+            from controlplane.runtime.mps import require_client
 
             if self.share < 100 or job.get("require_mps"):
                 require_client(self.share if self.share < 100 else 99, os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))

@@ -11,7 +11,7 @@ import pytest
 from controlplane.profiles import COLUMNS, ProfileError, ProfileStore, read_csv
 from profiler.common import cpu_device_name, existing_rows
 from profiler.latency import check_mps, cores_for_share, profile_latency
-from profiler.mps import MPSNotActive, require_client, status
+from controlplane.runtime.mps import MPSNotActive, require_client, status
 
 
 @pytest.fixture(scope="module")
