@@ -101,8 +101,11 @@ def up(
     r = ctl.router
     host, hport, gport = dep.router.host, getattr(r, "http_port", dep.router.http_port), getattr(r, "grpc_port", dep.router.grpc_port)
     m = dep.models[0].name
+    example = ctl.write_example_request(m)
     console.print(f"[bold green]ready[/]: KServe v2 HTTP at http://{host}:{hport}, gRPC at {host}:{gport}")
-    console.print(f"  try: curl -s http://{host}:{hport}/v2/models/{m}", highlight=False)
+    console.print(f"  metadata: curl -s http://{host}:{hport}/v2/models/{m}", highlight=False, soft_wrap=True)
+    console.print(f"  infer:    curl -s -X POST http://{host}:{hport}/v2/models/{m}/infer "
+                  f"-H 'Content-Type: application/json' -d @{example}", highlight=False, soft_wrap=True)
     console.print(f"  stop: Ctrl-C, or `controlplane down -f {file}`", highlight=False)
     try:
         ctl.serve(stop)

@@ -173,6 +173,20 @@ class Controller:
             self.shutdown()
             raise
 
+    def write_example_request(self, model: str) -> Path:
+        """A KServe v2 JSON request for `model` (zeros), so `up` can print a curl line that works."""
+        info = self.repo[model]
+        inputs = []
+        for t in info.inputs:
+            shape = [1, *t.shape]
+            n = 1
+            for d in shape:
+                n *= max(d, 1)
+            inputs.append({"name": t.name, "datatype": t.datatype, "shape": shape, "data": [0] * n})
+        path = self.paths.root / f"example-{model}.json"
+        path.write_text(json.dumps({"inputs": inputs}))
+        return path
+
     def serve(self, stop: threading.Event, interval_s: float = 1.0) -> None:
         """Supervise until stop is set: restart dead servers, keep the state file current."""
         while not stop.wait(interval_s):

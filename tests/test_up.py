@@ -66,6 +66,7 @@ def deployment(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ready: KServe v2 HTTP at http://127.0.0.1:" in proc.stdout
     assert "curl -s http://127.0.0.1:" in proc.stdout
+    assert "infer:    curl -s -X POST http://127.0.0.1:" in proc.stdout
     state = json.loads((tmp / "run" / "state.json").read_text())
     yield path, state, before
 
@@ -87,6 +88,22 @@ def test_http_and_grpc_through_the_router_match_torchscript(deployment):
         gi = grpcclient.InferInput("INPUT", list(x.shape), "FP32")
         gi.set_data_from_numpy(x)
         np.testing.assert_allclose(grpc.infer(model, [gi]).as_numpy("OUTPUT"), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_printed_curl_request_works(deployment):
+    import re
+    import subprocess
+
+    path, state, _ = deployment
+    out = run_cli("status", "-f", str(path)).stdout  # still up
+    assert "ready" in out
+    log = (path.parent / "run" / "controlplane.log").read_text()
+    line = next(l for l in log.splitlines() if "infer:" in l)
+    cmd = line.split("infer:", 1)[1].strip()
+    assert re.match(r"curl -s -X POST http://127\.0\.0\.1:\d+/v2/models/lenet/infer ", cmd)
+    reply = json.loads(subprocess.run(cmd, shell=True, capture_output=True, text=True, check=True).stdout)
+    got = np.array(reply["outputs"][0]["data"], dtype=np.float32).reshape(reply["outputs"][0]["shape"])
+    np.testing.assert_allclose(got, _reference("lenet", np.zeros((1, 1, 28, 28), np.float32)), rtol=1e-4, atol=1e-5)
 
 
 def test_status_lists_gpulets_ready(deployment):
