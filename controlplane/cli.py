@@ -223,7 +223,7 @@ def router_cmd(
     host: Optional[str] = typer.Option(None, "--host", help="bind address (default: the deployment's)"),
 ) -> None:
     """Run only the router, in front of gpu-lets started elsewhere (e.g. by docker compose)."""
-    from .repository import SourceRepository
+    from .repository import repository_for
     from .router import RouterServer, RoutingTable
     from .runtime.base import Endpoint
     from .spec import load_plan
@@ -235,7 +235,7 @@ def router_cmd(
     except (SpecError, OSError, ValueError, TypeError) as e:
         _fail(f"{e}")
     spec = dep.router.model_copy(update={"host": host}) if host else dep.router
-    server = RouterServer(RoutingTable.from_plan(plan, eps, SourceRepository(dep.repository), dep), spec)
+    server = RouterServer(RoutingTable.from_plan(plan, eps, repository_for(dep), dep), spec)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -286,7 +286,9 @@ def plan_cmd(
         if profile is not None:
             from .profiles import ProfileStore
 
-            profiles = ProfileStore.load(profile)
+            from .profiles_loader import alias_models
+
+            profiles = alias_models(ProfileStore.load(profile), dep)
             device = profiles.device
         else:
             devices = devmod.resolve(dep.devices)

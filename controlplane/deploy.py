@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import devices as devmod
 from .planner import plan as make_plan
-from .repository import SourceRepository, build_artifacts, write_gpulet_repositories
+from .repository import SourceRepository, build_artifacts, repository_for, write_gpulet_repositories
 from .runtime.base import Endpoint, Launch, Runtime, cpu_cores_for, gpulet_env
 from .spec import Deployment, Plan
 
@@ -88,7 +88,7 @@ def pid_alive(pid: int | None) -> bool:
 class Controller:
     def __init__(self, deployment: Deployment, repo: SourceRepository | None = None, log=print) -> None:
         self.dep = deployment
-        self.repo = repo or SourceRepository(deployment.repository)
+        self.repo = repo or repository_for(deployment)
         self.paths = RunPaths.for_deployment(deployment)
         self.log = log
         self.devices: devmod.DeviceSet | None = None

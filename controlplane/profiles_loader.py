@@ -12,6 +12,14 @@ def profile_root(dep: Deployment) -> Path:
     return Path(dep.profiles) if dep.profiles else Path(__file__).resolve().parent.parent / "profiles"
 
 
+def alias_models(store, dep: Deployment):
+    """Models served as copies (`base:`) plan with their base model's profile."""
+    for m in dep.models:
+        if m.base and m.base in store.models():
+            store.alias(m.name, m.base)
+    return store
+
+
 def load_profiles_for(dep: Deployment, devices: DeviceSet, log=print, profile_missing: bool = True):
     """The ProfileStore for this device type (None for the trivial planner).
 
@@ -24,7 +32,7 @@ def load_profiles_for(dep: Deployment, devices: DeviceSet, log=print, profile_mi
     from .profiles import ProfileStore, device_slug
 
     folder = profile_root(dep) / device_slug(devices.name)
-    names = [m.name for m in dep.models]
+    names = list(dict.fromkeys(m.source for m in dep.models))
     store = ProfileStore.load(folder, device=devices.name) if (folder / "latency.csv").exists() else None
     missing = [n for n in names if store is None or n not in store.models()]
     if missing and profile_missing and not devices.on_gpu:
@@ -42,4 +50,4 @@ def load_profiles_for(dep: Deployment, devices: DeviceSet, log=print, profile_mi
         raise ValueError(f"no {devices.name} profile for model(s) {', '.join(missing)} in {folder}; "
                          f"run `controlplane profile --device {'gpu' if devices.on_gpu else 'cpu'} "
                          f"{' '.join(missing)}` or use `scheduler: {{algorithm: trivial}}`")
-    return store
+    return alias_models(store, dep)

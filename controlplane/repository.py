@@ -17,6 +17,7 @@ bind mount sees a real file).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -68,11 +69,12 @@ class ModelInfo:
     slo_ms: float | None = None
     memory_mb: float | None = None
     config: mc.ModelConfig = field(repr=False, default_factory=mc.ModelConfig)
+    source: str = ""  # the repository model whose artifact this one serves (itself unless aliased)
 
     def artifact(self) -> Path:
         """The TorchScript file: committed in the repository, else the built one in the cache."""
         local = self.path / "1" / "model.pt"
-        return local if local.exists() else cache_dir() / "zoo" / self.name / "model.pt"
+        return local if local.exists() else cache_dir() / "zoo" / (self.source or self.name) / "model.pt"
 
     def is_built(self) -> bool:
         return self.artifact().exists()
@@ -120,6 +122,17 @@ class SourceRepository:
     def names(self) -> list[str]:
         return list(self.models)
 
+    def alias(self, name: str, base: str) -> "SourceRepository":
+        """Serve a copy of model `base` under `name` (same artifact, its own config name)."""
+        if name == base:
+            return self
+        info = self[base]
+        cfg = mc.ModelConfig()
+        cfg.CopyFrom(info.config)
+        cfg.name = name
+        self.models[name] = dataclasses.replace(info, name=name, config=cfg, source=info.source or base)
+        return self
+
     def __getitem__(self, name: str) -> ModelInfo:
         try:
             return self.models[name]
@@ -128,6 +141,15 @@ class SourceRepository:
 
 
 # --------------------------------------------------------------------------- artifacts
+
+
+def repository_for(deployment) -> SourceRepository:
+    """The deployment's source repository, with its aliased models (`base:`) added."""
+    repo = SourceRepository(deployment.repository)
+    for m in deployment.models:
+        if m.base:
+            repo.alias(m.name, m.base)
+    return repo
 
 
 def build_artifacts(repo: SourceRepository, names: list[str] | None = None, force: bool = False,
@@ -146,15 +168,16 @@ def build_artifacts(repo: SourceRepository, names: list[str] | None = None, forc
         if path.exists() and not force:
             out.append(path)
             continue
-        if name not in zoo.BUILDERS:
-            raise RepositoryError(f"{info.path}: no 1/model.pt and {name!r} is not a zoo model that can be built")
+        source = info.source or name
+        if source not in zoo.BUILDERS:
+            raise RepositoryError(f"{info.path}: no 1/model.pt and {source!r} is not a zoo model that can be built")
         if progress:
-            progress(name)
+            progress(source)
         import torch
 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.jit.save(zoo.trace(name), str(tmp))
+        torch.jit.save(zoo.trace(source), str(tmp))
         tmp.replace(path)
         out.append(path)
     return out

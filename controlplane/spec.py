@@ -51,6 +51,15 @@ class ModelSpec(_Strict):
     max_batch: int | None = Field(
         default=None, ge=1, le=1024, description="largest batch the scheduler may use for this model"
     )
+    base: str | None = Field(
+        default=None, description="repository model this one is a copy of (default: its own name), "
+        "e.g. six lenet readers lenet1..lenet6 with base lenet"
+    )
+
+    @property
+    def source(self) -> str:
+        """The repository model behind this name."""
+        return self.base or self.name
 
 
 class RuntimeSpec(_Strict):
@@ -247,9 +256,10 @@ def parse_deployment(data: Any, source: str = "<deployment>", known_models: list
         raise SpecError(format_validation_error(source, e)) from None
     if known_models is not None:
         for i, m in enumerate(dep.models):
-            if m.name not in known_models:
+            if m.source not in known_models:
+                field = "base" if m.base else "name"
                 raise SpecError(
-                    f"{source}: invalid\n  models[{i}].name: unknown model {m.name!r}; "
+                    f"{source}: invalid\n  models[{i}].{field}: unknown model {m.source!r}; "
                     f"known models: {', '.join(sorted(known_models))}"
                 )
     return dep

@@ -76,3 +76,11 @@ def test_runtime_shorthand_and_error_type():
         from controlplane.spec import parse_deployment
 
         parse_deployment({"models": []}, "x.yaml")
+
+
+def test_base_names_the_repository_model(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text("models:\n  - {name: lenet1, base: lenet, rate: 1, slo_ms: 9}\n  - {name: x, base: nope, rate: 1, slo_ms: 9}\n")
+    proc = run_cli("plan", "-f", str(p), "--algorithm", "trivial")
+    assert proc.returncode == 2
+    assert "models[1].base: unknown model 'nope'" in " ".join(proc.stderr.split())
