@@ -1,6 +1,7 @@
 """Router overhead: one model, one tritonserver, one client; through the router vs directly.
 
     python benchmarks/router.py [--model lenet] [--duration 5] [--concurrency 1 16] [--batch 8]
+                                [--repeat 3] [--compare OTHER_TREE] [--json out.json]
 
 Starts one tritonserver (a CPU gpu-let serving the model with max_batch_size
 --batch) and the router in a separate process (so client and router do not share
@@ -8,6 +9,12 @@ a GIL), then for HTTP and gRPC and each concurrency runs a closed loop of
 tritonclient asyncio requests (batch 1) for --duration seconds against the
 tritonserver directly and through the router, and prints throughput and p50/p99.
 Targets (issue #5): through the router >= 0.8x direct throughput, <= 1 ms added p50.
+
+The machine may be shared and noisy: ``--repeat N`` interleaves N rounds of
+(direct, router[, baseline]) per protocol and concurrency and reports medians;
+``--compare TREE`` also runs the router of another source tree (e.g. the last
+commit, ``git archive HEAD | tar -x -C /tmp/before``) in its own process, so a
+change is measured against its baseline in the same run.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ sys.path.insert(0, str(ROOT))
 
 def serve_router(args) -> None:
     """Child process: run the router for the given endpoint until stdin closes."""
+    if args.root:
+        sys.path.insert(0, args.root)
+        for k in [k for k in sys.modules if k == "controlplane" or k.startswith("controlplane.")]:
+            del sys.modules[k]
     from controlplane.repository import SourceRepository
     from controlplane.router import RouterServer, RoutingTable
     from controlplane.runtime.base import Endpoint
@@ -83,7 +94,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="planned batch (tritonserver max_batch_size)")
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--repeat", type=int, default=1, help="interleaved rounds per cell (medians reported)")
+    ap.add_argument("--compare", metavar="TREE", help="also run the router of this source tree ('before')")
     ap.add_argument("--json", type=Path, help="write results here")
+    ap.add_argument("--root", help=argparse.SUPPRESS)
     ap.add_argument("--serve-router", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -108,33 +122,54 @@ def main() -> None:
     eps = rt.start([Launch(gpulet=g, repository=repos[g.id], log_path=tmp / "bench.log",
                            env=gpulet_env(g, None, None, None))])
     ep = eps["bench"]
-    router = subprocess.Popen([sys.executable, __file__, "--serve-router", "--model", args.model,
-                               "--batch", str(args.batch), "--endpoint", json.dumps(ep.__dict__)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    def spawn(root: str | None):
+        cmd = [sys.executable, __file__, "--serve-router", "--model", args.model, "--batch", str(args.batch),
+               "--endpoint", json.dumps(ep.__dict__)]
+        if root:
+            cmd += ["--root", str(Path(root).resolve())]
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        return p, json.loads(p.stdout.readline())
+
+    procs = []
     rows = []
     try:
-        urls = json.loads(router.stdout.readline())
+        targets = {}
+        p, targets["router"] = spawn(None)
+        procs.append(p)
+        if args.compare:
+            p, targets["before"] = spawn(args.compare)
+            procs.append(p)
         x = zoo.example_input(args.model, 1).numpy()
-        print(f"model {args.model}, batch-1 requests, {args.duration:g} s per run, {os.cpu_count()} CPUs")
+        print(f"model {args.model}, batch-1 requests, {args.duration:g} s per run, {args.repeat} round(s), "
+              f"{os.cpu_count()} CPUs")
         print(f"{'protocol':8} {'conc':>4} {'target':7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
         for protocol in ("http", "grpc"):
             for conc in args.concurrency:
-                res = {}
-                for target, url in (("direct", ep.http if protocol == "http" else ep.grpc),
-                                    ("router", urls[protocol])):
-                    r = asyncio.run(closed_loop(url, protocol, args.model, x, conc, args.duration))
-                    res[target] = r
-                    print(f"{protocol:8} {conc:>4} {target:7} {r['throughput']:9.1f} {r['p50_ms']:8.3f} "
-                          f"{r['p99_ms']:8.3f}", flush=True)
-                ratio = res["router"]["throughput"] / res["direct"]["throughput"]
-                added = res["router"]["p50_ms"] - res["direct"]["p50_ms"]
-                print(f"{'':8} {'':4} {'ratio':7} {ratio:9.2f}x {added:+8.3f} (added p50 ms)")
-                rows.append({"protocol": protocol, "concurrency": conc, **{f"{t}_{k}": v for t, d in res.items()
-                                                                           for k, v in d.items()},
-                             "throughput_ratio": ratio, "added_p50_ms": added})
+                runs: dict[str, list[dict]] = {}
+                for _ in range(args.repeat):
+                    for target, urls in (("direct", {"http": ep.http, "grpc": ep.grpc}), *targets.items()):
+                        r = asyncio.run(closed_loop(urls[protocol], protocol, args.model, x, conc, args.duration))
+                        runs.setdefault(target, []).append(r)
+                        print(f"{protocol:8} {conc:>4} {target:7} {r['throughput']:9.1f} {r['p50_ms']:8.3f} "
+                              f"{r['p99_ms']:8.3f}", flush=True)
+                res = {t: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for t, rs in runs.items()}
+                row = {"protocol": protocol, "concurrency": conc,
+                       **{f"{t}_{k}": v for t, d in res.items() for k, v in d.items()}}
+                for t in targets:
+                    # ratios per round (direct and router measured back to back), then the median
+                    ratio = float(np.median([r["throughput"] / d["throughput"]
+                                             for r, d in zip(runs[t], runs["direct"])]))
+                    added = float(np.median([r["p50_ms"] - d["p50_ms"] for r, d in zip(runs[t], runs["direct"])]))
+                    print(f"{'':8} {'':4} {t[:7]:7} {ratio:9.2f}x {added:+8.3f} (added p50 ms, medians)")
+                    sfx = "" if t == "router" else f"_{t}"
+                    row[f"throughput_ratio{sfx}"] = ratio
+                    row[f"added_p50_ms{sfx}"] = added
+                rows.append(row)
     finally:
-        router.stdin.close()
-        router.wait(15)
+        for p in procs:
+            p.stdin.close()
+        for p in procs:
+            p.wait(15)
         rt.stop()
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

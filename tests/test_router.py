@@ -307,6 +307,11 @@ def test_overload_drops_early_and_admitted_meet_deadline(server):
         finally:
             await c.close()
 
+    # warm up: one request measures mobilenet's batch time (until then the router cannot tell early)
+    c = th.InferenceServerClient(server.http_url)
+    i = th.InferInput("INPUT", list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    c.infer("mobilenet_v2", [i])
     res = asyncio.run(run())
     ok = [ms for s, ms in res if s == "ok"]
     dropped = [ms for s, ms in res if s == "503"]
@@ -383,7 +388,8 @@ def test_loadgen_http_and_grpc(server, tmp_path):
 def test_loadgen_reports_drops_under_overload(server):
     from controlplane import loadgen
 
-    res = loadgen.run(server.http_url, {"mobilenet_v2": 200.0}, duration_s=1.5, slo_ms={"mobilenet_v2": 2000.0})
+    # far beyond capacity: the backlog exceeds mobilenet's SLO at the router (5 s) well within the run
+    res = loadgen.run(server.http_url, {"mobilenet_v2": 600.0}, duration_s=1.5, slo_ms={"mobilenet_v2": 2000.0})
     r = res.models["mobilenet_v2"]
     assert r.dropped > 0 and r.ok > 0 and r.errors == 0, (r, r.error_samples)
     assert r.ok + r.dropped == r.sent
@@ -467,3 +473,74 @@ def test_create_app_alone_without_ready_gpulets():
         body, _ = _json_input()
         r = c.post("/v2/models/lenet/infer", content=body)
         assert r.status_code == 503 and "no ready gpu-let" in r.json()["error"]
+
+
+# --------------------------------------------------------------------------- duty cycle (no tritonserver)
+
+
+def test_models_of_a_gpulet_take_turns_within_the_duty_cycle(monkeypatch):
+    """A flood of one model does not starve the other model of its gpu-let: batches alternate, one
+    gpu-let batch at a time, each up to its model's planned size."""
+    from controlplane.repository import TensorInfo
+    from controlplane.router import core
+    from controlplane.router.table import GpuletRoute, ModelRoute
+    from router_helpers import free_endpoint
+
+    calls: list[tuple[str, int]] = []
+    state = {"inflight": 0, "max": 0}
+
+    class FakeClient:
+        async def infer(self, model, inputs, outputs):
+            state["inflight"] += 1
+            state["max"] = max(state["max"], state["inflight"])
+            rows = inputs["X"].shape[0]
+            calls.append((model, rows))
+            await asyncio.sleep(0.004 if model == "a" else 0.002)
+            state["inflight"] -= 1
+            return {"Y": inputs["X"] * 2}
+
+        async def close(self):
+            pass
+
+    class FakeHealth:
+        async def is_server_ready(self):
+            return True
+
+        async def close(self):
+            pass
+
+    async def fake_open(self):
+        self._client, self._health = FakeClient(), FakeHealth()
+
+    monkeypatch.setattr(core.Backend, "open", fake_open)
+    ep = free_endpoint()
+    t = [TensorInfo("X", "FP32", (3,))]
+    o = [TensorInfo("Y", "FP32", (3,))]
+    table = RoutingTable({
+        name: ModelRoute(name, t, o, max_batch_size=8, slo_ms=10000.0,
+                         gpulets=[GpuletRoute("g", ep, batch=b, duty_cycle_ms=12.0, rate=100, throughput=500)])
+        for name, b in (("a", 4), ("b", 2))})
+
+    async def run():
+        r = Router(table, RouterOptions(drop=False))
+        await r.start()
+        try:
+            xs = [np.full((1, 3), k, np.float32) for k in range(40)]
+            fa = [asyncio.ensure_future(r.infer("a", {"X": x})) for x in xs]
+            await asyncio.sleep(0)
+            fb = [asyncio.ensure_future(r.infer("b", {"X": x})) for x in xs[:6]]
+            outs = await asyncio.gather(*fa, *fb)
+            return xs, outs
+        finally:
+            await r.close()
+
+    xs, outs = asyncio.run(run())
+    for x, out in zip(xs + xs[:6], outs):
+        assert np.array_equal(out["Y"], x * 2)
+    assert state["max"] == 1, "one batch at a time on the gpu-let"
+    assert all(rows <= (4 if m == "a" else 2) for m, rows in calls), calls
+    seq = [m for m, _ in calls]
+    bs = [i for i, m in enumerate(seq) if m == "b"]
+    assert len(bs) == 3 and sum(rows for m, rows in calls if m == "b") == 6, calls
+    # round-robin: b's batches come one turn apart, not after a's flood is drained
+    assert bs[0] <= 2 and all(j - i == 2 for i, j in zip(bs, bs[1:])), seq

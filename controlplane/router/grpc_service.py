@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import grpc
 import numpy as np
@@ -38,7 +39,7 @@ def decode_request(req: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         shape = list(t.shape)
         if any(d < 0 for d in shape):
             raise RouterError(400, f"input {t.name!r}: negative dimension in shape {shape}")
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         dt = np_dtype(t.datatype)
         if raw:
             buf = raw[i]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import logging
 import math
 import zlib
 from typing import Any
@@ -30,6 +31,7 @@ SERVER_NAME = "gpulet-router"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["classification_unsupported", "binary_tensor_data", "statistics", "model_repository(index)"]
 HEADER_LEN = "Inference-Header-Content-Length"
+log = logging.getLogger("controlplane.router")
 
 
 def _error(status: int, msg: str) -> JSONResponse:
@@ -197,7 +199,9 @@ def _timeout_ms(params: Any) -> float | None:
     return None
 
 
-def encode_infer(model: ModelRoute, req_id: Any, result: dict[str, np.ndarray], binary: dict[str, bool]) -> Response:
+def encode_infer_raw(model: ModelRoute, req_id: Any, result: dict[str, np.ndarray],
+                     binary: dict[str, bool]) -> tuple[bytes, int | None]:
+    """The body of an infer response and its JSON header's length (None when there is no binary part)."""
     outs = []
     chunks: list[bytes] = []
     for name, arr in result.items():
@@ -217,9 +221,116 @@ def encode_infer(model: ModelRoute, req_id: Any, result: dict[str, np.ndarray], 
         body["id"] = req_id
     head = json.dumps(body, separators=(",", ":")).encode()
     if not chunks:
-        return Response(head, media_type="application/json")
-    return Response(b"".join([head, *chunks]), media_type="application/octet-stream",
-                    headers={HEADER_LEN: str(len(head))})
+        return head, None
+    return b"".join([head, *chunks]), len(head)
+
+
+def encode_infer(model: ModelRoute, req_id: Any, result: dict[str, np.ndarray], binary: dict[str, bool]) -> Response:
+    body, hlen = encode_infer_raw(model, req_id, result, binary)
+    if hlen is None:
+        return Response(body, media_type="application/json")
+    return Response(body, media_type="application/octet-stream", headers={HEADER_LEN: str(hlen)})
+
+
+async def handle_infer(router: Router, max_body: int, model: str, version: str, headers, chunks) -> tuple[bytes, int | None]:
+    """One infer request: ``headers`` maps lower-case names to values (str), ``chunks`` yields the body.
+
+    Returns the response body and its JSON header's length; raises :class:`RouterError`.
+    """
+    m = router.model(model, version)
+    clen = headers.get("content-length")
+    if clen is not None and clen.isdigit() and int(clen) > max_body:
+        raise RouterError(413, f"request body of {clen} bytes exceeds the limit of {max_body}")
+    parts = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_body:
+            raise RouterError(413, f"request body exceeds the limit of {max_body} bytes")
+        parts.append(chunk)
+    body = parts[0] if len(parts) == 1 else b"".join(parts)
+    enc = headers.get("content-encoding")
+    if enc:
+        enc = enc.lower()
+        if enc in ("gzip", "deflate"):
+            try:
+                d = zlib.decompressobj(wbits=47 if enc == "gzip" else 15)
+                body = d.decompress(body, max_body + 1)
+                if len(body) > max_body or d.unconsumed_tail:
+                    raise RouterError(413, f"decompressed body exceeds the limit of {max_body} bytes")
+            except (zlib.error, gzip.BadGzipFile) as e:
+                raise RouterError(400, f"cannot decompress body ({enc}): {e}") from None
+        elif enc != "identity":
+            raise RouterError(400, f"unsupported Content-Encoding {enc!r}")
+    hl = headers.get("inference-header-content-length")
+    if hl is not None:
+        try:
+            hl_i = int(hl)
+        except ValueError:
+            raise RouterError(400, f"{HEADER_LEN} must be an integer") from None
+    else:
+        hl_i = None
+    req, arrays = parse_infer(body, hl_i)
+    names, binary = _outputs(req, m)
+    result = await router.infer(model, arrays, names, _timeout_ms(req.get("parameters")), version)
+    return encode_infer_raw(m, req.get("id"), result, binary)
+
+
+class RouterApp(FastAPI):
+    """FastAPI (OpenAPI docs, every other endpoint), with the infer endpoint answered as plain ASGI.
+
+    FastAPI's routing, middleware and dependency resolution cost about as much as
+    the rest of an inference through the router; ``POST /v2/models/{model}[/versions/{v}]/infer``
+    skips them (the FastAPI route of the same path stays, for the docs, and runs the same code).
+    """
+
+    infer_router: Router
+    infer_max_body: int
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            if path.startswith("/v2/models/") and path.endswith("/infer"):
+                seg = path[11:-6].split("/")
+                if len(seg) == 1 and seg[0]:
+                    return await self._infer(scope, receive, send, seg[0], "")
+                if len(seg) == 3 and seg[0] and seg[1] == "versions" and seg[2]:
+                    return await self._infer(scope, receive, send, seg[0], seg[2])
+        await super().__call__(scope, receive, send)
+
+    async def _infer(self, scope, receive, send, model: str, version: str) -> None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        gone = False
+
+        async def chunks():
+            nonlocal gone
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    gone = True
+                    raise RouterError(400, "client disconnected")
+                yield msg.get("body", b"")
+                if not msg.get("more_body"):
+                    return
+
+        hlen = None
+        try:
+            body, hlen = await handle_infer(self.infer_router, self.infer_max_body, model, version, headers, chunks())
+            status = 200
+        except RouterError as e:
+            status, body = e.status, json.dumps({"error": e.message}).encode()
+        except Exception as e:  # noqa: BLE001 - a bug must not take the connection down
+            log.exception("infer failed")
+            status, body = 500, json.dumps({"error": f"internal error: {e}"}).encode()
+        if gone:
+            return
+        if hlen is None:
+            hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        else:
+            hdrs = [(b"content-type", b"application/octet-stream"), (b"content-length", str(len(body)).encode()),
+                    (b"inference-header-content-length", str(hlen).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": hdrs})
+        await send({"type": "http.response.body", "body": body})
 
 
 def _metadata(m: ModelRoute) -> dict:
@@ -305,9 +416,11 @@ def create_app(table: RoutingTable | None = None, spec=None, *, router: Router |
             if owns:
                 await router.close()
 
-    app = FastAPI(title="gpulet router", version=SERVER_VERSION, lifespan=lifespan,
-                  description="KServe v2 inference protocol (Triton flavour) in front of the gpu-lets.")
+    app = RouterApp(title="gpulet router", version=SERVER_VERSION, lifespan=lifespan,
+                    description="KServe v2 inference protocol (Triton flavour) in front of the gpu-lets.")
     app.state.router = router
+    app.infer_router = router
+    app.infer_max_body = max_body
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_exc(request: Request, exc: StarletteHTTPException):
@@ -368,44 +481,15 @@ def create_app(table: RoutingTable | None = None, spec=None, *, router: Router |
     @app.post("/v2/models/{model}/infer", summary="inference", openapi_extra=_INFER_DOC)
     @app.post("/v2/models/{model}/versions/{version}/infer", summary="inference (version)", openapi_extra=_INFER_DOC)
     async def infer(model: str, request: Request, version: str = ""):
+        # normally answered by RouterApp.__call__ before FastAPI; the same code here
         try:
-            m = router.model(model, version)
-            clen = request.headers.get("content-length")
-            if clen is not None and clen.isdigit() and int(clen) > max_body:
-                raise RouterError(413, f"request body of {clen} bytes exceeds the limit of {max_body}")
-            parts = []
-            size = 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_body:
-                    raise RouterError(413, f"request body exceeds the limit of {max_body} bytes")
-                parts.append(chunk)
-            body = b"".join(parts)
-            enc = request.headers.get("content-encoding", "").lower()
-            if enc in ("gzip", "deflate"):
-                try:
-                    d = zlib.decompressobj(wbits=47 if enc == "gzip" else 15)
-                    body = d.decompress(body, max_body + 1)
-                    if len(body) > max_body or d.unconsumed_tail:
-                        raise RouterError(413, f"decompressed body exceeds the limit of {max_body} bytes")
-                except (zlib.error, gzip.BadGzipFile) as e:
-                    raise RouterError(400, f"cannot decompress body ({enc}): {e}") from None
-            elif enc not in ("", "identity"):
-                raise RouterError(400, f"unsupported Content-Encoding {enc!r}")
-            hl = request.headers.get(HEADER_LEN)
-            if hl is not None:
-                try:
-                    hl_i = int(hl)
-                except ValueError:
-                    raise RouterError(400, f"{HEADER_LEN} must be an integer") from None
-            else:
-                hl_i = None
-            req, arrays = parse_infer(body, hl_i)
-            names, binary = _outputs(req, m)
-            result = await router.infer(model, arrays, names, _timeout_ms(req.get("parameters")), version)
-            return encode_infer(m, req.get("id"), result, binary)
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            body, hlen = await handle_infer(router, max_body, model, version, headers, request.stream())
         except RouterError as e:
             return _error(e.status, e.message)
+        if hlen is None:
+            return Response(body, media_type="application/json")
+        return Response(body, media_type="application/octet-stream", headers={HEADER_LEN: str(hlen)})
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics():
