@@ -87,14 +87,26 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=None)
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--protocol", default="grpc")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every model's rate")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "controlplane"]
-    dep_path = str(args.deployment)
+
+    import yaml
 
     from controlplane.spec import load_deployment
 
     dep = load_deployment(args.deployment)
+    if args.scale != 1.0:
+        doc = dep.model_dump(mode="json", exclude_none=True)
+        for m in doc["models"]:
+            m["rate"] *= args.scale
+        doc["name"] = f"{dep.name}-x{args.scale:g}"
+        scaled = args.out / f"{doc['name']}.yaml"
+        scaled.write_text(yaml.safe_dump(doc, sort_keys=False))
+        args.deployment = scaled
+        dep = load_deployment(scaled)
+    dep_path = str(args.deployment)
     plan_file = args.plan
     if plan_file is None:
         planned = sh(*cli, "plan", "-f", dep_path, "--json", *(["--gpus", str(args.gpus)] if args.gpus else []))
