@@ -158,6 +158,11 @@ def main() -> None:
     except Exception as e:  # plotting is a nicety
         print("cdf plot:", e)
 
+    import httpx
+
+    metrics = httpx.get(f"http://{r['host']}:{r['http_port']}/metrics", timeout=10).text
+    drops = [line for line in metrics.splitlines() if line.startswith("router_drops_total")]
+    (args.out / "router_metrics.txt").write_text(metrics)
     down = sh(*cli, "down", "-f", dep_path)
     time.sleep(2)
     left = [p for g in gpulets.values() for p in g["pids"] if Path(f"/proc/{p}").exists()]
@@ -165,7 +170,7 @@ def main() -> None:
     doc = {
         "device": state["device"], "up_seconds": round(up_s, 1), "plan": plan, "gpulets": gpulets,
         "mps_servers": servers, "mps_clients": clients, "loadgen": result.to_dict(), "down": down.stdout,
-        "left_running": left,
+        "left_running": left, "router_drops": drops,
     }
     (args.out / "gpu_run.json").write_text(json.dumps(doc, indent=2))
 
@@ -183,6 +188,7 @@ def main() -> None:
               f"{m.p99_ms if m.p99_ms is None else round(m.p99_ms, 1)} | {pm.get('worst_latency_ms', 0):.1f} | "
               f"{m.slo_ms:g} | {m.slo_attainment if m.slo_attainment is None else round(100 * m.slo_attainment, 1)} % | {m.dropped} |")
     print(f"\nleft running after down: {left}")
+    print("router drops by reason:", "; ".join(drops) or "none")
 
 
 if __name__ == "__main__":

@@ -337,8 +337,9 @@ class Batcher:
 
     def estimate(self, rows: int) -> float | None:
         """Seconds one batch of ``rows`` takes: measured for that size, else from the nearest larger
-        size measured, else scaled up linearly from the largest smaller one (an upper bound), else
-        the plan's predicted batch latency, else the duty cycle; None when nothing is known."""
+        size measured, else between the largest smaller one and the plan's prediction for the planned
+        batch (linear from it without a plan), else the plan's predicted batch latency, else the duty
+        cycle; None when nothing is known."""
         rows = min(max(rows, 1), self.batch)
         svc = self._svc
         t = svc.get(rows)
@@ -349,6 +350,13 @@ class Batcher:
             if larger:
                 return svc[min(larger)]
             k = max(svc)
+            plan = self.route.latency_ms / 1000
+            if plan > 0 and self.batch > k:
+                # Affine between the largest measured size and the plan's prediction for the planned
+                # batch. Optimistic on purpose: a size judged too slow is never sent, so never measured;
+                # one judged fast is sent and measured (batch latency grows far slower than linearly).
+                hi = max(plan, svc[k])
+                return svc[k] + (hi - svc[k]) * (rows - k) / (self.batch - k)
             return svc[k] * rows / k
         if self.route.latency_ms > 0:
             return self.route.latency_ms / 1000
