@@ -115,7 +115,9 @@ def _init(profile_path: str | None) -> None:
 def _mix(mix: tuple[int, ...]) -> tuple:
     ctx = _W["ctx"]
     ctx.rates = {n: float(r) for n, r in zip(NINE, mix)}
+    t0 = time.perf_counter()
     gplan = gpulet(ctx)
+    tg = time.perf_counter() - t0
     g = len(gplan)
     gp = len(gpulet(ctx, orders=["rate_slo"]))
     info = OptimumInfo()
@@ -126,7 +128,7 @@ def _mix(mix: tuple[int, ...]) -> tuple:
     proto = len(milp(ctx, cols=_W["cols"]))
     lb = math.ceil(lower_bound(ctx) - 1e-9)
     t = len(ALGORITHMS["temporal"](ctx, None))
-    return g, gp, o, proto, lb, t, info.method
+    return g, gp, o, proto, lb, t, info.method, tg
 
 
 def run_mixes(profile_path: str | None, workers: int, limit: int | None = None) -> dict:
@@ -160,6 +162,8 @@ def run_mixes(profile_path: str | None, workers: int, limit: int | None = None) 
         "gpus_opt": sum(r[2] for r in solved), "gpus_proto": sum(r[3] for r in res),
         "gpus_lb": sum(r[4] for r in res), "gpus_t": sum(r[5] for r in res),
         "examples": sorted(worst, reverse=True)[:3],
+        "t_mean_ms": 1000 * statistics.mean(r[7] for r in res), "t_max_ms": 1000 * max(r[7] for r in res),
+        "gp_examples": [mixes[i] for i, r in enumerate(res) if r[2] is not None and r[1] > r[2]][:2],
     }
 
 
@@ -211,7 +215,18 @@ def main() -> None:
                f"Python {platform.python_version()}  ")
     out.append(f"Date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}  ")
     out.append(f"Profile: {src}. Latency margin x1.1, shares 20/40/50/60/80/100, batches 1..32, "
-               "at most 2 gpu-lets per GPU and 3 models per gpu-let.")
+               "at most 2 gpu-lets per GPU and 3 models per gpu-let. The measured latencies are not always "
+               "monotone in batch (on small shares batch 1 can be slower than batch 4): planners and the optimum "
+               "let a gpu-let run a larger batch when it is faster.")
+    out.append("")
+    out.append("Algorithms: `gpulet` = the paper's heuristic run as a portfolio (paper order, smallest-share policy, "
+               "temporal-only packing) whose best plan goes through a consolidation pass (empty the least-loaded "
+               "GPU by merging its models into other gpu-lets, growing or re-partitioning them, splitting rates); "
+               "`gpulet-paper` = the paper's heuristic alone; `best` = gpulet refined by the exact optimum within "
+               "5 s, else the better of gpulet and ideal-prototype where the optimum is too large. When to use which: "
+               "`gpulet` by default (milliseconds; optimal on every mix below); `best` when a GPU saved is worth "
+               "seconds of planning (large deployments with interference, where the fixed-split program can beat "
+               "the heuristic, see the planning-time table); `ideal` to insist on a proven optimum.")
     out.append("")
     out.append("### GPUs needed per scenario (interference on: the model named under Profile)")
     out.append("")
@@ -260,19 +275,25 @@ def main() -> None:
     mixes = run_mixes(args.profiles, args.workers, 1000 if args.quick else None)
     out.append(f"### All {mixes['n']:,} mixes of the nine models at rates {{0, 100, 200}} req/s (no interference)")
     out.append("")
-    out.append(f"Wall time {mixes['wall']:.0f} s on {args.workers} processes (gpu-let, gpu-let paper order, the exact "
-               "optimum, the prototype's ideal, temporal-only and the lower bound for every mix). The exact optimum: "
+    out.append(f"Profile as above, interference off (the exact optimum's GPU-configuration enumeration is too "
+               f"large for 19,682 mixes with it). Wall time {mixes['wall']:.0f} s on {args.workers} processes "
+               "(gpu-let, gpu-let paper order, the exact optimum, the prototype's ideal, temporal-only and the lower "
+               "bound for every mix). The exact optimum: "
                "the LP relaxation of the column program proves gpu-let optimal where ceil(LP) equals its GPU count; "
                "otherwise an integer program over the columns left after LP reduced-cost fixing looks for a plan "
-               "with fewer GPUs. How each mix was decided: "
-               + ", ".join(f"{k} {v}" for k, v in sorted(mixes["methods"].items())) + ".")
+               "with fewer GPUs (so the `optimum` column is min(exact optimum, gpu-let): gpu-let's portfolio includes "
+               "temporal-only packing, which may time-share more than 3 models on a whole GPU, outside the optimum's "
+               "space). How each mix was decided: "
+               + ", ".join(f"{k} {v}" for k, v in sorted(mixes["methods"].items())) + ". "
+               f"gpu-let planning time per mix: mean {mixes['t_mean_ms']:.1f} ms, max {mixes['t_max_ms']:.0f} ms.")
     out.append("")
     out.append("| comparison | mixes |")
     out.append("| --- | ---: |")
     out.append(f"| exact optimum computed (within limits: 5000 columns, 20 s) | {mixes['solved']} of {mixes['n']} |")
     out.append(f"| gpu-let uses exactly as many GPUs as the optimum (of those) | {mixes['g_eq_opt']} |")
     out.append(f"| gpu-let uses more than the optimum (of those) | {mixes['g_gt_opt']} |")
-    out.append(f"| gpu-let, paper order only, matches the optimum (of those) | {mixes['gp_eq_opt']} |")
+    out.append(f"| gpu-let-paper (one order, no portfolio, no consolidation) matches the optimum (of those) "
+               f"| {mixes['gp_eq_opt']} |")
     out.append(f"| gpu-let uses no more GPUs than the prototype's ideal (fixed splits) | {mixes['g_le_proto']} |")
     out.append(f"| gpu-let reaches the simple lower bound | {mixes['g_eq_lb']} |")
     out.append(f"| gpu-let uses fewer GPUs than temporal-only | {mixes['g_lt_temporal']} |")
@@ -289,7 +310,7 @@ def main() -> None:
     out.append("")
     out.append("| algorithm | ms | GPUs |")
     out.append("| --- | ---: | ---: |")
-    for a in ("gpulet-paper", "gpulet", "temporal", "greedy", "ideal-prototype", "ideal"):
+    for a in ("gpulet-paper", "gpulet", "temporal", "greedy", "ideal-prototype", "ideal", "best"):
         try:
             ms, n = planning_time(store, a)
             out.append(f"| {a} | {ms:.1f} | {n} |")

@@ -4,8 +4,12 @@ One entry point, :func:`plan` (pure: no I/O). Algorithms by name
 (:data:`ALGORITHMS`):
 
 * ``gpulet`` — the paper's elastic partitioning with temporal sharing and
-  interference checks (tries a few model orders, keeps the fewest GPUs);
-* ``gpulet-paper`` — the same, one order (rate x SLO), as in the paper;
+  interference checks, run as a small portfolio (paper order, smallest-share policy,
+  temporal-only packing) whose best plan goes through a consolidation pass that
+  empties lightly loaded GPUs by growing or re-partitioning the others' gpu-lets;
+  milliseconds, the default;
+* ``gpulet-paper`` — the paper's heuristic alone: one order (rate x SLO), no portfolio,
+  no consolidation;
 * ``temporal`` — temporal sharing on whole GPUs (Nexus squishy bin packing);
 * ``greedy`` — spatial partitioning without temporal sharing;
 * ``milp`` / ``ideal`` — the exact optimum of the same planning problem (temporal
@@ -13,7 +17,9 @@ One entry point, :func:`plan` (pure: no I/O). Algorithms by name
   checks): a column integer program solved by HiGHS (:mod:`.optimum`);
 * ``ideal-prototype`` — the prototype's exhaustive space only (fixed per-GPU splits,
   one model per gpu-let at its saturated batch, no temporal sharing): not an optimum;
-* ``best`` — the better of ``gpulet`` and ``ideal-prototype``;
+* ``best`` — ``gpulet`` refined by the exact optimum within a time budget; where the
+  optimum is too large, the better of ``gpulet`` and ``ideal-prototype``: for when a GPU
+  saved matters more than seconds of planning (large deployments with interference);
 * ``trivial`` — each model alone on a whole GPU.
 
 Example (what ``controlplane plan`` does)::

@@ -219,15 +219,35 @@ def milp(ctx: Ctx, max_gpus: int | None = None, *, cols: MilpColumns | None = No
     return gpus
 
 
-def best(ctx: Ctx, max_gpus: int | None = None) -> list[Gpu]:
-    """The fewer-GPU plan of the gpu-let heuristic and the MILP (ties: the heuristic)."""
-    errs = []
-    plans = []
-    for fn in (gpulet, milp):
-        try:
-            plans.append(fn(ctx, max_gpus))
-        except SchedulingError as e:
-            errs.append(e)
+def best(ctx: Ctx, max_gpus: int | None = None, *, time_limit: float = 5.0) -> list[Gpu]:
+    """The gpu-let heuristic refined by the exact optimum (:func:`.optimum.optimum`): the
+    heuristic's plan is the upper bound; the LP bound often proves it optimal at once,
+    otherwise an integer program (HiGHS, at most ``time_limit`` s) looks for a plan with
+    fewer GPUs. When the optimum is beyond its limits (many models at high rates with
+    interference: too many GPU configurations) the prototype's fixed-split integer program
+    (:func:`milp`, saturated single-model gpu-lets in pairs, interference applied) is tried
+    too and the plan with fewer GPUs wins: at scale it can beat the heuristic.
+
+    When to use which: ``gpulet`` is the default (milliseconds, optimal on the benchmark
+    mixes); ``best`` when a GPU saved matters more than a few seconds of planning (large
+    deployments with interference); ``ideal`` to insist on the proven optimum (it raises
+    OptimumTooLarge instead of falling back)."""
+    from .optimum import OptimumTooLarge, optimum
+
+    try:
+        upper = gpulet(ctx, max_gpus)
+    except SchedulingError:
+        upper = None
+    try:
+        return optimum(ctx, max_gpus, upper=upper, time_limit=time_limit)
+    except OptimumTooLarge:
+        pass
+    plans = [upper] if upper is not None else []
+    try:
+        plans.append(milp(ctx, max_gpus))
+    except SchedulingError:
+        pass
     if not plans:
-        raise errs[0]
+        raise SchedulingError("best: neither the heuristic nor the fixed-split program found a plan"
+                              + (f" within {max_gpus} GPU(s)" if max_gpus is not None else ""))
     return min(plans, key=len)

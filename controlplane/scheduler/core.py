@@ -70,6 +70,55 @@ class Ctx:
             self._lat[k] = v
         return v
 
+    def lat_row(self, m: str, s: int) -> list[float]:
+        """``[_, lat(m, s, 1), ..., lat(m, s, max_batch)]`` (memoised)."""
+        memo = self.__dict__.setdefault("_rows", {})
+        row = memo.get((m, s))
+        if row is None:
+            row = memo[(m, s)] = [0.0] + [self.lat(m, s, b) for b in range(1, self.max_batch[m] + 1)]
+        return row
+
+    def fast_row(self, m: str, s: int) -> list[int]:
+        """``fast_row(m, s)[b] == fastest_from(m, s, b)``."""
+        self.fastest_from(m, s, 1)
+        return self.__dict__["_fastest"][(m, s)]
+
+    def min_time(self, m: str, s: int) -> float:
+        """Least ms of a share-``s`` gpu-let per request of ``m`` (``L(b)/b`` over batches with
+        ``2 L(b) <= SLO``): a gpu-let of share s can only carry rates with
+        ``sum_i r_i min_time(i, s) / 1000 <= 1`` (its batches must fit the duty cycle;
+        interference only adds)."""
+        memo = self.__dict__.setdefault("_gt_memo", {})
+        k = (m, s)
+        v = memo.get(k)
+        if v is None:
+            v = math.inf
+            for b in range(1, self.max_batch[m] + 1):
+                L = self.lat(m, s, b)
+                if 2 * L > self.slos[m] + EPS:
+                    continue  # not break: measured latencies need not grow with batch
+                v = min(v, L / b)
+            memo[k] = v
+        return v
+
+    def fastest_from(self, m: str, s: int, b: int) -> int:
+        """The batch >= b with the least latency (the smallest on ties): b itself when latency grows
+        with batch. Measured profiles are not always monotone (a slow batch 1 on a small share);
+        a gpu-let that needs batches of b may as well run a larger, faster one."""
+        memo = self.__dict__.setdefault("_fastest", {})
+        k = (m, s)
+        arr = memo.get(k)
+        if arr is None:
+            mb = self.max_batch[m]
+            arr = [0] * (mb + 2)
+            best = mb
+            for x in range(mb, 0, -1):
+                if self.lat(m, s, x) <= self.lat(m, s, best):
+                    best = x
+                arr[x] = best
+            memo[k] = arr
+        return arr[b]
+
     def cap(self, m: str, s: int, slow: float = 1.0) -> tuple[float, int]:
         """Saturated capacity (req/s) of model m alone on share s and its batch:
         the batch with the most throughput among those with 2 L(b) <= SLO."""
@@ -80,7 +129,7 @@ class Ctx:
             for b in range(1, self.max_batch[m] + 1):
                 L = self.lat(m, s, b) * slow
                 if 2 * L > self.slos[m] + EPS:
-                    break
+                    continue  # not break: measured latencies need not grow with batch
                 t = 1000.0 * b / L
                 if t > best:
                     best, bb = t, b
@@ -110,36 +159,51 @@ class Let:
 def schedule(ctx: Ctx, share: int, rates: dict[str, float], slow: dict[str, float] | None = None
              ) -> tuple[float, dict[str, int]] | None:
     """Smallest feasible duty cycle and the batches for it, or None (see module doc)."""
-    slow = slow or {}
     ms = [m for m, r in rates.items() if r > EPS]
     if not ms:
         return None
-    sl = {m: slow.get(m, 1.0) for m in ms}
-    # breakpoints of D where a batch size steps up
-    points = sorted({1000.0 * k / rates[m] for m in ms for k in range(1, ctx.max_batch[m] + 1)})
+    k = len(ms)
+    rs = [rates[m] for m in ms]
+    sl = [slow.get(m, 1.0) for m in ms] if slow else [1.0] * k
+    # necessary: each batch takes at least min_time per request, and the batches fill the cycle
+    if sum(r * ctx.min_time(m, share) * f for m, r, f in zip(ms, rs, sl)) > 1000.0 * (1 + 1e-9):
+        return None
+    tabs = [ctx.lat_row(m, share) for m in ms]
+    fast = [ctx.fast_row(m, share) for m in ms]
+    slos = [ctx.slos[m] for m in ms]
+    mbs = [ctx.max_batch[m] for m in ms]
+    dmax = min(slos)
+    # breakpoints of D where a batch size steps up (none needed beyond the first past dmax)
+    points = set()
+    for r, mb in zip(rs, mbs):
+        top = min(mb, math.ceil(r * dmax / 1000.0) + 1)
+        points.update(1000.0 * x / r for x in range(1, top + 1))
     lo = 0.0
-    dmax = min(ctx.slos[m] for m in ms)
-    for hi in points:
+    bs = [0] * k
+    lats = [0.0] * k
+    for hi in sorted(points):
         if lo >= dmax:
             break
         # for D in (lo, hi]: b_m = ceil(r_m * D / 1000) is constant; evaluate at D = hi
-        bs = {}
-        ok = True
-        for m in ms:
-            b = max(1, math.ceil(rates[m] * hi / 1000.0 - 1e-9))
-            if b > ctx.max_batch[m]:
-                ok = False
-                break
-            bs[m] = b
-        if not ok:
-            break
-        lats = {m: ctx.lat(m, share, bs[m]) * sl[m] for m in ms}
-        d = max(sum(lats.values()), lo + EPS if lo > 0 else 0.0)
+        tot = 0.0
+        for j in range(k):
+            b = math.ceil(rs[j] * hi / 1000.0 - 1e-9)
+            if b < 1:
+                b = 1
+            if b > mbs[j]:
+                return None
+            b = fast[j][b]
+            bs[j] = b
+            L = tabs[j][b] * sl[j]
+            lats[j] = L
+            tot += L
+        d = max(tot, lo + EPS if lo > 0 else 0.0)
         # the batches at D=hi also hold for any D in (lo, hi] since ceil is constant there
         if d <= hi + EPS:
             d = max(d, EPS)
-            if all(d + lats[m] <= ctx.slos[m] + 1e-7 for m in ms) and all(1000.0 * bs[m] / d >= rates[m] - 1e-7 for m in ms):
-                return d, bs
+            if all(d + lats[j] <= slos[j] + 1e-7 for j in range(k)) and \
+                    all(1000.0 * bs[j] / d >= rs[j] - 1e-7 for j in range(k)):
+                return d, dict(zip(ms, bs))
         lo = hi
     return None
 
@@ -276,7 +340,7 @@ def lower_bound(ctx: Ctx) -> float:
             for b in range(1, ctx.max_batch[m] + 1):
                 L = ctx.lat(m, s, b)
                 if 2 * L > ctx.slos[m] + EPS:
-                    break
+                    continue  # not break: measured latencies need not grow with batch
                 best = min(best, s / 100.0 * L / (1000.0 * b))
         if best == math.inf:
             return math.inf

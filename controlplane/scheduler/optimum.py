@@ -63,12 +63,13 @@ class OptimumTooLarge(SchedulingError):
 @dataclass
 class _Grid:
     """Batch grid of one (share, subset) as a dense cube over each model's candidate batches
-    (those with ``2 L(b) + others' L(1) <= SLO``, ascending): latencies per axis, the duty
+    (those with ``2 L(b) + others' fastest L <= SLO``, ascending): latencies per axis, the duty
     cycle ``D`` of every cell and whether the cell is feasible."""
 
     bat: list[np.ndarray]   # per axis: candidate batches (1-based), ascending
     lat: list[np.ndarray]   # per axis: their latencies
-    prev: list[np.ndarray]  # per axis: latency at batch - 1 (inf for batch 1)
+    prev: list[np.ndarray]  # per axis: latency of the previous candidate batch (inf for none)
+    pbat: list[np.ndarray]  # per axis: the previous candidate batch (0 for none)
     D: np.ndarray           # cube
     ok: np.ndarray          # cube, bool
     dmax: float
@@ -114,20 +115,30 @@ def _grid(ctx: Ctx, cache: ColumnCache, s: int, S: tuple[str, ...]) -> _Grid | N
         return cache.grids[key]
     lats = [_lat(ctx, cache, m, s) for m in S]
     slo = np.array([ctx.slos[m] for m in S])
-    # a model's own batch must satisfy 2 L <= SLO (D >= L), and the others' batch-1 latencies add
-    base = sum(float(x[0]) for x in lats)
-    cand = []
-    for x, m in zip(lats, S):
-        others = base - float(x[0])
-        ok = np.nonzero(2 * x + others <= ctx.slos[m] + 1e-7)[0]
+    # Measured profiles need not be monotone in batch (e.g. a slow batch 1 on a small share). A batch
+    # with a larger batch that is no slower is dominated (more throughput, shorter cycle for everyone),
+    # so each axis keeps only the batches faster than every larger one: along it latency increases.
+    mono = []
+    for x in lats:
+        suffix = np.minimum.accumulate(x[::-1])[::-1]
+        nxt = np.append(suffix[1:], np.inf)
+        mono.append(np.nonzero(x < nxt)[0])
+    # a model's own batch must satisfy 2 L <= SLO (D >= L), and the others' fastest batches add
+    base = sum(float(x[c].min()) for x, c in zip(lats, mono))
+    cand, prevb = [], []
+    for x, c, m in zip(lats, mono, S):
+        others = base - float(x[c].min())
+        ok = 2 * x[c] + others <= ctx.slos[m] + 1e-7
         # every other model's SLO also bounds this latency: L_j(1) + D <= SLO_j
-        cand.append(ok)
+        cand.append(c[ok])
+        prevb.append(np.concatenate([[-1], c[:-1]])[ok])  # previous undominated batch (0-based), -1: none
     if any(len(c) == 0 for c in cand):
         cache.grids[key] = None
         return None
     k = len(S)
     lat_ax = [lats[i][cand[i]] for i in range(k)]
-    prev_ax = [np.where(cand[i] > 0, lats[i][np.maximum(cand[i] - 1, 0)], np.inf) for i in range(k)]
+    prev_ax = [np.where(prevb[i] >= 0, lats[i][np.maximum(prevb[i], 0)], np.inf) for i in range(k)]
+    pbat_ax = [prevb[i] + 1 for i in range(k)]  # its batch (1-based), 0: none
     shape = [len(c) for c in cand]
     D = np.zeros(shape)
     for i in range(k):
@@ -138,7 +149,7 @@ def _grid(ctx: Ctx, cache: ColumnCache, s: int, S: tuple[str, ...]) -> _Grid | N
     if not ok.any():
         cache.grids[key] = None
         return None
-    g = _Grid([c + 1 for c in cand], lat_ax, prev_ax, D, ok, float(D[ok].max()))
+    g = _Grid([c + 1 for c in cand], lat_ax, prev_ax, pbat_ax, D, ok, float(D[ok].max()))
     cache.grids[key] = g
     return g
 
@@ -207,7 +218,7 @@ def mix_columns(ctx: Ctx, *, pareto: bool = True) -> Columns:
                     continue
                 R = rates[[pos[m] for m in S]]
                 # no batch beyond the first that reaches the rate at the longest duty cycle can help
-                lim = [int(np.searchsorted(g.bat[i], math.ceil(R[i] * g.dmax / 1000.0 - 1e-9) + 1, side="right"))
+                lim = [int(np.searchsorted(g.bat[i], math.ceil(R[i] * g.dmax / 1000.0 - 1e-9), side="left")) + 2
                        for i in range(k)]
                 sl = tuple(slice(0, max(1, x)) for x in lim)
                 okc = g.ok[sl]
@@ -218,9 +229,12 @@ def mix_columns(ctx: Ctx, *, pareto: bool = True) -> Columns:
                 B = np.stack([g.bat[i][nz[i]] for i in range(k)], 1)
                 lat = np.stack([g.lat[i][nz[i]] for i in range(k)], 1)
                 prv = np.stack([g.prev[i][nz[i]] for i in range(k)], 1)
+                pb = np.stack([g.pbat[i][nz[i]] for i in range(k)], 1)
                 thr = 1000.0 * B / Dk0[:, None]
-                # boundary rule: drop if some model already reaches its rate with one item less
-                thr_prev = 1000.0 * (B - 1) / (Dk0[:, None] - lat + prv)
+                # boundary rule: drop if some model already reaches its rate with its previous
+                # (smaller and faster) candidate batch
+                with np.errstate(invalid="ignore"):
+                    thr_prev = np.nan_to_num(1000.0 * pb / (Dk0[:, None] - lat + prv))
                 keep = ~np.any(thr_prev >= R[None, :] * (1 - 1e-12), axis=1)
                 if not keep.any():
                     continue
