@@ -142,3 +142,35 @@ def test_plots_are_small(lenet_table, tmp_path):
     paths = plot_tables(read_csv(lenet_table[0]), tmp_path)
     assert {p.name for p in paths} == {"latency_fp32.png", "throughput_fp32.png"}
     assert all(0 < p.stat().st_size < 200_000 for p in paths)
+
+
+def test_planning_without_a_profile_profiles_first_and_caches(tmp_path):
+    """`plan`/`up` on a device with no profile measure what they need once, then reuse it."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    dep = tmp_path / "d.yaml"
+    dep.write_text(f"""models:
+  - {{name: lenet, rate: 20, slo_ms: 200}}
+devices: cpu
+profiles: {tmp_path / 'profiles'}
+scheduler: {{shares: [50, 100], max_batch: 2}}
+""")
+
+    def plan() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "controlplane", "plan", "-f", str(dep), "--json"],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+
+    first = plan()
+    assert first.returncode == 0, first.stderr
+    assert "profiling them first" in first.stderr
+    files = list((tmp_path / "profiles").glob("*/latency.csv"))
+    assert len(files) == 1
+    rows = list(csv.DictReader(files[0].open()))
+    assert sorted((int(r["share"]), int(r["batch"])) for r in rows) == [(50, 1), (50, 2), (100, 1), (100, 2)]
+    assert all(r["model"] == "lenet" and float(r["p50_ms"]) > 0 for r in rows)
+    second = plan()
+    assert second.returncode == 0 and "profiling them first" not in second.stderr
+    assert '"model": "lenet"' in second.stdout
