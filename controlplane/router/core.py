@@ -337,9 +337,9 @@ class Batcher:
 
     def estimate(self, rows: int) -> float | None:
         """Seconds one batch of ``rows`` takes: measured for that size, else from the nearest larger
-        size measured, else between the largest smaller one and the plan's prediction for the planned
-        batch (linear from it without a plan), else the plan's predicted batch latency, else the duty
-        cycle; None when nothing is known."""
+        size measured, else scaled up linearly from the largest smaller one (an upper bound; see
+        wait_estimate for why that stays close to measured sizes), else the plan's predicted batch
+        latency, else the duty cycle; None when nothing is known."""
         rows = min(max(rows, 1), self.batch)
         svc = self._svc
         t = svc.get(rows)
@@ -350,13 +350,6 @@ class Batcher:
             if larger:
                 return svc[min(larger)]
             k = max(svc)
-            plan = self.route.latency_ms / 1000
-            if plan > 0 and self.batch > k:
-                # Affine between the largest measured size and the plan's prediction for the planned
-                # batch. Optimistic on purpose: a size judged too slow is never sent, so never measured;
-                # one judged fast is sent and measured (batch latency grows far slower than linearly).
-                hi = max(plan, svc[k])
-                return svc[k] + (hi - svc[k]) * (rows - k) / (self.batch - k)
             return svc[k] * rows / k
         if self.route.latency_ms > 0:
             return self.route.latency_ms / 1000
@@ -371,18 +364,29 @@ class Batcher:
     def _batch_s(self) -> float | None:
         return self.estimate(self.batch)
 
-    def wait_estimate(self) -> float | None:
-        """Seconds until a request queued now would complete (models of the gpu-let taking turns)."""
-        own = self._batch_s()
-        if own is None:
+    def wait_estimate(self, n: int = 1) -> float | None:
+        """Seconds until a request of ``n`` rows queued now would complete (models of the gpu-let
+        taking turns).
+
+        The batches ahead are costed at the sizes they will have (full planned batches, then the
+        rest), not all at the planned size: sizes not yet measured are only extrapolated one step
+        beyond what has run, so a queue can grow into larger batches (which then get measured)
+        instead of being refused on a guess about a size that never ran.
+        """
+        rows = self.queued_rows + n
+        full, rest = divmod(rows, self.batch)
+        own_full = self.estimate(self.batch) if full else 0.0
+        own_rest = self.estimate(rest) if rest else 0.0
+        if own_full is None or own_rest is None:
             return None
-        rnd = own
-        for o in self.backend.batchers:       # one batch of every other model with requests waiting
+        other = 0.0                           # one batch of every other model with requests waiting
+        for o in self.backend.batchers:
             if o is not self and o.queue:
-                rnd += o._batch_s() or own
-        batches = -(-self.queued_rows // self.batch) if self.queued_rows else 0
+                other += o.estimate(o.queued_rows) or 0.0
+        batches = full + (1 if rest else 0)
+        own = own_full if full else own_rest
         running = 0.5 * own if self.backend.inflight else 0.0
-        return (batches + 1) * rnd + running
+        return full * own_full + own_rest + batches * other + running
 
     def put(self, it: Item) -> None:
         it.enqueued = time.monotonic()
@@ -689,7 +693,7 @@ class Router:
                     self.metrics.drops.labels(model, "queue_full").inc()
                     raise Dropped(429, f"model {model!r}: queue full ({self.options.max_queue} requests)")
                 if self.options.drop and deadline is not None:
-                    est = b.wait_estimate()
+                    est = b.wait_estimate(n)
                     if est is not None and arrival + est > deadline:
                         self.metrics.drops.labels(model, "admission").inc()
                         raise Dropped(503, f"dropped: model {model!r} cannot answer within {budget:.1f} ms now "
