@@ -15,6 +15,13 @@ from the GPU image, which the NVIDIA container toolkit provides) sharing the pip
 directory with the gpu-lets; ``mps="host"`` expects the daemon on the host
 (``nvidia-cuda-mps-control -d`` with the same ``CUDA_MPS_PIPE_DIRECTORY``); CPU plans
 have none.
+
+Router: a ``router`` service running ``controlplane router`` on the control plane image
+(``gpulet-controlplane:latest``, built by ``compose/build-controlplane-image.sh`` on top of the
+CPU Triton image; it needs no GPU), with deployment.yaml, plan.json and endpoints.json of the
+bundle mounted at /etc/gpulet and, where the deployment names its own source repository, that
+directory at the same path. It starts once every gpu-let is healthy and is healthy itself when
+its ``/v2/health/ready`` answers; its ports are published on the deployment's router host.
 """
 
 from __future__ import annotations
@@ -149,16 +156,24 @@ def render_compose(
         services[service_name(g.id)] = svc
 
     r = deployment.router
+    router_volumes = [f"{config_dir}:{CONFIG_DIR}:ro"]
+    if deployment.repository:
+        # A source repository of the user's: the router reads its model configs at the same path.
+        src = Path(deployment.repository).resolve()
+        router_volumes.append(f"{src}:{src}:ro")
     services["router"] = {
         "image": router_image,
         "command": ["controlplane", "router", "--deployment", f"{CONFIG_DIR}/deployment.yaml",
                     "--plan", f"{CONFIG_DIR}/plan.json", "--endpoints", f"{CONFIG_DIR}/endpoints.json",
                     "--host", "0.0.0.0"],
-        "volumes": [f"{config_dir}:{CONFIG_DIR}:ro"],
+        "volumes": router_volumes,
         "ports": [f"{r.host}:{r.http_port}:{r.http_port}", f"{r.host}:{r.grpc_port}:{r.grpc_port}"],
         "depends_on": {service_name(g.id): {"condition": "service_healthy"} for g in plan.gpulets},
         "restart": "on-failure",
         "labels": {LABEL_MANAGED: MANAGED_VALUE, LABEL_DEPLOYMENT: deployment.name, LABEL_ID: "router"},
+        # Ready when every gpu-let behind it is (the router's own ready endpoint).
+        "healthcheck": {"test": ["CMD-SHELL", f"curl -fsS http://127.0.0.1:{r.http_port}/v2/health/ready"],
+                        "interval": "5s", "timeout": "3s", "retries": 3, "start_period": "30s"},
     }
     # No top-level `name`: docker-compose 1.x rejects it; the project name comes from -p.
     doc = {"services": services}
@@ -185,7 +200,10 @@ def write_compose_bundle(deployment: Deployment, plan: Plan, out_dir: str | Path
     write_gpulet_repositories(repo, plan, out / "repos", on_gpu=on_gpu)
     (out / "plan.json").write_text(plan.model_dump_json(indent=2))
     (out / "endpoints.json").write_text(json.dumps(endpoints_for_compose(plan), indent=2))
-    (out / "deployment.yaml").write_text(yaml.safe_dump(deployment.model_dump(mode="json"), sort_keys=False))
+    dumped = deployment.model_dump(mode="json")
+    if deployment.repository:          # absolute: the router container mounts it at the same path
+        dumped["repository"] = str(Path(deployment.repository).resolve())
+    (out / "deployment.yaml").write_text(yaml.safe_dump(dumped, sort_keys=False))
     text = render_compose(deployment, plan, repos_root=out / "repos", on_gpu=on_gpu, gpu_uuids=gpu_uuids,
                           config_dir=out, **kwargs)
     path = out / "docker-compose.yml"
@@ -199,6 +217,8 @@ def compose_command(
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="use this plan (JSON) instead of planning"),
     image: Optional[str] = typer.Option(None, "--image", help="Triton image (default: the deployment's runtime.image)"),
     mps: str = typer.Option("container", "--mps", help="MPS daemon: container | host | none"),
+    router_image: str = typer.Option(DEFAULT_ROUTER_IMAGE, "--router-image",
+                                     help="control plane image running the router (compose/build-controlplane-image.sh)"),
 ) -> None:
     """Render a deployment's plan as a compose file (router, MPS daemon, one service per gpu-let)."""
     from . import cli
@@ -223,6 +243,7 @@ def compose_command(
     if mps not in ("container", "host", "none"):
         cli._fail(f"--mps must be container, host or none, not {mps!r}")
     path = write_compose_bundle(dep, plan, out, on_gpu=devices.on_gpu, gpu_uuids=uuids,
-                                image=image, mps=mps, cores=None if devices.on_gpu else list(devices.cores))
+                                image=image, mps=mps, cores=None if devices.on_gpu else list(devices.cores),
+                                router_image=router_image)
     cli.console.print(f"wrote {path} ({len(plan.gpulets)} gpu-let(s)); run: "
                       f"docker compose -p {project_name(dep)} -f {path} up -d", highlight=False)

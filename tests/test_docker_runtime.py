@@ -353,6 +353,11 @@ def test_rendered_compose_passes_compose_config(repo, tmp_path, device):
         else:
             assert s["cpuset"] == "0"
         assert (out / "repos" / "g1-a" / "lenet" / "config.pbtxt").exists()
+        router = services["router"]
+        assert router["image"] == "gpulet-controlplane:latest"
+        assert router["command"][:2] == ["controlplane", "router"]
+        assert "/v2/health/ready" in " ".join(router["healthcheck"]["test"])
+        assert set(router["depends_on"]) == want - {"router", "mps-daemon"}
 
 
 # --------------------------------------------------------------------------- end to end: controlplane up
