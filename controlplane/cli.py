@@ -27,8 +27,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 repo_app = typer.Typer(no_args_is_help=True, help="The source model repository (the zoo).")
 app.add_typer(repo_app, name="repo")
 
-console = Console()
-err = Console(stderr=True)
+# Piped output (logs, `--detach`) gets wide tables instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 160)
 
 DEFAULT_DEPLOYMENT = "deployments/default.yaml"
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
