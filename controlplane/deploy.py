@@ -146,9 +146,26 @@ class Controller:
 
         return ProcessRuntime(rt.tritonserver, startup_timeout_s=rt.startup_timeout_s, restart=rt.restart)
 
+    def _check_router_ports(self) -> None:
+        """Fail before launching anything when the router's ports are taken (0 means any free port)."""
+        import socket
+
+        r = self.dep.router
+        for field, port in (("http_port", r.http_port), ("grpc_port", r.grpc_port)):
+            if port == 0:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((r.host, port))
+                except OSError as e:
+                    raise ValueError(f"router.{field}: cannot listen on {r.host}:{port}: {e.strerror}; "
+                                     f"stop what uses it or choose another port (0 picks a free one)") from None
+
     def start(self) -> None:
         """Launch gpu-lets and the router; on any failure stop what was started and re-raise."""
         assert self.plan is not None
+        self._check_router_ports()
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self._write_state("starting")
         try:

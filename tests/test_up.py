@@ -188,3 +188,21 @@ def test_ctrl_c_stops_everything(tmp_path):
     assert "stopped" in out
     assert not tritonserver_pids(str(tmp_path))
     assert not state_file.exists()
+
+
+def test_router_port_in_use_fails_before_launching_anything(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = tmp_path / "busy.yaml"
+        path.write_text(DEPLOYMENT.format(name="busy", run_dir=tmp_path / "run", extra="").replace(
+            "router: {http_port: 0, grpc_port: 0}", f"router: {{http_port: {port}, grpc_port: 0}}"))
+        proc = run_cli("up", "-f", str(path), timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"router.http_port: cannot listen on 127.0.0.1:{port}" in " ".join(proc.stderr.split())
+    assert "starting" not in proc.stdout  # no gpu-let was launched
+    assert not tritonserver_pids(str(tmp_path))
+    assert not (tmp_path / "run" / "state.json").exists()

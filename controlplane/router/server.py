@@ -146,7 +146,8 @@ class RouterServer:
                 loop.run_until_complete(self.serve(stop))
             except BaseException as e:  # noqa: BLE001
                 self._error = e
-                log.exception("router stopped with an error")
+                if self._started is not None and self._started.is_set():  # startup errors go to the caller
+                    log.exception("router stopped with an error")
             finally:
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
