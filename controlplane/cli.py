@@ -83,11 +83,14 @@ def up(
 
     stop = threading.Event()
 
-    def on_signal(signum, _frame):
+    def interrupt(signum, _frame):  # while starting: abandon the start
+        raise KeyboardInterrupt
+
+    def on_signal(signum, _frame):  # once serving: leave the supervision loop and tear down
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     ctl = Controller(dep, log=lambda m: console.print(m, highlight=False))
     try:
         plan = ctl.prepare(load_plan(plan_file) if plan_file else None)
@@ -96,9 +99,15 @@ def up(
     except (StartError, RepositoryError, SpecError, ValueError, RuntimeError, OSError) as e:
         ctl.shutdown()
         _fail(str(e), 1)
+    except KeyboardInterrupt:
+        ctl.shutdown()
+        err.print("interrupted while starting; everything started was stopped")
+        raise typer.Exit(130)
     except BaseException:
         ctl.shutdown()
         raise
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     r = ctl.router
     host, hport, gport = dep.router.host, getattr(r, "http_port", dep.router.http_port), getattr(r, "grpc_port", dep.router.grpc_port)
     m = dep.models[0].name

@@ -206,3 +206,23 @@ def test_router_port_in_use_fails_before_launching_anything(tmp_path):
     assert "starting" not in proc.stdout  # no gpu-let was launched
     assert not tritonserver_pids(str(tmp_path))
     assert not (tmp_path / "run" / "state.json").exists()
+
+
+def test_ctrl_c_while_starting_stops_what_was_started(tmp_path):
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, "early")
+    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "up", "-f", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not tritonserver_pids(str(tmp_path)):  # servers launched, not ready yet
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "interrupted while starting" in out
+    assert "ready:" not in out
+    assert not tritonserver_pids(str(tmp_path))
+    assert not (tmp_path / "run" / "state.json").exists()
