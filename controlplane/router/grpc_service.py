@@ -12,7 +12,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 
 from .core import Router, RouterError, kserve_dtype, np_dtype
-from .http import EXTENSIONS, SERVER_NAME, SERVER_VERSION, _deserialize_bytes, _serialize_bytes, model_stats
+from .backend import serialize_bytes
+from .http import EXTENSIONS, SERVER_NAME, SERVER_VERSION, _deserialize_bytes, model_stats
 
 _CONTENTS = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -87,7 +88,7 @@ def encode_response(model: str, version: str, req_id: str, result: dict[str, np.
     for name, arr in result.items():
         dt = kserve_dtype(arr)
         resp.outputs.add(name=name, datatype=dt, shape=list(arr.shape))
-        resp.raw_output_contents.append(_serialize_bytes(arr) if dt == "BYTES" else np.ascontiguousarray(arr).tobytes())
+        resp.raw_output_contents.append(serialize_bytes(arr) if dt == "BYTES" else np.ascontiguousarray(arr).tobytes())
     return resp
 
 

@@ -24,6 +24,7 @@ from google.protobuf.json_format import MessageToDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .backend import deserialize_bytes, serialize_bytes
 from .core import Router, RouterError, RouterOptions, kserve_dtype, np_dtype
 from .table import ModelRoute, RoutingTable
 
@@ -42,27 +43,12 @@ def _prod(shape) -> int:
     return int(math.prod(shape)) if shape else 1
 
 
-def _deserialize_bytes(buf: bytes) -> np.ndarray:
-    items = []
-    off = 0
-    while off < len(buf):
-        if off + 4 > len(buf):
-            raise RouterError(400, "malformed BYTES tensor: truncated length prefix")
-        n = int.from_bytes(buf[off:off + 4], "little")
-        off += 4
-        if off + n > len(buf):
-            raise RouterError(400, "malformed BYTES tensor: element runs past the end")
-        items.append(buf[off:off + n])
-        off += n
-    return np.array(items, dtype=np.object_)
-
-
-def _serialize_bytes(arr: np.ndarray) -> bytes:
-    out = bytearray()
-    for x in arr.reshape(-1):
-        b = x if isinstance(x, bytes) else str(x).encode()
-        out += len(b).to_bytes(4, "little") + b
-    return bytes(out)
+def _deserialize_bytes(buf) -> np.ndarray:
+    """A BYTES tensor of a request; malformed input is the client's error (400)."""
+    try:
+        return deserialize_bytes(buf)
+    except ValueError as e:
+        raise RouterError(400, str(e)) from None
 
 
 def parse_infer(body: bytes, header_len: int | None) -> tuple[dict, dict[str, np.ndarray]]:
@@ -111,7 +97,7 @@ def parse_infer(body: bytes, header_len: int | None) -> tuple[dict, dict[str, np
             chunk = binary[off:off + size]
             off += size
             if dt == "BYTES":
-                arr = _deserialize_bytes(bytes(chunk))
+                arr = _deserialize_bytes(chunk)
                 if arr.size != count:
                     raise RouterError(400, f"input {name!r}: {arr.size} elements, shape {shape} needs {count}")
             else:
@@ -208,7 +194,7 @@ def encode_infer_raw(model: ModelRoute, req_id: Any, result: dict[str, np.ndarra
         dt = kserve_dtype(arr)
         o: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
         if binary.get(name):
-            b = _serialize_bytes(arr) if dt == "BYTES" else np.ascontiguousarray(arr).tobytes()
+            b = serialize_bytes(arr) if dt == "BYTES" else np.ascontiguousarray(arr).tobytes()
             o["parameters"] = {"binary_data_size": len(b)}
             chunks.append(b)
         elif dt == "BYTES":
