@@ -21,3 +21,19 @@ def artifact_cache(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cache")
     os.environ["CONTROLPLANE_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A Docker SDK client for the docker tests; they skip, saying why, when no engine answers."""
+    import sys
+
+    from controlplane.runtime.docker import DockerUnavailable, docker_client
+
+    try:
+        c = docker_client(timeout=120)
+    except DockerUnavailable as e:
+        print(f"\nSKIPPED docker tests: {e}", file=sys.stderr)
+        pytest.skip(str(e))
+    yield c
+    c.close()

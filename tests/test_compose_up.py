@@ -47,18 +47,6 @@ def _compose_tool() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def client():
-    from controlplane.runtime.docker import DockerUnavailable, docker_client
-
-    try:
-        c = docker_client(timeout=120)
-    except DockerUnavailable as e:
-        _skip(str(e))
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
 def images(client) -> tuple[str, str]:
     """Both images: reused when their content hashes match, else built."""
     if ROUTER_IMAGE == "gpulet-controlplane:latest":

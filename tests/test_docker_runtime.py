@@ -36,18 +36,6 @@ def _skip(reason: str):
 
 
 @pytest.fixture(scope="module")
-def client():
-    from controlplane.runtime.docker import DockerUnavailable, docker_client
-
-    try:
-        c = docker_client(timeout=120)
-    except DockerUnavailable as e:
-        _skip(str(e))
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
 def image(client) -> str:
     """The CPU image: reused when its content hash matches, else built (a few minutes)."""
     if IMAGE == "gpulet-triton-cpu:latest":
