@@ -116,12 +116,17 @@ class Controller:
         self.plan = plan
         return plan
 
+    def _mps_pipe_dir(self) -> Path:
+        """The deployment's MPS pipe directory: runtime.mps_pipe_dir, else a short one under /tmp."""
+        rt = self.dep.runtime
+        return Path(rt.mps_pipe_dir) if rt.mps_pipe_dir else self.paths.mps(self.dep.name) / "pipe"
+
     def launches(self) -> list[Launch]:
         assert self.plan is not None and self.devices is not None
         on_gpu = self.devices.on_gpu
         repos = write_gpulet_repositories(self.repo, self.plan, self.paths.repos, on_gpu=on_gpu)
         cores = cpu_cores_for(self.plan.gpulets, list(self.devices.cores)) if not on_gpu else {}
-        pipe = self.dep.runtime.mps_pipe_dir or str(self.paths.mps(self.dep.name) / "pipe")
+        pipe = str(self._mps_pipe_dir())
         out = []
         for g in self.plan.gpulets:
             gpu = self.devices.gpus[g.gpu] if on_gpu else None
@@ -172,8 +177,7 @@ class Controller:
             if self.devices.on_gpu:
                 from .runtime.mps import Daemon
 
-                pipe = Path(self.dep.runtime.mps_pipe_dir) if self.dep.runtime.mps_pipe_dir else self.paths.mps(self.dep.name) / "pipe"
-                self.mps = Daemon(pipe, self.paths.mps(self.dep.name) / "log")
+                self.mps = Daemon(self._mps_pipe_dir(), self.paths.mps(self.dep.name) / "log")
                 self.mps.start()
             self.runtime = self._make_runtime()
             launches = self.launches()
