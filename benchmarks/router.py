@@ -3,11 +3,12 @@
     python benchmarks/router.py [--model lenet] [--duration 5] [--concurrency 1 16] [--batch 8]
                                 [--repeat 3] [--compare OTHER_TREE] [--json out.json]
 
-Starts one tritonserver (a CPU gpu-let serving the model with max_batch_size
---batch) and the router in a separate process (so client and router do not share
-a GIL), then for HTTP and gRPC and each concurrency runs a closed loop of
-tritonclient asyncio requests (batch 1) for --duration seconds against the
-tritonserver directly and through the router, and prints throughput and p50/p99.
+Starts one tritonserver (a CPU gpu-let serving the model, --batch its planned
+batch: Triton's preferred batch) and the router in a separate process (so client
+and router do not share a GIL), then for HTTP and gRPC and each concurrency runs a
+closed loop of tritonclient asyncio requests (batch 1) for --duration seconds
+against the tritonserver directly and through the router, and prints throughput
+and p50/p99.
 Targets (issue #5): through the router >= 0.8x direct throughput, <= 1 ms added p50.
 
 The machine may be shared and noisy: ``--repeat N`` interleaves N rounds of
@@ -91,7 +92,7 @@ async def closed_loop(url: str, protocol: str, model: str, x: np.ndarray, concur
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="lenet")
-    ap.add_argument("--batch", type=int, default=8, help="planned batch (tritonserver max_batch_size)")
+    ap.add_argument("--batch", type=int, default=8, help="planned batch (Triton's preferred batch size)")
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--repeat", type=int, default=1, help="interleaved rounds per cell (medians reported)")

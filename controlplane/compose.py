@@ -197,7 +197,8 @@ def write_compose_bundle(deployment: Deployment, plan: Plan, out_dir: str | Path
         on_gpu = not plan.device.startswith("cpu")
     repo = repo or SourceRepository(deployment.repository)
     build_artifacts(repo, plan.model_names())
-    write_gpulet_repositories(repo, plan, out / "repos", on_gpu=on_gpu)
+    write_gpulet_repositories(repo, plan, out / "repos", on_gpu=on_gpu,
+                              slo_ms={m.name: m.slo_ms for m in deployment.models})
     (out / "plan.json").write_text(plan.model_dump_json(indent=2))
     (out / "endpoints.json").write_text(json.dumps(endpoints_for_compose(plan), indent=2))
     dumped = deployment.model_dump(mode="json")

@@ -124,7 +124,8 @@ class Controller:
     def launches(self) -> list[Launch]:
         assert self.plan is not None and self.devices is not None
         on_gpu = self.devices.on_gpu
-        repos = write_gpulet_repositories(self.repo, self.plan, self.paths.repos, on_gpu=on_gpu)
+        repos = write_gpulet_repositories(self.repo, self.plan, self.paths.repos, on_gpu=on_gpu,
+                                          slo_ms={m.name: m.slo_ms for m in self.dep.models})
         cores = cpu_cores_for(self.plan.gpulets, list(self.devices.cores)) if not on_gpu else {}
         pipe = str(self._mps_pipe_dir())
         out = []

@@ -8,11 +8,14 @@ cache by :func:`build_artifacts` (``controlplane repo build``) — weights stay
 out of git.
 
 From a :class:`~controlplane.spec.Plan`, :func:`write_gpulet_repositories`
-generates one repository per gpu-let: each model it serves with
-``max_batch_size`` = the planned batch, an ``instance_group`` on the gpu-let's
-GPU (or the CPU), no dynamic batching (the router batches), the python-backend
-``model.py`` and the artifact (hard-linked where possible, so a container's
-bind mount sees a real file).
+generates one repository per gpu-let: each model it serves on the python backend
+(``model.py`` and the artifact, hard-linked where possible, so a container's
+bind mount sees a real file), an ``instance_group`` on the gpu-let's GPU (or the
+CPU), and Triton's dynamic batcher set from the plan — Triton batches, the
+router only routes (:func:`gpulet_config` has the rule): the planned batch as
+the preferred batch, a short queue delay taken from the model's slack, and a
+queue policy that rejects a request once it can no longer meet its SLO (or its
+own ``timeout``, which may only shorten the default).
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import dataclasses
 import hashlib
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from .spec import GpuLet, Plan
+from .spec import Assignment, GpuLet, Plan
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_TEMPLATE = PACKAGE_DIR / "templates" / "model.py"
@@ -194,14 +198,61 @@ def file_digest(path: Path) -> str:
 # --------------------------------------------------------------------------- per-gpu-let repositories
 
 
-def gpulet_config(info: ModelInfo, batch: int, gpulet: GpuLet, on_gpu: bool) -> mc.ModelConfig:
-    """The model's config for one gpu-let: planned batch, placement, no Triton-side queueing."""
+MAX_QUEUE_DELAY_MS = 5.0  # the most a partial batch is held for more requests
+
+
+def queue_settings(slo_ms: float | None, latency_ms: float) -> tuple[int, int]:
+    """(default_timeout_microseconds, max_queue_delay_microseconds) for a model with SLO s and
+    predicted batch latency L (the plan's ``Assignment.latency_ms``; 0 = not predicted).
+
+    * timeout T: how long a request may wait in Triton's queue and still finish within its
+      SLO: s - L, but at least 10 % of s (a plan whose L is at or above s still queues a
+      little); s when L is 0. No SLO: 0, Triton's "no timeout".
+    * delay D: how long a partial batch is held for more requests, a tenth of the slack left
+      after waiting for one batch and running one: clamp(0.1 (s - 2L), 0, 5 ms); 0 without an SLO.
+    """
+    if not slo_ms or slo_ms <= 0:
+        return 0, 0
+    s, lat = float(slo_ms), max(0.0, float(latency_ms))
+    timeout_ms = max(s - lat, 0.1 * s) if lat > 0 else s
+    delay_ms = min(max(0.1 * (s - 2.0 * lat), 0.0), MAX_QUEUE_DELAY_MS)
+    return round(timeout_ms * 1000.0), round(delay_ms * 1000.0)
+
+
+def gpulet_config(info: ModelInfo, assignment: Assignment, on_gpu: bool, slo_ms: float | None = None) -> mc.ModelConfig:
+    """The model's config on one gpu-let: Triton's dynamic batcher set from the plan.
+
+    * ``max_batch_size``: max(planned batch, the source model's own max_batch_size) — clients
+      may send requests up to the model's limit; the router does not cut them.
+    * ``dynamic_batching``: ``preferred_batch_size`` [planned batch];
+      ``max_queue_delay_microseconds`` D and a ``default_queue_policy`` with
+      ``timeout_action: REJECT``, ``default_timeout_microseconds`` T and
+      ``allow_timeout_override`` (a request's own ``timeout`` may shorten T), where
+      (T, D) = :func:`queue_settings` (slo_ms, ``assignment.latency_ms``). Without an SLO
+      T = 0 (no default timeout) and D = 0, but requests' own timeouts still reject.
+    * one instance on the gpu-let's GPU (device 0: the server sees only its own) or the CPU.
+
+    Cost, measured with Triton 2.51 on CPU: any queue policy that can time a request out
+    (T > 0 or ``allow_timeout_override``) turns off the batcher's prefetching, and then about
+    2-3 % of requests sit ~500 ms in the queue (the batcher's idle wait, a missed wake-up);
+    without the policy, none in 2000. An expired request is answered HTTP 503 / gRPC
+    UNAVAILABLE "Request timeout expired" (tests/test_triton_queue_policy.py).
+
+    Pure: everything comes in as arguments.
+    """
     cfg = mc.ModelConfig()
     cfg.CopyFrom(info.config)
     cfg.backend = "python"
     cfg.ClearField("platform")
-    cfg.max_batch_size = batch
+    cfg.max_batch_size = max(assignment.batch, info.max_batch_size)
     cfg.ClearField("dynamic_batching")
+    timeout_us, delay_us = queue_settings(slo_ms, assignment.latency_ms)
+    db = cfg.dynamic_batching
+    db.preferred_batch_size.append(assignment.batch)
+    db.max_queue_delay_microseconds = delay_us
+    db.default_queue_policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    db.default_queue_policy.default_timeout_microseconds = timeout_us
+    db.default_queue_policy.allow_timeout_override = True
     cfg.ClearField("instance_group")
     group = cfg.instance_group.add()
     group.count = 1
@@ -214,6 +265,19 @@ def gpulet_config(info: ModelInfo, batch: int, gpulet: GpuLet, on_gpu: bool) -> 
     return cfg
 
 
+def plan_slos(repo: SourceRepository, plan: Plan, slo_ms: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Each planned model's SLO: from slo_ms (the deployment's), else the plan's summary, else
+    the source config's ``slo_ms`` parameter; models with none are left out."""
+    out: dict[str, float] = {}
+    for name in plan.model_names():
+        given = (slo_ms or {}).get(name)
+        summary = plan.models.get(name)
+        slo = given or (summary.slo_ms if summary else None) or repo[name].slo_ms
+        if slo:
+            out[name] = float(slo)
+    return out
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     if dst.exists() or dst.is_symlink():
         dst.unlink()
@@ -223,8 +287,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def write_gpulet_repository(repo: SourceRepository, gpulet: GpuLet, dest: Path, on_gpu: bool) -> Path:
-    """Write one gpu-let's model repository under dest; return dest."""
+def write_gpulet_repository(repo: SourceRepository, gpulet: GpuLet, dest: Path, on_gpu: bool,
+                            slo_ms: Mapping[str, float] | None = None) -> Path:
+    """Write one gpu-let's model repository under dest; return dest.
+
+    slo_ms: the SLO of each model, as :func:`plan_slos` resolves them; a model missing from it
+    gets no queue delay and no default timeout (what the profiler wants: batches run at once
+    and nothing is timed out).
+    """
     if dest.exists():
         shutil.rmtree(dest)
     for a in gpulet.models:
@@ -233,13 +303,19 @@ def write_gpulet_repository(repo: SourceRepository, gpulet: GpuLet, dest: Path, 
             raise RepositoryError(f"model {a.model!r} is not built; run `controlplane repo build {a.model}`")
         mdir = dest / a.model
         (mdir / "1").mkdir(parents=True)
-        cfg = gpulet_config(info, a.batch, gpulet, on_gpu)
+        cfg = gpulet_config(info, a, on_gpu, (slo_ms or {}).get(a.model))
         (mdir / "config.pbtxt").write_text(text_format.MessageToString(cfg))
         shutil.copy2(MODEL_TEMPLATE, mdir / "1" / "model.py")
         _link_or_copy(info.artifact(), mdir / "1" / "model.pt")
     return dest
 
 
-def write_gpulet_repositories(repo: SourceRepository, plan: Plan, root: Path, on_gpu: bool) -> dict[str, Path]:
-    """One repository per gpu-let of the plan, under root/<gpulet id>."""
-    return {g.id: write_gpulet_repository(repo, g, root / g.id, on_gpu) for g in plan.gpulets}
+def write_gpulet_repositories(repo: SourceRepository, plan: Plan, root: Path, on_gpu: bool,
+                              slo_ms: Mapping[str, float] | None = None) -> dict[str, Path]:
+    """One repository per gpu-let of the plan, under root/<gpulet id>.
+
+    slo_ms: the deployment's SLO per model ({m.name: m.slo_ms}); models it lacks take the
+    plan's, else the source config's (:func:`plan_slos`).
+    """
+    slos = plan_slos(repo, plan, slo_ms)
+    return {g.id: write_gpulet_repository(repo, g, root / g.id, on_gpu, slos) for g in plan.gpulets}

@@ -1,12 +1,14 @@
 """Latency tables through the serving path: one tritonserver per share, timed from a client.
 
-Each share gets a gpu-let (all asked-for models, ``max_batch_size`` = the
-largest batch) started by the lead's :class:`~controlplane.runtime.process.ProcessRuntime`
-with the same environment a deployment would give it (MPS share on a GPU, pinned
-cores on the CPU). The client (``tritonclient.http``) times each request with the
-host clock from send to response: request serialisation, HTTP, the python
-backend's DLPack hand-over and the TorchScript forward pass. The gap to the
-in-process table is the serving overhead the scheduler should budget for.
+Each share gets a gpu-let (all asked-for models, the largest batch as the
+preferred one; written without SLOs, so Triton's batcher neither holds a request
+for more nor times one out: each request is timed as the batch it is) started by
+the lead's :class:`~controlplane.runtime.process.ProcessRuntime` with the same
+environment a deployment would give it (MPS share on a GPU, pinned cores on the
+CPU). The client (``tritonclient.http``) times each request with the host clock
+from send to response: request serialisation, HTTP, the python backend's DLPack
+hand-over and the TorchScript forward pass. The gap to the in-process table is
+the serving overhead the scheduler should budget for.
 """
 
 from __future__ import annotations

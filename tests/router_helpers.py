@@ -26,13 +26,18 @@ def deployment(slo: dict[str, float] | None = None) -> Deployment:
     return Deployment(models=[ModelSpec(name=m, rate=10, slo_ms=s) for m, s in slo.items()])
 
 
-def start_servers(plan: Plan, tmp: Path):
-    """Start one tritonserver per gpu-let of the plan; return (runtime, endpoints, repo)."""
+def start_servers(plan: Plan, tmp: Path, slo_ms: dict[str, float] | None = None):
+    """Start one tritonserver per gpu-let of the plan; return (runtime, endpoints, repo).
+
+    The repositories are written as `up` writes them for a deployment with these SLOs
+    (default: :func:`deployment`'s, generous, so that Triton's queue policy does not time out
+    the tests' bursts on a small shared CPU)."""
     from controlplane.runtime.process import ProcessRuntime
 
     repo = SourceRepository()
     build_artifacts(repo, plan.model_names())
-    repos = write_gpulet_repositories(repo, plan, tmp / "repos", on_gpu=False)
+    slo_ms = slo_ms if slo_ms is not None else {m.name: m.slo_ms for m in deployment().models}
+    repos = write_gpulet_repositories(repo, plan, tmp / "repos", on_gpu=False, slo_ms=slo_ms)
     rt = ProcessRuntime(startup_timeout_s=180)
     launches = [Launch(gpulet=g, repository=repos[g.id], log_path=tmp / "logs" / f"{g.id}.log",
                        env=gpulet_env(g, None, None, None)) for g in plan.gpulets]

@@ -8,8 +8,16 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from controlplane import zoo
-from controlplane.repository import SourceRepository, build_artifacts, repository_for, write_gpulet_repositories
-from controlplane.spec import Assignment, Deployment, GpuLet, Plan
+from controlplane.repository import (
+    SourceRepository,
+    build_artifacts,
+    gpulet_config,
+    plan_slos,
+    queue_settings,
+    repository_for,
+    write_gpulet_repositories,
+)
+from controlplane.spec import Assignment, Deployment, GpuLet, ModelSummary, Plan
 
 SLOS = {"lenet": 5, "googlenet": 66, "resnet50": 108, "ssd-mobilenet": 202, "vgg16": 142, "mnasnet1_0": 62,
         "mobilenet_v2": 64, "densenet161": 202, "bert": 22}
@@ -42,28 +50,88 @@ def test_build_is_reproducible():
         assert ka == kb and torch.equal(va, vb)
 
 
-def test_gpulet_repository_has_planned_batch_placement_and_aliases(tmp_path):
+def _config(path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def test_gpulet_repository_has_batcher_placement_and_aliases(tmp_path):
     dep = Deployment.model_validate({"models": [
         {"name": "lenet1", "base": "lenet", "rate": 10, "slo_ms": 50},
         {"name": "mobilenet_v2", "rate": 1, "slo_ms": 500}]})
     repo = repository_for(dep)
     build_artifacts(repo, ["lenet1", "mobilenet_v2"])
     plan = Plan(gpus=1, gpulets=[
-        GpuLet(id="gpu0-a", gpu=0, share=40, models=[Assignment(model="lenet1", batch=6, rate=10)]),
+        GpuLet(id="gpu0-a", gpu=0, share=40, models=[Assignment(model="lenet1", batch=6, rate=10, latency_ms=4)]),
         GpuLet(id="gpu0-b", gpu=0, share=60, models=[Assignment(model="mobilenet_v2", batch=3, rate=1)])])
-    dirs = write_gpulet_repositories(repo, plan, tmp_path, on_gpu=True)
-    cfg = text_format.Parse((dirs["gpu0-a"] / "lenet1" / "config.pbtxt").read_text(), mc.ModelConfig())
-    assert cfg.name == "lenet1" and cfg.max_batch_size == 6 and cfg.backend == "python"
-    assert not cfg.HasField("dynamic_batching")
+    slos = {m.name: m.slo_ms for m in dep.models}
+    dirs = write_gpulet_repositories(repo, plan, tmp_path, on_gpu=True, slo_ms=slos)
+    cfg = _config(dirs["gpu0-a"] / "lenet1" / "config.pbtxt")
+    # clients may send up to the model's own limit (32); Triton prefers the planned batch
+    assert cfg.name == "lenet1" and cfg.max_batch_size == 32 and cfg.backend == "python"
+    db = cfg.dynamic_batching
+    assert list(db.preferred_batch_size) == [6]
+    assert db.max_queue_delay_microseconds == 4200                  # 0.1 * (50 - 2 * 4) ms
+    q = db.default_queue_policy
+    assert q.timeout_action == mc.ModelQueuePolicy.REJECT
+    assert q.default_timeout_microseconds == 46000 and q.allow_timeout_override  # 50 - 4 ms
     (group,) = cfg.instance_group
     assert group.kind == mc.ModelInstanceGroup.KIND_GPU and list(group.gpus) == [0]
     # the alias serves lenet's artifact, byte for byte
     assert (dirs["gpu0-a"] / "lenet1" / "1" / "model.pt").read_bytes() == repo["lenet"].artifact().read_bytes()
     assert (dirs["gpu0-a"] / "lenet1" / "1" / "model.py").exists()
     assert sorted(p.name for p in dirs["gpu0-b"].iterdir()) == ["mobilenet_v2"]
-    cpu = write_gpulet_repositories(repo, plan, tmp_path / "cpu", on_gpu=False)
-    cfg = text_format.Parse((cpu["gpu0-b"] / "mobilenet_v2" / "config.pbtxt").read_text(), mc.ModelConfig())
-    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and cfg.max_batch_size == 3
+    cpu = write_gpulet_repositories(repo, plan, tmp_path / "cpu", on_gpu=False, slo_ms=slos)
+    cfg = _config(cpu["gpu0-b"] / "mobilenet_v2" / "config.pbtxt")
+    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and cfg.max_batch_size == 32
+    db = cfg.dynamic_batching  # no predicted latency: the whole SLO may be spent queueing
+    assert list(db.preferred_batch_size) == [3] and db.max_queue_delay_microseconds == 5000
+    assert db.default_queue_policy.default_timeout_microseconds == 500_000
+
+
+@pytest.mark.parametrize("slo, latency, timeout_us, delay_us", [
+    (100, 20, 80_000, 5_000),    # ample slack: T = s - L, D capped at 5 ms
+    (50, 4, 46_000, 4_200),      # D = 0.1 (s - 2L)
+    (10, 6, 4_000, 0),           # no slack for a second batch: no delay
+    (10, 9.5, 1_000, 0),         # L close to s: T floored at 10 % of s
+    (10, 30, 1_000, 0),          # L above s (an infeasible plan): still the floor
+    (5, 0, 5_000, 500),          # no prediction: T = s
+    (None, 3, 0, 0),             # no SLO: no timeout, no delay
+])
+def test_queue_settings_rule(slo, latency, timeout_us, delay_us):
+    assert queue_settings(slo, latency) == (timeout_us, delay_us)
+
+
+def test_batch_above_the_models_limit_raises_max_batch_size():
+    info = SourceRepository()["lenet"]
+    cfg = gpulet_config(info, Assignment(model="lenet", batch=64, rate=1), on_gpu=False, slo_ms=None)
+    assert cfg.max_batch_size == 64 and list(cfg.dynamic_batching.preferred_batch_size) == [64]
+    q = cfg.dynamic_batching.default_queue_policy      # no SLO: requests' own timeouts still reject
+    assert (q.default_timeout_microseconds, cfg.dynamic_batching.max_queue_delay_microseconds) == (0, 0)
+    assert q.allow_timeout_override and q.timeout_action == mc.ModelQueuePolicy.REJECT
+    assert info.config.max_batch_size == 32 and not info.config.HasField("dynamic_batching")  # source untouched
+
+
+def test_slo_comes_from_the_deployment_then_the_plan_then_the_model_config():
+    repo = SourceRepository()
+    plan = Plan(gpus=1, gpulets=[GpuLet(id="gpu0-a", gpu=0, share=100, models=[
+        Assignment(model=m, batch=1, rate=1) for m in ("lenet", "mobilenet_v2", "googlenet")])],
+        models={n: ModelSummary(rate=1, slo_ms=s, throughput=1, worst_latency_ms=1)
+                for n, s in {"lenet": 40.0, "mobilenet_v2": 80.0}.items()})
+    assert plan_slos(repo, plan, {"lenet": 20.0}) == {"lenet": 20.0, "mobilenet_v2": 80.0, "googlenet": 66.0}
+    assert plan_slos(repo, plan) == {"lenet": 40.0, "mobilenet_v2": 80.0, "googlenet": 66.0}
+
+
+def test_a_repository_written_without_slos_neither_holds_nor_times_out(tmp_path):
+    """What the serving profiler writes: each request runs as the batch it is."""
+    from controlplane.repository import write_gpulet_repository
+
+    repo = SourceRepository()
+    build_artifacts(repo, ["lenet"])
+    g = GpuLet(id="p", gpu=0, share=100, models=[Assignment(model="lenet", batch=8, rate=0)])
+    cfg = _config(write_gpulet_repository(repo, g, tmp_path / "p", on_gpu=False) / "lenet" / "config.pbtxt")
+    db = cfg.dynamic_batching
+    assert list(db.preferred_batch_size) == [8] and db.max_queue_delay_microseconds == 0
+    assert db.default_queue_policy.default_timeout_microseconds == 0
 
 
 def test_unbuilt_model_is_a_clear_error(tmp_path, monkeypatch):
