@@ -43,6 +43,7 @@ _NP = {"BOOL": np.bool_, "UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16, 
 # What one worker process sends comfortably; the default worker count keeps each below both.
 WORKER_REQ_PER_S = 400.0
 WORKER_BYTES_PER_S = 150e6
+GRPC_CONNECTIONS = 4           # gRPC connections per stream
 LAG_LIMIT_MS = 10.0            # p99 send lag above this: the client, not the server, set the pace
 _SETUP_S = 120.0               # time a worker gets to import, connect and build inputs
 
@@ -182,8 +183,14 @@ async def _stream(url: str, protocol: str, specs: dict[str, list[_Spec]], rates:
     client = _client(protocol)
     from tritonclient.utils import InferenceServerException
 
-    kw = {"conn_limit": max_outstanding, "conn_timeout": timeout_s} if protocol == "http" else {}
-    c = client.InferenceServerClient(url, **kw)
+    if protocol == "http":   # aiohttp opens up to conn_limit connections by itself
+        clients = [client.InferenceServerClient(url, conn_limit=max_outstanding, conn_timeout=timeout_s)]
+    else:                    # one channel is one TCP connection: open several, as a busy client would, so a
+        # server with several processes on one port (SO_REUSEPORT) sees the load spread over them
+        opts = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+                ("grpc.use_local_subchannel_pool", 1)]
+        clients = [client.InferenceServerClient(url, channel_args=opts) for _ in range(GRPC_CONNECTIONS)]
+    c = clients[0]
     try:
         inputs: dict[str, list] = {}
         for model, spec in specs.items():
@@ -208,7 +215,7 @@ async def _stream(url: str, protocol: str, specs: dict[str, list[_Spec]], rates:
             tally.last_send_s = max(tally.last_send_s, t0 - start)
             try:
                 if protocol == "grpc":
-                    await c.infer(model, inputs[model], client_timeout=timeout_s)
+                    await clients[tally.sent % len(clients)].infer(model, inputs[model], client_timeout=timeout_s)
                 else:
                     await c.infer(model, inputs[model])
                 tally.ok += 1
@@ -228,10 +235,11 @@ async def _stream(url: str, protocol: str, specs: dict[str, list[_Spec]], rates:
             finally:
                 sem.release()
 
-        try:                                # connect now, so that the first request does not pay for it
-            await c.is_server_live()
-        except Exception:  # noqa: BLE001 - then the first request connects (and reports what is wrong)
-            pass
+        for cl in clients:                  # connect now, so that the first request does not pay for it
+            try:
+                await cl.is_server_live()
+            except Exception:  # noqa: BLE001 - then the first request connects (and reports what is wrong)
+                pass
         if gate is not None:
             gate()
         tasks = []
@@ -253,7 +261,8 @@ async def _stream(url: str, protocol: str, specs: dict[str, list[_Spec]], rates:
             await asyncio.gather(*pending, return_exceptions=True)
         return tallies
     finally:
-        await c.close()
+        for cl in clients:
+            await cl.close()
 
 
 def _worker(part: int, parts: int, seed: np.random.SeedSequence, barrier, results, url: str, protocol: str,

@@ -13,9 +13,7 @@ generates one repository per gpu-let: each model it serves on the python backend
 bind mount sees a real file), an ``instance_group`` on the gpu-let's GPU (or the
 CPU), and Triton's dynamic batcher set from the plan — Triton batches, the
 router only routes (:func:`gpulet_config` has the rule): the planned batch as
-the preferred batch, a short queue delay taken from the model's slack, and a
-queue policy that rejects a request once it can no longer meet its SLO (or its
-own ``timeout``, which may only shorten the default).
+the preferred batch and a short queue delay taken from the model's slack.
 """
 
 from __future__ import annotations
@@ -82,6 +80,21 @@ class ModelInfo:
 
     def is_built(self) -> bool:
         return self.artifact().exists()
+
+
+_ITEMSIZE = {"BOOL": 1, "UINT8": 1, "INT8": 1, "INT16": 2, "INT32": 4, "INT64": 8, "FP16": 2, "BF16": 2,
+             "FP32": 4, "FP64": 8}
+
+
+def input_mb(info: "ModelInfo") -> float:
+    """Size of one request's inputs in MB (10^6 bytes; variable dimensions and BYTES count as 1)."""
+    total = 0
+    for t in info.inputs:
+        n = 1
+        for d in t.shape:
+            n *= max(d, 1)
+        total += n * _ITEMSIZE.get(t.datatype, 1)
+    return total / 1e6
 
 
 def _parse_config(path: Path) -> mc.ModelConfig:
@@ -201,22 +214,15 @@ def file_digest(path: Path) -> str:
 MAX_QUEUE_DELAY_MS = 5.0  # the most a partial batch is held for more requests
 
 
-def queue_settings(slo_ms: float | None, latency_ms: float) -> tuple[int, int]:
-    """(default_timeout_microseconds, max_queue_delay_microseconds) for a model with SLO s and
-    predicted batch latency L (the plan's ``Assignment.latency_ms``; 0 = not predicted).
-
-    * timeout T: how long a request may wait in Triton's queue and still finish within its
-      SLO: s - L, but at least 10 % of s (a plan whose L is at or above s still queues a
-      little); s when L is 0. No SLO: 0, Triton's "no timeout".
-    * delay D: how long a partial batch is held for more requests, a tenth of the slack left
-      after waiting for one batch and running one: clamp(0.1 (s - 2L), 0, 5 ms); 0 without an SLO.
-    """
+def queue_delay_us(slo_ms: float | None, latency_ms: float) -> int:
+    """``max_queue_delay_microseconds`` for a model with SLO s and predicted batch latency L (the
+    plan's ``Assignment.latency_ms``; 0 = not predicted): how long a partial batch is held for more
+    requests, a tenth of the slack left after waiting for one batch and running one,
+    clamp(0.1 (s - 2L), 0, 5 ms); 0 without an SLO."""
     if not slo_ms or slo_ms <= 0:
-        return 0, 0
-    s, lat = float(slo_ms), max(0.0, float(latency_ms))
-    timeout_ms = max(s - lat, 0.1 * s) if lat > 0 else s
-    delay_ms = min(max(0.1 * (s - 2.0 * lat), 0.0), MAX_QUEUE_DELAY_MS)
-    return round(timeout_ms * 1000.0), round(delay_ms * 1000.0)
+        return 0
+    delay_ms = min(max(0.1 * (float(slo_ms) - 2.0 * max(0.0, float(latency_ms))), 0.0), MAX_QUEUE_DELAY_MS)
+    return round(delay_ms * 1000.0)
 
 
 def gpulet_config(info: ModelInfo, assignment: Assignment, on_gpu: bool, slo_ms: float | None = None) -> mc.ModelConfig:
@@ -224,19 +230,16 @@ def gpulet_config(info: ModelInfo, assignment: Assignment, on_gpu: bool, slo_ms:
 
     * ``max_batch_size``: max(planned batch, the source model's own max_batch_size) — clients
       may send requests up to the model's limit; the router does not cut them.
-    * ``dynamic_batching``: ``preferred_batch_size`` [planned batch];
-      ``max_queue_delay_microseconds`` D and a ``default_queue_policy`` with
-      ``timeout_action: REJECT``, ``default_timeout_microseconds`` T and
-      ``allow_timeout_override`` (a request's own ``timeout`` may shorten T), where
-      (T, D) = :func:`queue_settings` (slo_ms, ``assignment.latency_ms``). Without an SLO
-      T = 0 (no default timeout) and D = 0, but requests' own timeouts still reject.
+    * ``dynamic_batching``: ``preferred_batch_size`` [planned batch] (under load Triton forms
+      batches of the planned size, as the plan's latencies assume) and
+      ``max_queue_delay_microseconds`` = :func:`queue_delay_us` (slo_ms, ``assignment.latency_ms``).
+    * no queue policy. Measured with Triton 2.51 (sequential lenet requests on CPU): with any
+      ``default_queue_policy`` — a timeout, ``allow_timeout_override`` or only
+      ``max_queue_size`` — 0.4 to 3 % of requests sit ~500 ms in the queue (the batcher's idle
+      wait after a missed wake-up; prefetching is off under a policy); without one, none in 1500.
+      Requests that cannot meet their SLO are refused by the router instead (its in-flight
+      limit, controlplane.router.core).
     * one instance on the gpu-let's GPU (device 0: the server sees only its own) or the CPU.
-
-    Cost, measured with Triton 2.51 on CPU: any queue policy that can time a request out
-    (T > 0 or ``allow_timeout_override``) turns off the batcher's prefetching, and then about
-    2-3 % of requests sit ~500 ms in the queue (the batcher's idle wait, a missed wake-up);
-    without the policy, none in 2000. An expired request is answered HTTP 503 / gRPC
-    UNAVAILABLE "Request timeout expired" (tests/test_triton_queue_policy.py).
 
     Pure: everything comes in as arguments.
     """
@@ -246,13 +249,9 @@ def gpulet_config(info: ModelInfo, assignment: Assignment, on_gpu: bool, slo_ms:
     cfg.ClearField("platform")
     cfg.max_batch_size = max(assignment.batch, info.max_batch_size)
     cfg.ClearField("dynamic_batching")
-    timeout_us, delay_us = queue_settings(slo_ms, assignment.latency_ms)
     db = cfg.dynamic_batching
     db.preferred_batch_size.append(assignment.batch)
-    db.max_queue_delay_microseconds = delay_us
-    db.default_queue_policy.timeout_action = mc.ModelQueuePolicy.REJECT
-    db.default_queue_policy.default_timeout_microseconds = timeout_us
-    db.default_queue_policy.allow_timeout_override = True
+    db.max_queue_delay_microseconds = queue_delay_us(slo_ms, assignment.latency_ms)
     cfg.ClearField("instance_group")
     group = cfg.instance_group.add()
     group.count = 1

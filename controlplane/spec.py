@@ -82,7 +82,8 @@ class RouterSpec(_Strict):
     http_port: int = Field(default=8000, ge=0, le=65535)
     grpc_port: int = Field(default=8001, ge=0, le=65535)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
-    drop: bool = Field(default=True, description="drop requests early that cannot meet their SLO")
+    workers: int = Field(default=0, ge=0, description="router processes sharing the ports (SO_REUSEPORT); "
+                                                      "0: one per 4 CPU cores, 1 to 8")
 
 
 class SchedulerSpec(_Strict):

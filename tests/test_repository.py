@@ -13,7 +13,7 @@ from controlplane.repository import (
     build_artifacts,
     gpulet_config,
     plan_slos,
-    queue_settings,
+    queue_delay_us,
     repository_for,
     write_gpulet_repositories,
 )
@@ -71,9 +71,7 @@ def test_gpulet_repository_has_batcher_placement_and_aliases(tmp_path):
     db = cfg.dynamic_batching
     assert list(db.preferred_batch_size) == [6]
     assert db.max_queue_delay_microseconds == 4200                  # 0.1 * (50 - 2 * 4) ms
-    q = db.default_queue_policy
-    assert q.timeout_action == mc.ModelQueuePolicy.REJECT
-    assert q.default_timeout_microseconds == 46000 and q.allow_timeout_override  # 50 - 4 ms
+    assert not db.HasField("default_queue_policy")                  # see gpulet_config: no queue policy
     (group,) = cfg.instance_group
     assert group.kind == mc.ModelInstanceGroup.KIND_GPU and list(group.gpus) == [0]
     # the alias serves lenet's artifact, byte for byte
@@ -85,29 +83,25 @@ def test_gpulet_repository_has_batcher_placement_and_aliases(tmp_path):
     assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and cfg.max_batch_size == 32
     db = cfg.dynamic_batching  # no predicted latency: the whole SLO may be spent queueing
     assert list(db.preferred_batch_size) == [3] and db.max_queue_delay_microseconds == 5000
-    assert db.default_queue_policy.default_timeout_microseconds == 500_000
 
 
-@pytest.mark.parametrize("slo, latency, timeout_us, delay_us", [
-    (100, 20, 80_000, 5_000),    # ample slack: T = s - L, D capped at 5 ms
-    (50, 4, 46_000, 4_200),      # D = 0.1 (s - 2L)
-    (10, 6, 4_000, 0),           # no slack for a second batch: no delay
-    (10, 9.5, 1_000, 0),         # L close to s: T floored at 10 % of s
-    (10, 30, 1_000, 0),          # L above s (an infeasible plan): still the floor
-    (5, 0, 5_000, 500),          # no prediction: T = s
-    (None, 3, 0, 0),             # no SLO: no timeout, no delay
+@pytest.mark.parametrize("slo, latency, delay_us", [
+    (100, 20, 5_000),    # ample slack: D capped at 5 ms
+    (50, 4, 4_200),      # D = 0.1 (s - 2L)
+    (10, 6, 0),          # no slack for a second batch: no delay
+    (10, 30, 0),         # L above s (an infeasible plan): no delay
+    (5, 0, 500),         # no prediction
+    (None, 3, 0),        # no SLO: no delay
 ])
-def test_queue_settings_rule(slo, latency, timeout_us, delay_us):
-    assert queue_settings(slo, latency) == (timeout_us, delay_us)
+def test_queue_delay_rule(slo, latency, delay_us):
+    assert queue_delay_us(slo, latency) == delay_us
 
 
 def test_batch_above_the_models_limit_raises_max_batch_size():
     info = SourceRepository()["lenet"]
     cfg = gpulet_config(info, Assignment(model="lenet", batch=64, rate=1), on_gpu=False, slo_ms=None)
     assert cfg.max_batch_size == 64 and list(cfg.dynamic_batching.preferred_batch_size) == [64]
-    q = cfg.dynamic_batching.default_queue_policy      # no SLO: requests' own timeouts still reject
-    assert (q.default_timeout_microseconds, cfg.dynamic_batching.max_queue_delay_microseconds) == (0, 0)
-    assert q.allow_timeout_override and q.timeout_action == mc.ModelQueuePolicy.REJECT
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
     assert info.config.max_batch_size == 32 and not info.config.HasField("dynamic_batching")  # source untouched
 
 
@@ -121,7 +115,7 @@ def test_slo_comes_from_the_deployment_then_the_plan_then_the_model_config():
     assert plan_slos(repo, plan) == {"lenet": 40.0, "mobilenet_v2": 80.0, "googlenet": 66.0}
 
 
-def test_a_repository_written_without_slos_neither_holds_nor_times_out(tmp_path):
+def test_a_repository_written_without_slos_does_not_hold_batches(tmp_path):
     """What the serving profiler writes: each request runs as the batch it is."""
     from controlplane.repository import write_gpulet_repository
 
@@ -131,7 +125,6 @@ def test_a_repository_written_without_slos_neither_holds_nor_times_out(tmp_path)
     cfg = _config(write_gpulet_repository(repo, g, tmp_path / "p", on_gpu=False) / "lenet" / "config.pbtxt")
     db = cfg.dynamic_batching
     assert list(db.preferred_batch_size) == [8] and db.max_queue_delay_microseconds == 0
-    assert db.default_queue_policy.default_timeout_microseconds == 0
 
 
 def test_unbuilt_model_is_a_clear_error(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The router: KServe v2 (HTTP and gRPC) in front of the gpu-lets, batching per gpu-let.
+"""The router: KServe v2 (HTTP and gRPC) in front of the gpu-lets; requests pass through to Triton.
 
 Public API::
 

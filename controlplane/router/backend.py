@@ -1,84 +1,46 @@
-"""Lean clients from the router to a gpu-let's tritonserver (the router's hot path).
+"""Pass-through clients from the router to one gpu-let's tritonserver (the router's hot path).
 
-tritonclient's asyncio clients cost the router more per request than the rest
-of its work together (InferInput/InferResult objects, aiohttp, grpc.aio call
-objects and their polling), so the router speaks to tritonservers itself:
+Neither client decodes a tensor:
 
-- :class:`HttpBackendClient` (the default): KServe v2 over HTTP/1.1 with Triton's
-  binary tensor extension, on a small pool of keep-alive connections that are
-  plain :class:`asyncio.Protocol` objects. Inputs go out as the client's raw
-  bytes (``writelines`` of memoryviews, no copy), outputs come back as
-  ``np.frombuffer`` views of the response body.
-- :class:`GrpcBackendClient`: one ``grpc.aio`` channel and a bare unary stub with
-  ``service_pb2`` messages (raw_input_contents / raw_output_contents).
+- :class:`HttpPassClient`: KServe v2 over HTTP/1.1 keep-alive connections that
+  are plain :class:`asyncio.Protocol` objects; a request goes out as the
+  client's body and KServe headers, the answer comes back as Triton's status,
+  headers and body (tritonclient's aiohttp client costs the router more per
+  request than everything else it does).
+- :class:`GrpcPassClient`: ``ModelInfer`` on one ``grpc.aio`` channel with no
+  (de)serializers: the serialized request in, the serialized response out.
 
-Both raise :class:`BackendError` for answers of the server (with the HTTP status)
-and :class:`ConnectionError` / :class:`OSError` when the server cannot be reached
-or the connection breaks; the router takes the latter as "gpu-let down".
+Both raise :class:`OSError` (or :class:`asyncio.TimeoutError`) when the server
+cannot be reached or the connection breaks before it answers; the router takes
+that as "gpu-let down" and tries another. Triton's own answers, errors included,
+are returned (HTTP) or raised as :class:`~controlplane.router.core.RouterError`
+with Triton's code and message (gRPC).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from dataclasses import dataclass
 
-import numpy as np
-
-_NP: dict[str, Any] = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
-}
-_KS = {np.dtype(v).str: k for k, v in _NP.items()}
+#: request headers a client may send that Triton's infer endpoint reads; all others stay at the router
+FORWARD_HEADERS = frozenset({b"content-type", b"inference-header-content-length", b"content-encoding",
+                             b"accept-encoding"})
+#: response headers of Triton's that the client needs
+ANSWER_HEADERS = frozenset({b"content-type", b"inference-header-content-length", b"content-encoding"})
 
 
-def kserve_dtype(arr: np.ndarray) -> str:
-    if arr.dtype == np.object_ or arr.dtype.kind in "SU":
-        return "BYTES"
-    return _KS[arr.dtype.str]
+@dataclass(slots=True)
+class HttpAnswer:
+    status: int
+    headers: list[tuple[bytes, bytes]]    # the ANSWER_HEADERS Triton sent (lower-case names)
+    body: bytes
 
-
-def serialize_bytes(arr: np.ndarray) -> bytes:
-    out = bytearray()
-    for x in arr.reshape(-1):
-        b = x if isinstance(x, bytes) else str(x).encode()
-        out += len(b).to_bytes(4, "little") + b
-    return bytes(out)
-
-
-def deserialize_bytes(buf) -> np.ndarray:
-    items = []
-    off = 0
-    buf = bytes(buf)
-    while off < len(buf):
-        if off + 4 > len(buf):
-            raise ValueError("malformed BYTES tensor: truncated length prefix")
-        n = int.from_bytes(buf[off:off + 4], "little")
-        off += 4
-        if off + n > len(buf):
-            raise ValueError("malformed BYTES tensor: element runs past the end")
-        items.append(buf[off:off + n])
-        off += n
-    return np.array(items, dtype=np.object_)
-
-
-def raw(arr: np.ndarray):
-    """The array's bytes without a copy where it is contiguous (a memoryview), else a copy."""
-    if arr.dtype == np.object_:
-        return serialize_bytes(arr)
-    if arr.flags.c_contiguous:
-        return memoryview(arr).cast("B") if arr.ndim else arr.tobytes()
-    return np.ascontiguousarray(arr).tobytes()
-
-
-class BackendError(Exception):
-    """The tritonserver answered with an error."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    def error_message(self) -> str:
+        try:
+            return str(json.loads(self.body).get("error", ""))
+        except (ValueError, AttributeError):
+            return self.body[:200].decode(errors="replace")
 
 
 # --------------------------------------------------------------------------- HTTP/1.1
@@ -87,7 +49,7 @@ class BackendError(Exception):
 class _Conn(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection; one request at a time."""
 
-    __slots__ = ("transport", "buf", "waiter", "closed", "_status", "_hlen", "_clen", "_keep")
+    __slots__ = ("transport", "buf", "waiter", "closed", "_status", "_headers", "_clen", "_keep")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -95,7 +57,7 @@ class _Conn(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None
         self.closed = False
         self._status = 0
-        self._hlen: int | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
         self._clen = -1
         self._keep = True
 
@@ -129,98 +91,94 @@ class _Conn(asyncio.Protocol):
         if len(self.buf) >= self._clen:
             body = bytes(self.buf[:self._clen])
             del self.buf[:self._clen]
-            w.set_result((self._status, self._hlen, body))
+            w.set_result(HttpAnswer(self._status, self._headers, body))
 
     def _parse_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
         self._status = int(lines[0].split(b" ", 2)[1])
-        self._hlen = None
+        self._headers = []
         self._clen = -1
         self._keep = True
         for ln in lines[1:]:
             k, _, v = ln.partition(b":")
             k = k.strip().lower()
+            v = v.strip()
             if k == b"content-length":
                 self._clen = int(v)
-            elif k == b"inference-header-content-length":
-                self._hlen = int(v)
-            elif k == b"connection" and v.strip().lower() == b"close":
+            elif k in ANSWER_HEADERS:
+                self._headers.append((k, v))
+            elif k == b"connection" and v.lower() == b"close":
                 self._keep = False
             elif k == b"transfer-encoding":
                 raise ValueError("chunked responses are not supported")
         if self._clen < 0:
             raise ValueError("response without Content-Length")
 
-    async def request(self, head: bytes, parts: list) -> tuple[int, int | None, bytes]:
+    async def request(self, parts: list) -> HttpAnswer:
         self.waiter = asyncio.get_running_loop().create_future()
         self._clen = -1
-        self.transport.writelines([head, *parts])
+        self.transport.writelines(parts)
         try:
             return await self.waiter
         finally:
             self.waiter = None
 
 
-class HttpBackendClient:
-    """KServe v2 infer over HTTP/1.1 keep-alive connections to one tritonserver."""
+class HttpPassClient:
+    """HTTP/1.1 to one tritonserver over a pool of keep-alive connections."""
 
-    def __init__(self, url: str, max_idle: int = 8) -> None:
+    def __init__(self, url: str, max_idle: int = 256, connect_timeout: float = 2.0) -> None:
         host, _, port = url.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
-        self._hosthdr = url
+        self._hosthdr = url.encode()
         self._idle: list[_Conn] = []
         self._max_idle = max_idle
-        self._heads: dict[tuple, bytes] = {}
+        self._connect_timeout = connect_timeout
 
     async def _connect(self) -> _Conn:
         loop = asyncio.get_running_loop()
-        _, conn = await asyncio.wait_for(loop.create_connection(_Conn, self.host, self.port), 2.0)
+        _, conn = await asyncio.wait_for(loop.create_connection(_Conn, self.host, self.port), self._connect_timeout)
         return conn
 
-    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        parts = [raw(a) for a in inputs.values()]
-        key = (model, tuple((n, a.dtype.str, a.shape) for n, a in inputs.items()), tuple(outputs),
-               tuple(len(p) if a.dtype == np.object_ else 0 for p, a in zip(parts, inputs.values())))
-        jhead = self._heads.get(key)
-        if jhead is None:
-            jhead = json.dumps({
-                "inputs": [{"name": n, "shape": list(a.shape), "datatype": kserve_dtype(a),
-                            "parameters": {"binary_data_size": len(p) if a.dtype == np.object_ else a.nbytes}}
-                           for (n, a), p in zip(inputs.items(), parts)],
-                "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outputs],
-            }, separators=(",", ":")).encode()
-            if len(self._heads) > 1024:
-                self._heads.clear()
-            self._heads[key] = jhead
-        size = len(jhead) + sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-        head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {self._hosthdr}\r\n"
-                f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(jhead)}\r\n"
-                f"Content-Length: {size}\r\n\r\n").encode()
-        conn = None
-        while self._idle:
-            c = self._idle.pop()
-            if not c.closed:
-                conn = c
-                break
-        if conn is None:
-            conn = await self._connect()
-        ok = False
-        try:
-            status, hlen, body = await conn.request(head, [jhead, *parts])
-            ok = True
-        finally:
-            if not ok or conn.closed or not conn._keep or len(self._idle) >= self._max_idle:
-                if not conn.closed:
-                    conn.transport.close()
-            else:
-                self._idle.append(conn)
-        if status != 200:
+    async def request(self, method: bytes, path: str, headers: list[tuple[bytes, bytes]] = (),
+                      body: bytes = b"") -> HttpAnswer:
+        head = [method, b" ", path.encode(), b" HTTP/1.1\r\nHost: ", self._hosthdr,
+                b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
+        for k, v in headers:
+            head += (k, b": ", v, b"\r\n")
+        head.append(b"\r\n")
+        parts = [b"".join(head), body] if body else [b"".join(head)]
+        while True:
+            reused = False
+            conn = None
+            while self._idle:
+                c = self._idle.pop()
+                if not c.closed:
+                    conn, reused = c, True
+                    break
+            if conn is None:
+                conn = await self._connect()
+            ok = False
             try:
-                msg = json.loads(body).get("error", body.decode(errors="replace"))
-            except (ValueError, AttributeError):
-                msg = body.decode(errors="replace")
-            raise BackendError(status, msg)
-        return _decode_http(body, hlen, outputs)
+                ans = await conn.request(parts)
+                ok = True
+            except ConnectionResetError:
+                if reused:       # the server closed an idle keep-alive connection: not a failure, try a new one
+                    continue
+                raise
+            finally:
+                if not ok or conn.closed or not conn._keep or len(self._idle) >= self._max_idle:
+                    if not conn.closed:
+                        conn.transport.close()
+                else:
+                    self._idle.append(conn)
+            return ans
+
+    async def post(self, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> HttpAnswer:
+        return await self.request(b"POST", path, headers, body)
+
+    async def ready(self) -> bool:
+        return (await self.request(b"GET", "/v2/health/ready")).status == 200
 
     async def close(self) -> None:
         for c in self._idle:
@@ -229,81 +187,42 @@ class HttpBackendClient:
         self._idle.clear()
 
 
-def _decode_http(body: bytes, hlen: int | None, wanted: list[str]) -> dict[str, np.ndarray]:
-    head = json.loads(body[:hlen] if hlen is not None else body)
-    off = hlen or 0
-    out: dict[str, np.ndarray] = {}
-    for o in head.get("outputs", []):
-        shape = o["shape"]
-        dt = o["datatype"]
-        size = (o.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            if dt == "BYTES":
-                arr = deserialize_bytes(body[off:off + size])
-            else:
-                npdt = np.dtype(_NP[dt])
-                arr = np.frombuffer(body, npdt, size // npdt.itemsize, off)
-            off += size
-        elif dt == "BYTES":
-            arr = np.array([x.encode() if isinstance(x, str) else x for x in o.get("data", [])], dtype=np.object_)
-        else:
-            arr = np.array(o.get("data", []), dtype=_NP[dt])
-        out[o["name"]] = arr.reshape(shape)
-    missing = [n for n in wanted if n not in out]
-    if missing:
-        raise BackendError(502, f"tritonserver's answer lacks outputs {missing}")
-    return out
-
-
 # --------------------------------------------------------------------------- gRPC
 
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
-class GrpcBackendClient:
-    """KServe v2 ModelInfer over one grpc.aio channel with a bare stub."""
+
+class GrpcPassClient:
+    """``ModelInfer`` to one tritonserver with serialized messages, on one grpc.aio channel (made on first use)."""
 
     def __init__(self, url: str, max_message: int = 256 * 1024 * 1024) -> None:
-        import grpc
-        from tritonclient.grpc import service_pb2 as pb
+        self.url = url
+        self._max = max_message
+        self._channel = None
+        self._infer = None
 
-        self._pb = pb
-        self._channel = grpc.aio.insecure_channel(url, options=[
-            ("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message)])
-        self._infer = self._channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString)
-
-    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    def _open(self) -> None:
         import grpc
 
-        pb = self._pb
-        req = pb.ModelInferRequest(model_name=model)
-        for name, a in inputs.items():
-            req.inputs.add(name=name, datatype=kserve_dtype(a), shape=a.shape)
-            r = raw(a)
-            req.raw_input_contents.append(r if isinstance(r, bytes) else bytes(r))
-        for o in outputs:
-            req.outputs.add(name=o)
+        self._channel = grpc.aio.insecure_channel(self.url, options=[
+            ("grpc.max_receive_message_length", self._max), ("grpc.max_send_message_length", self._max)])
+        self._infer = self._channel.unary_unary(INFER_METHOD)   # no (de)serializers: bytes in, bytes out
+
+    async def infer(self, request: bytes, timeout: float | None = None) -> bytes:
+        import grpc
+
+        from .core import RouterError, is_deadline_reject
+
+        if self._infer is None:
+            self._open()
         try:
-            resp = await self._infer(req)
+            return await self._infer(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            code = e.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                raise ConnectionResetError(f"tritonserver unreachable: {e.details()}") from None
-            raise BackendError(400 if code == grpc.StatusCode.INVALID_ARGUMENT else 502,
-                               e.details() or str(code)) from None
-        out: dict[str, np.ndarray] = {}
-        for i, o in enumerate(resp.outputs):
-            buf = resp.raw_output_contents[i]
-            if o.datatype == "BYTES":
-                arr = deserialize_bytes(buf)
-            else:
-                arr = np.frombuffer(buf, _NP[o.datatype])
-            out[o.name] = arr.reshape(tuple(o.shape))
-        missing = [n for n in outputs if n not in out]
-        if missing:
-            raise BackendError(502, f"tritonserver's answer lacks outputs {missing}")
-        return out
+            code, details = e.code(), e.details() or ""
+            if code == grpc.StatusCode.UNAVAILABLE and not is_deadline_reject(details):
+                raise ConnectionResetError(f"tritonserver unreachable: {details}") from None
+            raise RouterError.from_grpc(code, details or str(code)) from None
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()

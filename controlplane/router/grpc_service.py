@@ -1,103 +1,75 @@
-"""KServe v2 over gRPC: Triton's ``inference.GRPCInferenceService`` on grpc.aio."""
+"""KServe v2 over gRPC: Triton's ``inference.GRPCInferenceService`` on grpc.aio.
+
+``ModelInfer`` and ``ModelStreamInfer`` are registered without a request
+deserializer: the router reads only the model's name and version from the
+front of the serialized ``ModelInferRequest`` and forwards the bytes as they
+came; the gpu-let's serialized answer goes back unchanged. The other methods
+(health, metadata, config, statistics, index) are answered by the router from
+its routing table.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import math
 
 import grpc
-import numpy as np
 from google.protobuf.json_format import ParseDict
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pbg
 
-from .core import Router, RouterError, kserve_dtype, np_dtype
-from .backend import serialize_bytes
-from .http import EXTENSIONS, SERVER_NAME, SERVER_VERSION, _deserialize_bytes, model_stats
+from .core import Router, RouterError
+from .http import EXTENSIONS, SERVER_NAME, SERVER_VERSION
 
-_CONTENTS = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
-}
+SERVICE = "inference.GRPCInferenceService"
 
 
-def _param(p: pb.InferParameter):
-    which = p.WhichOneof("parameter_choice")
-    return getattr(p, which) if which else None
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return value, i
+        shift += 7
 
 
-def decode_request(req: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    raw = list(req.raw_input_contents)
-    if raw and len(raw) != len(req.inputs):
-        raise RouterError(400, f"{len(raw)} raw_input_contents for {len(req.inputs)} inputs")
-    if not req.inputs:
-        raise RouterError(400, "request has no inputs")
-    arrays: dict[str, np.ndarray] = {}
-    for i, t in enumerate(req.inputs):
-        if t.name in arrays:
-            raise RouterError(400, f"input {t.name!r} given twice")
-        shape = list(t.shape)
-        if any(d < 0 for d in shape):
-            raise RouterError(400, f"input {t.name!r}: negative dimension in shape {shape}")
-        count = math.prod(shape)
-        dt = np_dtype(t.datatype)
-        if raw:
-            buf = raw[i]
-            if t.datatype == "BYTES":
-                arr = _deserialize_bytes(buf)
-                if arr.size != count:
-                    raise RouterError(400, f"input {t.name!r}: {arr.size} elements, shape {shape} needs {count}")
+def model_of(request: bytes) -> tuple[str, str]:
+    """``model_name`` and ``model_version`` of a serialized ModelInferRequest, without parsing its tensors.
+
+    They are fields 1 and 2; serializers write fields in number order, so they lead the message. Anything
+    else (an unusual encoder, a malformed message) falls back to a full parse.
+    """
+    name = version = None
+    i = 0
+    try:
+        while i < len(request):
+            tag, j = _varint(request, i)
+            field, wire = tag >> 3, tag & 7
+            if wire != 2 or field > 2:
+                break
+            n, j = _varint(request, j)
+            value = request[j:j + n].decode()
+            if field == 1:
+                name = value
             else:
-                want = count * np.dtype(dt).itemsize
-                if len(buf) != want:
-                    raise RouterError(400, f"input {t.name!r}: {len(buf)} bytes of data, shape {shape} of "
-                                           f"{t.datatype} needs {want}")
-                arr = np.frombuffer(buf, dtype=dt)
-        else:
-            field = _CONTENTS.get(t.datatype)
-            if field is None:
-                raise RouterError(400, f"input {t.name!r}: {t.datatype} needs raw_input_contents")
-            vals = list(getattr(t.contents, field))
-            if t.datatype == "BYTES":
-                arr = np.array(vals, dtype=np.object_)
-            else:
-                try:
-                    with np.errstate(all="raise"):
-                        arr = np.array(vals).astype(dt) if vals else np.zeros(0, dt)
-                except (ValueError, OverflowError, FloatingPointError) as e:
-                    raise RouterError(400, f"input {t.name!r}: {e}") from None
-            if arr.size != count:
-                raise RouterError(400, f"input {t.name!r}: {arr.size} values, shape {shape} needs {count}")
-        arrays[t.name] = arr.reshape(shape)
-    return arrays
+                version = value
+            i = j + n
+    except (ValueError, UnicodeDecodeError):
+        name = None
+    if name is None:
+        try:
+            req = pb.ModelInferRequest.FromString(request)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+            raise RouterError(400, f"malformed ModelInferRequest: {e}") from None
+        return req.model_name, req.model_version
+    return name, version or ""
 
 
-def _timeout_ms(req: pb.ModelInferRequest) -> float | None:
-    for key, scale in (("timeout", 1e-3), ("timeout_ms", 1.0)):
-        if key in req.parameters:
-            v = _param(req.parameters[key])
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                return float(v) * scale
-            raise RouterError(400, f"parameter {key!r} must be a number")
-    return None
-
-
-def encode_response(model: str, version: str, req_id: str, result: dict[str, np.ndarray]) -> pb.ModelInferResponse:
-    resp = pb.ModelInferResponse(model_name=model, model_version=version, id=req_id)
-    for name, arr in result.items():
-        dt = kserve_dtype(arr)
-        resp.outputs.add(name=name, datatype=dt, shape=list(arr.shape))
-        resp.raw_output_contents.append(serialize_bytes(arr) if dt == "BYTES" else np.ascontiguousarray(arr).tobytes())
-    return resp
-
-
-class InferenceService(pbg.GRPCInferenceServiceServicer):
+class InferenceService:
     def __init__(self, router: Router) -> None:
         self.router = router
-
-    async def _abort(self, context, e: RouterError):
-        await context.abort(e.grpc_code, e.message)
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -108,7 +80,7 @@ class InferenceService(pbg.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         try:
             self.router.model(request.name, request.version)
-        except RouterError as e:
+        except RouterError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.router.model_ready(request.name))
 
@@ -119,7 +91,7 @@ class InferenceService(pbg.GRPCInferenceServiceServicer):
         try:
             m = self.router.model(request.name, request.version)
         except RouterError as e:
-            await self._abort(context, e)
+            await context.abort(e.grpc_code, e.message)
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=m.name, versions=[m.version], platform="python",
@@ -130,7 +102,7 @@ class InferenceService(pbg.GRPCInferenceServiceServicer):
         try:
             m = self.router.model(request.name, request.version)
         except RouterError as e:
-            await self._abort(context, e)
+            await context.abort(e.grpc_code, e.message)
         return pb.ModelConfigResponse(config=m.config)
 
     async def ModelStatistics(self, request, context):
@@ -139,8 +111,8 @@ class InferenceService(pbg.GRPCInferenceServiceServicer):
             for n in names:
                 self.router.model(n, request.version)
         except RouterError as e:
-            await self._abort(context, e)
-        d = {"model_stats": [model_stats(self.router, n) for n in names]}
+            await context.abort(e.grpc_code, e.message)
+        d = {"model_stats": [await self.router.model_stats(n) for n in names]}
         return ParseDict(d, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
     async def RepositoryIndex(self, request, context):
@@ -149,34 +121,31 @@ class InferenceService(pbg.GRPCInferenceServiceServicer):
                                                   state="READY" if self.router.model_ready(n) else "UNAVAILABLE")
             for n, m in self.router.table.models.items()])
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        m = self.router.model(request.model_name, request.model_version)
-        arrays = decode_request(request)
-        outs = [o.name for o in request.outputs] or None
-        for o in request.outputs:
-            if "classification" in o.parameters:
-                raise RouterError(400, "the classification extension is not supported by the router")
-        result = await self.router.infer(m.name, arrays, outs, _timeout_ms(request), request.model_version)
-        return encode_response(m.name, m.version, request.id, result)
+    async def _infer(self, request: bytes) -> bytes:
+        model, version = model_of(request)
+        return await self.router.infer_grpc(model, version, request)
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, request: bytes, context) -> bytes:
         try:
             return await self._infer(request)
         except RouterError as e:
-            await self._abort(context, e)
+            await context.abort(e.grpc_code, e.message)
 
     async def ModelStreamInfer(self, request_iterator, context):
         out: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Task] = set()
 
-        async def one(req):
+        async def one(req: bytes):
             try:
-                resp = await self._infer(req)
+                resp = pb.ModelInferResponse.FromString(await self._infer(req))
                 await out.put(pb.ModelStreamInferResponse(infer_response=resp))
             except RouterError as e:
+                try:
+                    head = model_of(req)
+                except RouterError:
+                    head = ("", "")
                 await out.put(pb.ModelStreamInferResponse(
-                    error_message=e.message,
-                    infer_response=pb.ModelInferResponse(model_name=req.model_name, id=req.id)))
+                    error_message=e.message, infer_response=pb.ModelInferResponse(model_name=head[0])))
 
         async def reader():
             async for req in request_iterator:
@@ -201,6 +170,21 @@ class InferenceService(pbg.GRPCInferenceServiceServicer):
 
 
 def add_to_server(server: grpc.aio.Server, router: Router) -> InferenceService:
+    """Register the service; infer methods take and give serialized messages (no protobuf parse)."""
     svc = InferenceService(router)
-    pbg.add_GRPCInferenceServiceServicer_to_server(svc, server)
+    unary = {
+        "ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequest,
+        "ModelReady": pb.ModelReadyRequest, "ServerMetadata": pb.ServerMetadataRequest,
+        "ModelMetadata": pb.ModelMetadataRequest, "ModelConfig": pb.ModelConfigRequest,
+        "ModelStatistics": pb.ModelStatisticsRequest, "RepositoryIndex": pb.RepositoryIndexRequest,
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(getattr(svc, name), request_deserializer=req.FromString,
+                                                  response_serializer=lambda m: m.SerializeToString())
+        for name, req in unary.items()
+    }
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(svc.ModelInfer)
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        svc.ModelStreamInfer, response_serializer=lambda m: m.SerializeToString())
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     return svc

@@ -1,18 +1,34 @@
-"""RouterServer: the HTTP (uvicorn) and gRPC (grpc.aio) sides on one event loop, one Router."""
+"""RouterServer: the HTTP (uvicorn) and gRPC (grpc.aio) sides on one event loop, one Router;
+with ``workers`` > 1, that many processes share the ports.
+
+One Python process forwards about 1,600 requests/s of 600 KB images on an H200 host
+(docs/benchmarks.md, "Serving"): below what one GPU serves. So the router runs as
+several processes, each a full router (its own connections, health checks and
+event loop) on the same HTTP and gRPC ports (``SO_REUSEPORT``: the kernel spreads
+connections over them); their metrics are summed through prometheus_client's
+multiprocess mode. The process that starts them (in ``up``, the controller) is
+one of them; the others are children that die with it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import multiprocessing
+import os
+import shutil
+import signal
 import socket
+import tempfile
 import threading
 
 import grpc
 import uvicorn
 
 from ..spec import RouterSpec
-from .core import Router, RouterOptions
+from .core import Router, RouterOptions, multiprocess_metrics
 from .grpc_service import add_to_server
 from .http import create_app
 from .table import RoutingTable
@@ -20,6 +36,37 @@ from .table import RoutingTable
 log = logging.getLogger("controlplane.router")
 
 GRPC_MAX_MESSAGE = 256 * 1024 * 1024
+
+
+def default_workers() -> int:
+    """One router process per 4 CPU cores, 1 to 8."""
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies (no orphaned router workers)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_main(table: RoutingTable, spec: RouterSpec, options: RouterOptions, metrics_dir: str) -> None:
+    """A router process beside the first one: same ports (SO_REUSEPORT), metrics to the shared directory."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C goes to the controller, which stops us
+    server = RouterServer(table, spec, options)
+    server.options = options                          # its share of the in-flight limits: 1 / processes
+    server._reuse_port = True
+    server._metrics_dir = metrics_dir
+    server._own_metrics_dir = False
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.run_until_complete(server.serve(stop))
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -54,11 +101,18 @@ class RouterServer:
                  options: RouterOptions | None = None) -> None:
         self.table = table
         self.spec = spec or RouterSpec()
-        self.options = options or RouterOptions(drop=self.spec.drop, max_body_bytes=self.spec.max_body_bytes)
+        self.options = options or RouterOptions(max_body_bytes=self.spec.max_body_bytes)
         self.host = self.spec.host
         self.http_port: int = self.spec.http_port
         self.grpc_port: int = self.spec.grpc_port
         self.router: Router | None = None
+        self.workers = self.spec.workers or default_workers()
+        if self.options.processes != self.workers:
+            self.options = dataclasses.replace(self.options, processes=self.workers)
+        self._reuse_port = self.workers > 1
+        self._children: list[multiprocessing.Process] = []
+        self._metrics_dir: str | None = None
+        self._own_metrics_dir = True
         self._started: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -82,13 +136,22 @@ class RouterServer:
     async def serve(self, stop: asyncio.Event) -> None:
         self._started = asyncio.Event()
         self._stop = stop
-        router = self.router = Router(self.table, self.options)
-        await router.start()
+        if self.workers > 1 and self._metrics_dir is None:
+            self._metrics_dir = tempfile.mkdtemp(prefix="gpulet-router-metrics-")
+        if self._metrics_dir is not None:
+            with multiprocess_metrics(self._metrics_dir):
+                router = self.router = Router(self.table, self.options, self._metrics_dir)
+                await router.start()
+        else:
+            router = self.router = Router(self.table, self.options)
+            await router.start()
         # proto=IPPROTO_TCP so asyncio sets TCP_NODELAY on accepted connections (with proto 0 it
         # does not, and every response then waits ~40 ms on delayed ACKs); set it here too.
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM,
                              socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self._reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         grpc_server = None
         try:
@@ -99,7 +162,7 @@ class RouterServer:
             grpc_server = grpc.aio.server(options=[
                 ("grpc.max_receive_message_length", min(self.options.max_body_bytes, GRPC_MAX_MESSAGE)),
                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
             ])
             add_to_server(grpc_server, router)
             port = grpc_server.add_insecure_port(f"{self.host}:{self.grpc_port}")
@@ -117,7 +180,8 @@ class RouterServer:
             if task.done():
                 task.result()
                 raise RuntimeError("HTTP server exited at start")
-            log.info("router: HTTP on %s, gRPC on %s", self.http_url, self.grpc_url)
+            self._start_children()
+            log.info("router: HTTP on %s, gRPC on %s, %d process(es)", self.http_url, self.grpc_url, self.workers)
             self._started.set()
             stop_wait = asyncio.get_running_loop().create_task(stop.wait())
             await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -125,10 +189,36 @@ class RouterServer:
             stop_wait.cancel()
             await task
         finally:
+            self._stop_children()
             if grpc_server is not None:
                 await grpc_server.stop(1.0)
             sock.close()
             await router.close()
+            if self._metrics_dir is not None and self._own_metrics_dir:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    def _start_children(self) -> None:
+        """The other router processes, on the ports this one bound (known only now when 0 was asked)."""
+        if self.workers <= 1:
+            return
+        spec = self.spec.model_copy(update={"http_port": self.http_port, "grpc_port": self.grpc_port, "workers": 1})
+        ctx = multiprocessing.get_context("spawn")
+        for i in range(self.workers - 1):
+            p = ctx.Process(target=_worker_main, args=(self.table, spec, self.options, self._metrics_dir),
+                            name=f"router-{i + 1}", daemon=True)
+            p.start()
+            self._children.append(p)
+
+    def _stop_children(self) -> None:
+        for p in self._children:
+            if p.is_alive():
+                p.terminate()
+        for p in self._children:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(1)
+        self._children.clear()
 
     # ------------------------------------------------------------------ thread wrapper
 

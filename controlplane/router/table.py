@@ -46,6 +46,13 @@ class ModelRoute:
     config: mc.ModelConfig = field(default_factory=mc.ModelConfig, repr=False)
     version: str = "1"
 
+    def __getstate__(self) -> dict:
+        # protobuf messages of tritonclient's generated modules do not pickle; router workers get the bytes
+        return {**self.__dict__, "config": self.config.SerializeToString()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, config=mc.ModelConfig.FromString(state["config"]))
+
     def input(self, name: str) -> TensorInfo | None:
         return next((t for t in self.inputs if t.name == name), None)
 

@@ -1,0 +1,447 @@
+"""Serving benchmark on one GPU: the highest load each system serves at its SLOs, side by side, in one run.
+
+Run on a GPU machine (see docs/benchmarks.md, "Serving", for the exact call):
+
+    python benchmarks/serving.py --out DIR [--mixes gpu-run,scen1,bert-heavy] [--systems ...]
+                                 [--duration 8] [--points 4] [--profile profiles/h100]
+    python benchmarks/serving.py --render DIR/serving.json    # (re)write docs/benchmarks.md's section
+
+For each mix (a deployment file whose rates are scaled together by one factor),
+each system's **max scale** is the highest factor at which every model has
+>= 99 % of its requests answered within its SLO (Poisson arrivals over HTTP, or gRPC
+with ``--protocol grpc``, from `controlplane loadgen` worker processes; a point whose client fell behind its
+schedule does not count as a pass). Systems:
+
+- ``gpulet``: ``controlplane up`` with the gpu-let plan made for the planner's own
+  max scale on one GPU (its *predicted* max scale), through the router;
+- ``direct``: the same gpu-let servers, addressed directly (no router);
+- ``temporal``: ``controlplane up`` with the temporal-only plan (one 100 % gpu-let);
+- ``triton1`` / ``triton2`` / ``triton4``: one plain tritonserver holding every
+  model, Triton's ``dynamic_batching { }``, 1 / 2 / 4 instances per model, no MPS,
+  no router — what a user running Triton alone would deploy.
+
+Every system runs the same python-backend ``model.py`` and TorchScript
+artifacts, the same tritonserver flags. The search: test the guess, then grow or
+shrink by 1.5x until the bracket closes, then bisect (``--points`` tests per
+system). Results go to DIR/serving.json after every point (a run cut short keeps
+what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from controlplane.spec import Deployment, Plan, load_deployment  # noqa: E402
+
+MIXES = {
+    "gpu-run": ROOT / "deployments" / "gpu-run.yaml",
+    "scen1": ROOT / "deployments" / "scen1.yaml",
+    "bert-heavy": ROOT / "deployments" / "bert-heavy.yaml",
+}
+SYSTEMS = ["gpulet", "direct", "temporal", "triton1", "triton2", "triton4"]
+ATTAIN = 0.99
+PROTOCOL = "http"          # the clients' protocol, for every system (--protocol)
+ROUTER_WORKERS = 0         # router processes of the gpu-let deployments (0: RouterSpec's default)
+BEGIN, END = "<!-- serving:begin -->", "<!-- serving:end -->"
+
+
+def log(*a) -> None:
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def scaled(dep: Deployment, s: float) -> Deployment:
+    d = dep.model_dump(mode="json", exclude_none=True)
+    for m in d["models"]:
+        m["rate"] = m["rate"] * s
+    d["name"] = f"{dep.name}-x{s:.3g}".replace(".", "_")
+    d["router"] = {"http_port": 0, "grpc_port": 0, "workers": ROUTER_WORKERS}
+    return Deployment.model_validate(d)
+
+
+# --------------------------------------------------------------------------- planning (pure)
+
+
+def planner_max(dep: Deployment, store, algorithm: str, steps: int = 12) -> tuple[float, Plan | None]:
+    """The largest scale the planner fits on one GPU (bisection), and its plan there."""
+    from controlplane import scheduler
+
+    def fit(s: float) -> Plan | None:
+        try:
+            return scheduler.plan(scaled(dep, s), store, algorithm=algorithm, gpus=1)
+        except Exception:  # noqa: BLE001 - SchedulingError and unreachable SLOs alike: does not fit
+            return None
+
+    lo, hi, best = 0.0, 1.0, None
+    while (p := fit(hi)) is not None and hi < 256:
+        lo, hi, best = hi, hi * 2, p
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        p = fit(mid)
+        if p is not None:
+            lo, best = mid, p
+        else:
+            hi = mid
+    return lo, best
+
+
+# --------------------------------------------------------------------------- systems
+
+
+class Deployed:
+    """`controlplane up --detach --plan` of a plan; endpoints of the router and of each gpu-let."""
+
+    def __init__(self, dep: Deployment, plan: Plan, out: Path) -> None:
+        self.dep, self.plan, self.out = dep, plan, out
+
+    def start(self) -> None:
+        import yaml
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.dep_file = self.out / "deployment.yaml"
+        self.dep_file.write_text(yaml.safe_dump(self.dep.model_dump(mode="json", exclude_none=True), sort_keys=False))
+        plan_file = self.out / "plan.json"
+        plan_file.write_text(self.plan.model_dump_json(indent=1))
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "controlplane", "up", "-f", str(self.dep_file), "--detach",
+                            "--plan", str(plan_file)], capture_output=True, text=True, timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"up failed: {p.stdout[-2000:]} {p.stderr[-2000:]}")
+        self.up_s = time.monotonic() - t0
+        run_dir = Path(".controlplane") / self.dep.name
+        self.state = json.loads((run_dir / "state.json").read_text())
+        r = self.state["router"]
+        self.router_grpc = f"{r['host']}:{r['grpc_port']}"
+        self.router_http = f"{r['host']}:{r['http_port']}"
+
+    def urls(self, direct: bool) -> list[tuple[str, dict[str, float]]]:
+        """(url, fraction of each model's rate) per endpoint the load goes to."""
+        if not direct:
+            return [(self.router_grpc if PROTOCOL == "grpc" else self.router_http, {m.name: 1.0 for m in self.dep.models})]
+        out = []
+        for g in self.plan.gpulets:
+            fr = {}
+            for a in g.models:
+                total = sum(gg.assignment(a.model).rate for gg in self.plan.gpulets_for(a.model))
+                fr[a.model] = a.rate / total if total > 0 else 1.0 / len(self.plan.gpulets_for(a.model))
+            out.append((self.state["gpulets"][g.id][PROTOCOL], fr))
+        return out
+
+    def router_metrics(self) -> str:
+        import httpx
+
+        try:
+            return httpx.get(f"http://{self.router_http}/metrics", timeout=5).text
+        except httpx.HTTPError as e:
+            return f"# metrics unavailable: {e}"
+
+    def stop(self) -> None:
+        subprocess.run([sys.executable, "-m", "controlplane", "down", "-f", str(self.dep_file)],
+                       capture_output=True, text=True, timeout=120)
+
+
+class PlainTriton:
+    """One tritonserver with every model of the mix, Triton's dynamic batcher, N instances each, no MPS."""
+
+    def __init__(self, dep: Deployment, instances: int, out: Path, on_gpu: bool = True) -> None:
+        self.dep, self.instances, self.out, self.on_gpu = dep, instances, out, on_gpu
+
+    def start(self) -> None:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2 as mc
+
+        from controlplane.repository import MODEL_TEMPLATE, build_artifacts, repository_for
+        from controlplane.runtime.base import Launch
+        from controlplane.runtime.process import ProcessRuntime
+        from controlplane.spec import Assignment, GpuLet
+
+        repo = repository_for(self.dep)
+        names = [m.name for m in self.dep.models]
+        build_artifacts(repo, names)
+        root = self.out / "repository"
+        shutil.rmtree(root, ignore_errors=True)
+        for n in names:
+            info = repo[n]
+            cfg = mc.ModelConfig()
+            cfg.CopyFrom(info.config)
+            cfg.backend = "python"
+            cfg.ClearField("instance_group")
+            cfg.dynamic_batching.SetInParent()
+            if self.on_gpu:
+                cfg.instance_group.add(count=self.instances, kind=mc.ModelInstanceGroup.KIND_GPU).gpus.append(0)
+            else:   # CPU: only to try the script on a machine without a GPU
+                cfg.instance_group.add(count=self.instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+            (root / n / "1").mkdir(parents=True)
+            (root / n / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+            shutil.copy2(MODEL_TEMPLATE, root / n / "1" / "model.py")
+            shutil.copy2(info.artifact(), root / n / "1" / "model.pt")
+        gl = GpuLet(id="triton", gpu=0, share=100, models=[Assignment(model=n, batch=1, rate=0) for n in names])
+        self.rt = ProcessRuntime(startup_timeout_s=600)
+        t0 = time.monotonic()
+        env = {"CUDA_VISIBLE_DEVICES": "0"} if self.on_gpu else {"CUDA_VISIBLE_DEVICES": ""}
+        eps = self.rt.start([Launch(gpulet=gl, repository=root.resolve(), log_path=(self.out / "triton.log").resolve(),
+                                    gpu_index=0 if self.on_gpu else None, gpu_uuid="0" if self.on_gpu else None,
+                                    env=env)])
+        self.up_s = time.monotonic() - t0
+        self.url = eps["triton"].grpc if PROTOCOL == "grpc" else eps["triton"].http
+
+    def urls(self, direct: bool = False) -> list[tuple[str, dict[str, float]]]:
+        return [(self.url, {m.name: 1.0 for m in self.dep.models})]
+
+    def router_metrics(self) -> str:
+        return ""
+
+    def stop(self) -> None:
+        self.rt.stop()
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure(system, dep: Deployment, scale: float, duration: float, direct: bool = False, seed: int = 1) -> dict:
+    """One point: Poisson load at `scale` x the mix's rates; per-model attainment and what the client sent."""
+    from controlplane import loadgen as lg
+
+    slo = {m.name: m.slo_ms for m in dep.models}
+    targets = system.urls(direct)
+    results: list = [None] * len(targets)
+
+    def one(i: int, url: str, frac: dict[str, float]) -> None:
+        rates = {m.name: m.rate * scale * frac[m.name] for m in dep.models if frac.get(m.name)}
+        results[i] = lg.run(url, rates, duration, protocol=PROTOCOL, slo_ms=slo, seed=seed + 97 * i)
+
+    threads = [threading.Thread(target=one, args=(i, u, f)) for i, (u, f) in enumerate(targets)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    models: dict[str, dict] = {}
+    for res in results:
+        for name, r in res.models.items():
+            d = models.setdefault(name, {"offered": 0.0, "sent_rate": 0.0, "sent": 0, "ok": 0, "dropped": 0,
+                                         "errors": 0, "met": 0.0, "p99_ms": 0.0, "behind": False, "errs": []})
+            d["offered"] += r.rate
+            d["sent_rate"] += r.sent_rate
+            d["sent"] += r.sent
+            d["ok"] += r.ok
+            d["dropped"] += r.dropped
+            d["errors"] += r.errors
+            d["met"] += (r.slo_attainment or 0.0) * r.sent
+            d["p99_ms"] = max(d["p99_ms"], r.p99_ms or 0.0)
+            d["behind"] = d["behind"] or r.behind
+            d["errs"] += r.error_samples[:2]
+    for d in models.values():
+        d["attainment"] = d.pop("met") / d["sent"] if d["sent"] else 0.0
+    ok = all(d["attainment"] >= ATTAIN and not d["behind"] for d in models.values())
+    return {"scale": round(scale, 4), "pass": ok, "models": models}
+
+
+def search(system, dep: Deployment, guess: float, duration: float, points: int, record, direct: bool = False,
+           deadline: float = math.inf) -> dict:
+    """Max scale with >= 99 % attainment for every model: from `guess`, x1.5 steps to a bracket, then bisection."""
+    lo, hi, s = 0.0, math.inf, guess
+    tried = []
+    for _ in range(points):
+        if time.monotonic() > deadline:
+            break
+        p = measure(system, dep, s, duration, direct)
+        tried.append(p)
+        record(p)
+        att = " ".join(f"{n} {100 * d['attainment']:.1f}%{'(behind)' if d['behind'] else ''}"
+                       for n, d in p["models"].items())
+        log(f"  x{s:.3g}: {'PASS' if p['pass'] else 'fail'}  {att}")
+        if p["pass"]:
+            lo = s
+        else:
+            hi = s
+        s = s * 1.5 if hi == math.inf else (s / 1.5 if lo == 0 else (lo + hi) / 2)
+    return {"max_scale": lo, "fail_scale": None if hi == math.inf else hi, "points": tried}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run(args) -> dict:
+    from controlplane.profiles import ProfileStore
+
+    store = ProfileStore.load(args.profile)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "gpu": gpu_name(),
+           "command": " ".join(sys.argv), "protocol": PROTOCOL, "cpus": os.cpu_count(), "profile": str(args.profile), "profile_device": store.device,
+           "duration_s": args.duration, "attainment": ATTAIN, "mixes": {}}
+    jpath = out / "serving.json"
+    if jpath.exists() and args.resume:
+        doc["mixes"] = json.loads(jpath.read_text()).get("mixes", {})
+    deadline = time.monotonic() + args.budget_s
+
+    def save() -> None:
+        jpath.write_text(json.dumps(doc, indent=1))
+
+    on_gpu = doc["gpu"] != "no GPU"
+    for mix in args.mixes:
+        dep = load_deployment(MIXES.get(mix) or mix)   # a mix's name, or a deployment file
+        mix = dep.name
+        mdoc = doc["mixes"].setdefault(mix, {"rates": {m.name: m.rate for m in dep.models},
+                                             "slo_ms": {m.name: m.slo_ms for m in dep.models}, "systems": {}})
+        from controlplane.repository import input_mb, repository_for
+
+        repo = repository_for(dep)
+        store.set_input_mb({m.name: input_mb(repo[m.name]) for m in dep.models})
+        pred = {}
+        plans = {}
+        for algo in ("gpulet", "temporal"):
+            s, plan = planner_max(dep, store, algo)
+            pred[algo], plans[algo] = s, plan
+            log(f"{mix}: planner's max scale with {algo}: {s:.3g}")
+        mdoc["predicted"] = pred
+        for sysname in args.systems:
+            if sysname in mdoc["systems"] and args.resume:
+                continue
+            if time.monotonic() > deadline:
+                log(f"budget spent: {mix}/{sysname} not run")
+                continue
+            if sysname == "direct":
+                continue   # measured with gpulet's servers, below
+            entry = mdoc["systems"][sysname] = {"points": []}
+            if sysname in ("gpulet", "temporal"):
+                plan = plans[sysname]
+                if plan is None:
+                    entry["note"] = f"the {sysname} planner fits no scale of this mix on one GPU"
+                    save()
+                    continue
+                entry["plan"] = json.loads(plan.model_dump_json())
+                system = Deployed(scaled(dep, pred[sysname]), plan, args.work / mix / sysname)
+                guess = pred[sysname]
+            else:
+                system = PlainTriton(dep, int(sysname.removeprefix("triton")), args.work / mix / sysname, on_gpu)
+                guess = mdoc["systems"].get("triton1", {}).get("max_scale") or args.triton_guess
+            log(f"{mix}/{sysname}: starting")
+            try:
+                system.start()
+                entry["up_s"] = round(system.up_s, 1)
+                # warm-up, results discarded: the batch sizes the load will make (CUDA kernels, allocator)
+                measure(system, dep, guess * 0.5, 3.0, seed=7)
+                measure(system, dep, guess, 4.0, seed=8)
+                entry.update(search(system, dep, guess, args.duration, args.points, entry["points"].append,
+                                    deadline=deadline))
+                save()
+                log(f"{mix}/{sysname}: max scale {entry['max_scale']:.3g}")
+                if sysname == "gpulet" and "direct" in args.systems:
+                    d = mdoc["systems"]["direct"] = {"points": []}
+                    d.update(search(system, dep, max(entry["max_scale"], guess * 0.5), args.duration, args.points,
+                                    d["points"].append, direct=True, deadline=deadline))
+                    log(f"{mix}/direct: max scale {d['max_scale']:.3g}")
+                    save()
+                if hasattr(system, "router_metrics"):
+                    entry["router_drops"] = [ln for ln in system.router_metrics().splitlines()
+                                             if ln.startswith("router_drops_total")]
+            except Exception as e:  # noqa: BLE001 - record and go on with the next system
+                entry["error"] = f"{type(e).__name__}: {e}"
+                log(f"{mix}/{sysname}: ERROR {entry['error']}")
+            finally:
+                system.stop()
+                save()
+    save()
+    return doc
+
+
+def gpu_name() -> str:
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+        return p.stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "no GPU"
+
+
+def render(doc: dict) -> str:
+    lines = [f"Run {doc['date']} on {doc['gpu']} ({doc.get('cpus', '?')} cores); `{doc['command']}`; clients over "
+             f"{doc.get('protocol', 'grpc')}; plans from `{doc['profile']}` "
+             f"({doc['profile_device']}); {doc['duration_s']:g} s per point, pass = every model >= "
+             f"{100 * doc['attainment']:g} % within its SLO and the client on schedule.", ""]
+    cols = SYSTEMS
+    lines.append("| mix | predicted (gpu-let plan) | " + " | ".join(cols) +
+                 " | gpu-let / best plain Triton | gpu-let / temporal | router / direct |")
+    lines.append("| --- " * (len(cols) + 5) + "|")
+    for mix, m in doc["mixes"].items():
+        ss = m["systems"]
+
+        def mx(k: str) -> float | None:
+            e = ss.get(k)
+            return None if e is None or "max_scale" not in e else e["max_scale"]
+
+        def cell(k: str) -> str:
+            v = mx(k)
+            if v is None:
+                return "error" if k in ss and "error" in ss[k] else ("n/a" if k in ss else "—")
+            return f"{v:.3g}" + (f"–{ss[k]['fail_scale']:.3g}" if ss[k].get("fail_scale") else "")
+
+        def ratio(a: float | None, b: float | None) -> str:
+            return "—" if not a or not b else f"{a / b:.2f}x"
+
+        plain = [v for v in (mx("triton1"), mx("triton2"), mx("triton4")) if v]
+        lines.append(f"| {mix} | {m.get('predicted', {}).get('gpulet', 0):.3g} | " +
+                     " | ".join(cell(k) for k in cols) +
+                     f" | {ratio(mx('gpulet'), max(plain) if plain else None)} | {ratio(mx('gpulet'), mx('temporal'))}"
+                     f" | {ratio(mx('gpulet'), mx('direct'))} |")
+    lines += ["", "Cells: highest passing scale – lowest failing scale tried (x the mix's rates in its deployment "
+              "file). Per-point attainment, offered vs sent rates and plans are in the JSON beside this table."]
+    return "\n".join(lines)
+
+
+def write_docs(doc: dict, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    body = f"{BEGIN}\n{render(doc)}\n{END}"
+    if BEGIN in text:
+        a, b = text.index(BEGIN), text.index(END) + len(END)
+        text = text[:a] + body + text[b:]
+    else:
+        text += "\n## Serving: max load at the SLOs on one GPU\n\n" + body + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("serving-out"), help="where serving.json goes")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/gpulet-serving"),
+                    help="generated repositories, plans and logs (large: model copies)")
+    ap.add_argument("--mixes", default=",".join(MIXES))
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per point")
+    ap.add_argument("--protocol", choices=["http", "grpc"], default="http", help="the clients' protocol")
+    ap.add_argument("--router-workers", type=int, default=0, help="router processes (0: the default)")
+    ap.add_argument("--points", type=int, default=4, help="tests per system")
+    ap.add_argument("--profile", type=Path, default=ROOT / "profiles" / "h100")
+    ap.add_argument("--triton-guess", type=float, default=1.0)
+    ap.add_argument("--budget-s", type=float, default=math.inf, help="start no system after this many seconds")
+    ap.add_argument("--resume", action="store_true", help="keep systems already in OUT/serving.json")
+    ap.add_argument("--render", type=Path, help="only write docs/benchmarks.md from this serving.json")
+    args = ap.parse_args()
+    global PROTOCOL, ROUTER_WORKERS
+    PROTOCOL, ROUTER_WORKERS = args.protocol, args.router_workers
+    if args.render:
+        doc = json.loads(args.render.read_text())
+    else:
+        args.mixes = [m for m in args.mixes.split(",") if m]
+        args.systems = [s for s in args.systems.split(",") if s]
+        doc = run(args)
+    print(render(doc))
+    if args.render:
+        write_docs(doc)
+
+
+if __name__ == "__main__":
+    main()
