@@ -296,10 +296,6 @@ def run(args) -> dict:
         mix = dep.name
         mdoc = doc["mixes"].setdefault(mix, {"rates": {m.name: m.rate for m in dep.models},
                                              "slo_ms": {m.name: m.slo_ms for m in dep.models}, "systems": {}})
-        from controlplane.repository import input_mb, repository_for
-
-        repo = repository_for(dep)
-        store.set_input_mb({m.name: input_mb(repo[m.name]) for m in dep.models})
         pred = {}
         plans = {}
         for algo in ("gpulet", "temporal"):

@@ -225,12 +225,6 @@ class ProfileStore:
         #: the device's own interference model (loaded from interference.json beside
         #: latency.csv when present); the scheduler prefers it over the paper's 2080 Ti model
         self.interference = None
-        #: serving-path cost per MB of a request's inputs, in ms (serving.json beside latency.csv):
-        #: what a batch costs in a tritonserver on top of the in-process latency (inputs copied into
-        #: the python backend's shared memory, then to the GPU), added by latency() for the models
-        #: whose input sizes were given (set_input_mb)
-        self.serving_ms_per_mb = 0.0
-        self.input_mb: dict[str, float] = {}
 
     # ------------------------------------------------------------------ construction
 
@@ -254,14 +248,6 @@ class ProfileStore:
         if not rows:
             raise ProfileError(f"{path}: no profile rows")
         store = cls(rows, device, **kw)
-        serving = [f.parent / "serving.json" for f in files if (f.parent / "serving.json").is_file()]
-        if serving:
-            import json
-
-            try:
-                store.serving_ms_per_mb = float(json.loads(serving[0].read_text())["ms_per_mb"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise ProfileError(f"{serving[0]}: needs a number 'ms_per_mb': {e}") from None
         fitted = [f.parent / "interference.json" for f in files if (f.parent / "interference.json").is_file()]
         if fitted:
             from .scheduler.interference import load_interference
@@ -274,12 +260,6 @@ class ProfileStore:
 
     def save(self, path: str | Path) -> None:
         write_csv(path, self.rows)
-
-    def set_input_mb(self, sizes: dict[str, float]) -> "ProfileStore":
-        """Each model's input size per request (MB), so latency() adds the serving path's cost."""
-        self.input_mb.update(sizes)
-        self._cache.clear()
-        return self
 
     def alias(self, name: str, model: str) -> "ProfileStore":
         """Let ``name`` use ``model``'s profile (e.g. game's lenet1..lenet6 backed by lenet)."""
@@ -349,9 +329,6 @@ class ProfileStore:
             v0, v1 = at(s0), at(s1)
             w = (1 / share - 1 / s1) / (1 / s0 - 1 / s1)
             v = v1 + (v0 - v1) * w
-        mb = self.input_mb.get(model) or self.input_mb.get(self._resolve(model))
-        if mb and self.serving_ms_per_mb:
-            v += batch * mb * self.serving_ms_per_mb
         self._cache[key] = v
         return v
 

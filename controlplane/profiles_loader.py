@@ -73,8 +73,4 @@ def load_profiles_for(dep: Deployment, devices: DeviceSet, log=print, profile_mi
         raise ValueError(f"no {devices.name} profile for model(s) {', '.join(missing)} in {folder}; "
                          f"run `controlplane profile --device {'gpu' if devices.on_gpu else 'cpu'} "
                          f"-m {','.join(missing)}` or use `scheduler: {{algorithm: trivial}}`")
-    from .repository import input_mb, repository_for
-
-    repo = repository_for(dep)
-    store.set_input_mb({m.name: input_mb(repo[m.name]) for m in dep.models})
     return alias_models(store, dep)

@@ -82,21 +82,6 @@ class ModelInfo:
         return self.artifact().exists()
 
 
-_ITEMSIZE = {"BOOL": 1, "UINT8": 1, "INT8": 1, "INT16": 2, "INT32": 4, "INT64": 8, "FP16": 2, "BF16": 2,
-             "FP32": 4, "FP64": 8}
-
-
-def input_mb(info: "ModelInfo") -> float:
-    """Size of one request's inputs in MB (10^6 bytes; variable dimensions and BYTES count as 1)."""
-    total = 0
-    for t in info.inputs:
-        n = 1
-        for d in t.shape:
-            n *= max(d, 1)
-        total += n * _ITEMSIZE.get(t.datatype, 1)
-    return total / 1e6
-
-
 def _parse_config(path: Path) -> mc.ModelConfig:
     try:
         return text_format.Parse(path.read_text(), mc.ModelConfig())

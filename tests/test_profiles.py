@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -160,27 +159,3 @@ def test_fitted_interference_beside_the_profile_is_loaded(tmp_path):
     im = ProfileStore.load(tmp_path).interference
     assert im.slowdown("resnet50", 50, 4, [("vgg16", 50, 4)]) == pytest.approx(1.2)
 
-
-def test_serving_cost_per_mb_of_input_is_added_per_request(tmp_path):
-    """serving.json beside latency.csv: each request of a batch adds its inputs' MB x ms_per_mb."""
-    import json
-
-    from controlplane.profiles import ProfileStore
-    from controlplane.repository import SourceRepository, input_mb
-
-    src = ProfileStore.load(Path(__file__).resolve().parent.parent / "profiles" / "h100")
-    d = tmp_path / "h100"
-    d.mkdir()
-    src.save(d / "latency.csv")
-    plain = ProfileStore.load(d)
-    (d / "serving.json").write_text(json.dumps({"ms_per_mb": 0.5}))
-    store = ProfileStore.load(d)
-    assert store.serving_ms_per_mb == 0.5
-    assert store.latency("resnet50", 40, 8) == plain.latency("resnet50", 40, 8)   # no input sizes given: unchanged
-    mb = input_mb(SourceRepository()["resnet50"])
-    assert mb == 3 * 224 * 224 * 4 / 1e6
-    store.set_input_mb({"resnet50": mb})
-    assert abs(store.latency("resnet50", 40, 8) - (plain.latency("resnet50", 40, 8) + 8 * mb * 0.5)) < 1e-9
-    (d / "serving.json").write_text(json.dumps({"ms_per_ms": 1}))
-    with pytest.raises(ValueError, match="ms_per_mb"):
-        ProfileStore.load(d)
