@@ -211,7 +211,7 @@ class GrpcPassClient:
     async def infer(self, request: bytes, timeout: float | None = None) -> bytes:
         import grpc
 
-        from .core import RouterError, is_deadline_reject
+        from .core import RouterError, is_deadline_reject, is_parse_error
 
         if self._infer is None:
             self._open()
@@ -221,6 +221,8 @@ class GrpcPassClient:
             code, details = e.code(), e.details() or ""
             if code == grpc.StatusCode.UNAVAILABLE and not is_deadline_reject(details):
                 raise ConnectionResetError(f"tritonserver unreachable: {details}") from None
+            if code == grpc.StatusCode.INTERNAL and is_parse_error(details):
+                code = grpc.StatusCode.INVALID_ARGUMENT
             raise RouterError.from_grpc(code, details or str(code)) from None
 
     async def close(self) -> None:

@@ -80,6 +80,15 @@ def is_deadline_reject(message: str) -> bool:
     return "timeout" in message.lower() and "expired" in message.lower()
 
 
+def is_parse_error(message: str) -> bool:
+    """Whether a gpu-let's error is Triton failing to parse the request: a client error, though Triton 2.51
+    answers some of them HTTP 500 / gRPC INTERNAL ("failed to parse the request JSON buffer", "Unable to
+    parse 'inputs'", "Unable to parse request", and its JSON reader's "attempt to access ..." / "attempt to get
+    members for non-object"). The router answers them 400 / INVALID_ARGUMENT."""
+    m = message.lower()
+    return "parse" in m or "attempt to " in m
+
+
 #: requests of a model a gpu-let may hold, in SLOs' worth of its planned throughput
 INFLIGHT_SLOS = 1.5
 
@@ -403,6 +412,8 @@ class Router:
         except RouterError:
             mm.done(t0, False)
             raise
+        if ans.status == 500 and is_parse_error(ans.error_message()):
+            ans = HttpAnswer(400, ans.headers, ans.body)
         dropped = ans.status != 200 and is_deadline_reject(ans.error_message())
         mm.done(t0, ans.status == 200, dropped)
         return ans

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import zlib
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,7 +60,23 @@ async def handle_infer(router: Router, max_body: int, model: str, version: str,
     router.model(model, version)
     body = await read_body(max_body, headers, chunks)
     fwd = [(k, v) for k, v in headers.items() if k in FORWARD_HEADERS]
+    enc = headers.get(b"content-encoding", b"identity").lower()
+    if enc in (b"gzip", b"deflate"):     # inflated here, within the size limit (Triton would inflate any size)
+        body = inflate(body, enc, max_body)
+        fwd = [(k, v) for k, v in fwd if k != b"content-encoding"]
     return await router.infer_http(model, version, fwd, body)
+
+
+def inflate(body: bytes, encoding: bytes, max_body: int) -> bytes:
+    """A gzip or deflate body, decompressed; 413 past ``max_body`` bytes, 400 when it is not what it says."""
+    d = zlib.decompressobj(wbits=47 if encoding == b"gzip" else 15)
+    try:
+        out = d.decompress(body, max_body + 1)
+    except zlib.error as e:
+        raise RouterError(400, f"cannot decompress body ({encoding.decode()}): {e}") from None
+    if len(out) > max_body or d.unconsumed_tail:
+        raise RouterError(413, f"decompressed body exceeds the limit of {max_body} bytes")
+    return out
 
 
 class RouterApp(FastAPI):
