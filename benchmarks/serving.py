@@ -4,7 +4,7 @@ Run on a GPU machine (see docs/benchmarks.md, "Serving", for the exact call):
 
     python benchmarks/serving.py --out DIR [--mixes gpu-run,scen1,bert-heavy] [--systems ...]
                                  [--duration 8] [--points 4] [--profile profiles/h100]
-    python benchmarks/serving.py --render DIR/serving.json    # (re)write docs/benchmarks.md's section
+    python benchmarks/serving.py --render DIR/serving.json    # its table into docs/benchmarks.md (Serving)
 
 For each mix (a deployment file whose rates are scaled together by one factor),
 each system's **max scale** is the highest factor at which every model has
@@ -55,7 +55,7 @@ SYSTEMS = ["gpulet", "direct", "temporal", "triton1", "triton2", "triton4"]
 ATTAIN = 0.99
 PROTOCOL = "http"          # the clients' protocol, for every system (--protocol)
 ROUTER_WORKERS = 0         # router processes of the gpu-let deployments (0: RouterSpec's default)
-BEGIN, END = "<!-- serving:begin -->", "<!-- serving:end -->"
+BEGIN, END = "<!-- serving-table:begin -->", "<!-- serving-table:end -->"  # the latest run's table
 
 
 def log(*a) -> None:
@@ -380,6 +380,8 @@ def render(doc: dict) -> str:
             return None if e is None or "max_scale" not in e else e["max_scale"]
 
         def cell(k: str) -> str:
+            if k in ss and not ss[k].get("points") and "error" not in ss[k] and "note" not in ss[k]:
+                return "not run"
             v = mx(k)
             if v is None:
                 return "error" if k in ss and "error" in ss[k] else ("n/a" if k in ss else "—")

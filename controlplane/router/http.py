@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import zlib
 
 from fastapi import FastAPI, Request
@@ -64,7 +65,68 @@ async def handle_infer(router: Router, max_body: int, model: str, version: str,
     if enc in (b"gzip", b"deflate"):     # inflated here, within the size limit (Triton would inflate any size)
         body = inflate(body, enc, max_body)
         fwd = [(k, v) for k, v in fwd if k != b"content-encoding"]
-    return await router.infer_http(model, version, fwd, body)
+    ans = await router.infer_http(model, version, fwd, body)
+    if ans.status == 500 and request_problem(body, headers.get(b"inference-header-content-length")):
+        ans = HttpAnswer(400, ans.headers, ans.body)
+    return ans
+
+
+def _scalar_params(p) -> bool:
+    return isinstance(p, dict) and all(isinstance(k, str) and k and isinstance(v, (str, int, float, bool))
+                                       for k, v in p.items())
+
+
+def _count(data) -> int | None:
+    """Elements of a (nested) JSON list, None when it holds something other than lists and scalars."""
+    if isinstance(data, list):
+        n = 0
+        for x in data:
+            c = _count(x)
+            if c is None:
+                return None
+            n += c
+        return n
+    return 1 if isinstance(data, (int, float, bool, str)) else None
+
+
+def request_problem(body: bytes, header_len: bytes | None) -> str | None:
+    """What makes an infer request's JSON not a KServe v2 request, or None.
+
+    Used only on the error path: Triton 2.51 answers some malformed requests HTTP 500 (its JSON
+    reader's errors), and a 5xx tells a client to retry what cannot succeed; when this finds the
+    request malformed, the router answers 400 with Triton's message."""
+    try:
+        head = body[:int(header_len)] if header_len is not None else body
+        req = json.loads(head)
+    except (ValueError, UnicodeDecodeError):
+        return "the request is not JSON"
+    if not isinstance(req, dict):
+        return "the request is not a JSON object"
+    if "id" in req and not isinstance(req["id"], str):
+        return "'id' is not a string"
+    if "parameters" in req and not _scalar_params(req["parameters"]):
+        return "'parameters' is not an object of scalars"
+    ins = req.get("inputs")
+    if not isinstance(ins, list) or not ins:
+        return "'inputs' is not a non-empty list"
+    for i in ins:
+        if not isinstance(i, dict) or not isinstance(i.get("name"), str) or not isinstance(i.get("datatype"), str):
+            return "an input lacks a name or datatype"
+        shape = i.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            return "an input's shape is not a list of non-negative integers"
+        if "parameters" in i and not _scalar_params(i["parameters"]):
+            return "an input's parameters are not an object of scalars"
+        if "data" in i:
+            n = _count(i["data"])
+            if not isinstance(i["data"], list) or n is None or n != math.prod(shape):
+                return "an input's data does not match its shape"
+    outs = req.get("outputs", [])
+    if not isinstance(outs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                             and _scalar_params(o.get("parameters", {})) for o in outs):
+        return "'outputs' is not a list of named outputs"
+    return None
 
 
 def inflate(body: bytes, encoding: bytes, max_body: int) -> bytes:
