@@ -424,6 +424,25 @@ def test_grpc_errors(server):
     assert g.infer("lenet", [i]).as_numpy("OUTPUT").shape == (1, 10)
 
 
+def test_grpc_typed_contents_reach_the_gpulet_as_sent(server, direct):
+    """Requests with typed ``contents`` (not raw bytes) go to the gpu-let over gRPC as they came; requests with
+    raw tensors go over HTTP (cheaper for the router): either way the answer is the gpu-let's, bit for bit."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    x = example("lenet", 1, seed=5)
+    req = pb.ModelInferRequest(model_name="lenet", id="typed")
+    t = req.inputs.add(name="INPUT", datatype="FP32", shape=list(x.shape))
+    t.contents.fp32_contents.extend(x.ravel().tolist())
+    answers = []
+    for url in (server.grpc_url, direct.grpc):
+        with grpc.insecure_channel(url) as ch:
+            answers.append(ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")(req.SerializeToString(),
+                                                                                        timeout=60))
+    assert answers[0] == answers[1]
+    resp = pb.ModelInferResponse.FromString(answers[0])
+    assert resp.id == "typed" and resp.outputs[0].name == "OUTPUT" and list(resp.outputs[0].shape) == [1, 10]
+
+
 def test_grpc_malformed_request_is_invalid_argument(server):
     err = _raw_grpc_infer(server.grpc_url, b"\x0a\x05lenet\x22\x05abc")   # inputs field cut short
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())

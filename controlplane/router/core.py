@@ -17,9 +17,10 @@ queue delay from the SLO's slack). The router adds what one tritonserver cannot:
   model (Prometheus ``/metrics``) and Triton's statistics summed over gpu-lets.
 
 It never decodes a tensor. An HTTP infer body goes to the gpu-let as it came
-(JSON or binary extension, compressed or not) and the answer comes back as
-Triton wrote it; a gRPC ``ModelInferRequest`` is forwarded as the bytes
-received. Validation is Triton's (the same 400s a client of Triton gets). The
+(JSON or binary extension) and the answer comes back as Triton wrote it; a gRPC
+``ModelInferRequest`` with raw tensors goes to the gpu-let as the same request
+over HTTP (grpc.aio's client call would triple the router's CPU per request:
+:mod:`.grpc_http`), with typed contents as the bytes received. Validation is Triton's (the same 400s a client of Triton gets). The
 first version batched and admitted in Python and served less than half of one
 plain tritonserver on an H200 (issue 10; docs/benchmarks.md has the figures).
 
@@ -424,8 +425,23 @@ class Router:
         self.model(model, version)
         mm = self._mm[model]
         mm.requests.inc()
+        from .grpc_http import to_grpc, to_http
+
         try:
-            out = await self._send(model, lambda be: be.grpc.infer(request))
+            framed = to_http(request)
+            if framed is None:       # typed contents: to the gpu-let over gRPC, as it came
+                out = await self._send(model, lambda be: be.grpc.infer(request))
+            else:                    # raw tensors: the same request over HTTP (a third of the router's CPU)
+                _, headers, body = framed
+                path = f"/v2/models/{model}/versions/{version}/infer" if version else f"/v2/models/{model}/infer"
+
+                async def call(be: Backend) -> bytes:
+                    ans = await be.http.post(path, headers, body)
+                    if ans.status == 500 and is_parse_error(ans.error_message()):
+                        ans = HttpAnswer(400, ans.headers, ans.body)
+                    return to_grpc(ans)
+
+                out = await self._send(model, call)
         except Dropped:
             raise                       # counted where it was refused
         except RouterError as e:

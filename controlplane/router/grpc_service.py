@@ -1,11 +1,12 @@
 """KServe v2 over gRPC: Triton's ``inference.GRPCInferenceService`` on grpc.aio.
 
 ``ModelInfer`` and ``ModelStreamInfer`` are registered without a request
-deserializer: the router reads only the model's name and version from the
-front of the serialized ``ModelInferRequest`` and forwards the bytes as they
-came; the gpu-let's serialized answer goes back unchanged. The other methods
-(health, metadata, config, statistics, index) are answered by the router from
-its routing table.
+deserializer: the router reads the model's name and version from the front of
+the serialized ``ModelInferRequest``; the request then reaches the gpu-let
+re-framed as HTTP (raw tensors; :mod:`.grpc_http`) or as the bytes received
+(typed contents), and the answer comes back as a ``ModelInferResponse`` equal to
+the gpu-let's own. The other methods (health, metadata, config, statistics,
+index) are answered by the router from its routing table.
 """
 
 from __future__ import annotations
