@@ -1,13 +1,14 @@
 """RouterServer: the HTTP (uvicorn) and gRPC (grpc.aio) sides on one event loop, one Router;
 with ``workers`` > 1, that many processes share the ports.
 
-One Python process forwards about 1,600 requests/s of 600 KB images on an H200 host
-(docs/benchmarks.md, "Serving"): below what one GPU serves. So the router runs as
+One Python process forwarded about 1,650 gRPC requests/s of the gpu-run mix (mostly
+600 KB images) on an H200 host (docs/benchmarks.md, "Serving"): below what one GPU serves. So the router runs as
 several processes, each a full router (its own connections, health checks and
 event loop) on the same HTTP and gRPC ports (``SO_REUSEPORT``: the kernel spreads
 connections over them); their metrics are summed through prometheus_client's
 multiprocess mode. The process that starts them (in ``up``, the controller) is
-one of them; the others are children that die with it.
+one of them; the others are children that die with it (PR_SET_PDEATHSIG: with the thread
+that started them, i.e. when this router stops or its process dies).
 """
 
 from __future__ import annotations
