@@ -1,18 +1,22 @@
-"""Latency tables through the serving path: one tritonserver per share, timed from a client.
+"""Latency tables through the serving path: what a gpu-let's tritonserver spends per batch.
 
-Each share gets a gpu-let (all asked-for models, the largest batch as the
-preferred one; written without SLOs, so Triton's batcher neither holds a request
-for more nor times one out: each request is timed as the batch it is) started by
-the lead's :class:`~controlplane.runtime.process.ProcessRuntime` with the same
-environment a deployment would give it (MPS share on a GPU, pinned cores on the
-CPU). The client (``tritonclient.http``) times each request with the host clock
-from send to response: request serialisation, HTTP, the python backend's DLPack
-hand-over and the TorchScript forward pass. The gap to the in-process table is
-the serving overhead the scheduler should budget for.
+Each share gets a gpu-let (all asked-for models) started by
+:class:`~controlplane.runtime.process.ProcessRuntime` with the environment a
+deployment gives it (MPS share on a GPU, pinned cores on the CPU). For each batch
+size b, b clients send one-row requests in a closed loop and Triton's dynamic
+batcher gathers them (no preferred sizes, a queue delay that lets the b requests
+of a round meet, ``max_batch_size`` the largest b) into batches of b, as it does
+for a deployment's single requests. The figure is Triton's own: the model
+instance's time per batch of size b from its statistics (``batch_stats``:
+compute_input + compute_infer + compute_output, summed per execution), the busy
+time the planner budgets for — the in-process forward pass plus the serving
+path (inputs through the python backend's shared memory, DLPack, outputs back).
+Triton keeps sums, not distributions: p50 and p99 of a row are both the mean.
 """
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,24 +32,70 @@ from .latency import LatencyResult, Progress, check_mps, cores_for_share
 
 
 def _client_inputs(info, batch: int):
-    import tritonclient.http as http
+    import tritonclient.http.aio as aio
 
     from controlplane import zoo
 
     x = zoo.example_input(info.name, batch).numpy()
     t = info.inputs[0]
-    inp = http.InferInput(t.name, list(x.shape), t.datatype)
-    inp.set_data_from_numpy(x.astype(np.int64 if t.datatype == "INT64" else np.float32))
+    inp = aio.InferInput(t.name, list(x.shape), t.datatype)
+    inp.set_data_from_numpy(x.astype(np.int64 if t.datatype == "INT64" else np.float32), binary_data=True)
     return [inp]
+
+
+def batch_stats(url: str, model: str) -> dict[int, tuple[int, int]]:
+    """Triton's executions per batch size of a model: {batch size: (executions, instance ns)}."""
+    import httpx
+
+    st = httpx.get(f"http://{url}/v2/models/{model}/stats", timeout=30).json()["model_stats"][0]
+    out: dict[int, tuple[int, int]] = {}
+    for b in st.get("batch_stats", []):
+        n = int(b["compute_infer"]["count"])
+        ns = sum(int(b[k]["ns"]) for k in ("compute_input", "compute_infer", "compute_output"))
+        out[int(b["batch_size"])] = (n, ns)
+    return out
+
+
+async def _closed_loop(url: str, model: str, info, clients: int, seconds: float, min_batches: int) -> None:
+    """``clients`` one-row requests in flight at all times, for ``seconds`` (and at least ``min_batches`` rounds)."""
+    import tritonclient.http.aio as aio
+
+    c = aio.InferenceServerClient(url, conn_limit=clients)
+    inputs = _client_inputs(info, 1)
+    end = time.perf_counter() + seconds
+    try:
+        async def one() -> None:
+            k = 0
+            while k < min_batches or time.perf_counter() < end:
+                await c.infer(model, inputs)
+                k += 1
+
+        await asyncio.gather(*(one() for _ in range(clients)))
+    finally:
+        await c.close()
+
+
+def _profiling_config(path: Path, max_batch: int, delay_us: int) -> None:
+    """A model's config for profiling: batches as large as the requests waiting, gathered for up to ``delay_us``."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    cfg = text_format.Parse(path.read_text(), mc.ModelConfig())
+    cfg.max_batch_size = max_batch
+    cfg.dynamic_batching.ClearField("preferred_batch_size")
+    cfg.dynamic_batching.max_queue_delay_microseconds = delay_us
+    path.write_text(text_format.MessageToString(cfg))
 
 
 def profile_serving(models: Sequence[str], device: str = "cpu", shares: Sequence[int] = (50, 100),
                     batches: Sequence[int] = (1, 8), out_csv: str | Path | None = None, runs: int = 50,
-                    min_runs: int = 10, warmup: int = 3, point_budget_s: float = 1.0,
+                    min_runs: int = 10, warmup: int = 3, point_budget_s: float = 1.0, delay_us: int | None = None,
                     mps_pipe_dir: str | Path | None = None, gpu_index: int = 0, device_label: str | None = None,
                     progress: Progress | None = None, tritonserver: str | None = None) -> LatencyResult:
-    """Measure the (model x share x batch) table through tritonserver; resumable like the in-process one."""
-    import tritonclient.http as http
+    """Measure the (model x share x batch) table through tritonserver; resumable like the in-process one.
+
+    ``delay_us``: how long Triton holds a batch for the rest of a round's requests (default 5 ms on a
+    GPU, 50 ms on the CPU, whose clients are slower); it is queueing, not part of the figure."""
 
     from controlplane.repository import SourceRepository, build_artifacts, write_gpulet_repository
     from controlplane.runtime.base import Launch, gpulet_env
@@ -53,6 +103,7 @@ def profile_serving(models: Sequence[str], device: str = "cpu", shares: Sequence
     from controlplane.spec import Assignment, GpuLet
 
     on_gpu = device != "cpu"
+    delay_us = delay_us if delay_us is not None else (5_000 if on_gpu else 50_000)
     dev_name = device_label or device_name("gpu" if on_gpu else "cpu", gpu_index)
     csv_path = Path(out_csv) if out_csv else Path("profiles") / "serving.csv"
     done = {row_key(r) for r in existing_rows(csv_path)}
@@ -77,6 +128,8 @@ def profile_serving(models: Sequence[str], device: str = "cpu", shares: Sequence
         g = GpuLet(id=f"profile-s{s}", gpu=0, share=s,
                    models=[Assignment(model=m, batch=max(batches), rate=0) for m in models])
         repo_dir = write_gpulet_repository(repo, g, work / g.id, on_gpu)
+        for m in models:
+            _profiling_config(repo_dir / m / "config.pbtxt", max(batches), delay_us)
         env = gpulet_env(g, gpu_index if on_gpu else None, cores, str(mps_pipe_dir) if mps_pipe_dir else None)
         launch = Launch(g, repo_dir, work / f"{g.id}.log", gpu_index=gpu_index if on_gpu else None,
                         cores=cores, env=env)
@@ -85,29 +138,24 @@ def profile_serving(models: Sequence[str], device: str = "cpu", shares: Sequence
         rt = ProcessRuntime(tritonserver)
         try:
             ep = rt.start([launch])[g.id]
-            client = http.InferenceServerClient(ep.http, network_timeout=600, connection_timeout=600)
             for m, b in todo[s]:
                 info = repo[m]
-                inputs = _client_inputs(info, b)
-                for _ in range(warmup):
-                    client.infer(m, inputs)
-                times: list[float] = []
-                t0 = time.perf_counter()
-                while len(times) < runs:
-                    t = time.perf_counter()
-                    client.infer(m, inputs)
-                    times.append((time.perf_counter() - t) * 1000.0)
-                    if len(times) >= min_runs and time.perf_counter() - t0 > point_budget_s:
-                        break
-                a = np.asarray(times)
-                row = ProfileRow(dev_name, m, s, b, round(float(np.percentile(a, 50)), 4),
-                                 round(float(np.percentile(a, 99)), 4), round(float(a.mean()), 4), len(times),
-                                 info.memory_mb, "fp32", TOOL_VERSION + " (serving: tritonserver + http client)", today())
+                asyncio.run(_closed_loop(ep.http, m, info, b, 0.0, warmup))          # warm-up
+                before = batch_stats(ep.http, m)
+                asyncio.run(_closed_loop(ep.http, m, info, b, point_budget_s, min_runs))
+                after = batch_stats(ep.http, m)
+                n0, ns0 = before.get(b, (0, 0))
+                n1, ns1 = after.get(b, (0, 0))
+                if n1 - n0 < 1:
+                    raise RuntimeError(f"{m}: no batch of {b} formed at share {s} (batch sizes seen: "
+                                       f"{sorted(k for k in after if after[k][0] > before.get(k, (0, 0))[0])})")
+                mean_ms = round((ns1 - ns0) / (n1 - n0) / 1e6, 4)
+                row = ProfileRow(dev_name, m, s, b, mean_ms, mean_ms, mean_ms, n1 - n0, info.memory_mb, "fp32",
+                                 TOOL_VERSION + " (serving: tritonserver batch_stats)", today())
                 append_rows(csv_path, [row])
                 res.measured.append(row)
                 if progress:
                     progress({"type": "row", "row": row})
-            client.close()
         finally:
             rt.stop()
     res.seconds = time.perf_counter() - t_start
