@@ -61,6 +61,9 @@ def _processes_named(fragment: str) -> list[int]:
 def deployment(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("up")
     path = _write(tmp, "e2e")
+    # two router processes on the same ports: clients below go through whichever answers, `down` stops both
+    path.write_text(path.read_text().replace("router: {http_port: 0, grpc_port: 0}",
+                                             "router: {http_port: 0, grpc_port: 0, workers: 2}"))
     before = set(tritonserver_pids(str(tmp)))
     proc = run_cli("up", "-f", str(path), "--detach", timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -136,14 +139,31 @@ def test_killed_tritonserver_is_restarted_and_serves_again(deployment):
     np.testing.assert_allclose(http.infer("lenet", [inp]).as_numpy("OUTPUT"), _reference("lenet", x), rtol=1e-4, atol=1e-5)
 
 
+def _children(pid: int, fragment: str) -> list[int]:
+    out = []
+    for c in _processes_named(fragment):
+        try:
+            if int((Path(f"/proc/{c}/stat").read_text().split(")")[-1].split())[1]) == pid:
+                out.append(c)
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
 def test_down_leaves_nothing_running(deployment):
     path, state, before = deployment
     controller = state["pid"]
     assert len(tritonserver_pids(str(path.parent))) == 2
+    assert len(_children(controller, "multiprocessing.spawn")) == 1   # the second router process
+    routers = _children(controller, "multiprocessing")                 # it, and multiprocessing's helper
     proc = run_cli("down", "-f", str(path), check=True)
     assert f"stopped controller (pid {controller})" in proc.stdout
     assert not tritonserver_pids(str(path.parent))
     assert not _processes_named(str(path))  # no `controlplane up -f <this file>` left
+    deadline = time.monotonic() + 10     # multiprocessing's helper exits once the controller's pipe closes
+    while [p for p in routers if Path(f"/proc/{p}").exists()] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in routers if Path(f"/proc/{p}").exists()], "a router process outlived down"
     assert not Path(state["plan"] and path.parent / "run" / "state.json").exists()
     with pytest.raises(Exception):
         httpclient.InferenceServerClient(f"127.0.0.1:{state['router']['http_port']}").is_server_live()
