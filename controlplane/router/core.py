@@ -20,7 +20,8 @@ It never decodes a tensor. An HTTP infer body goes to the gpu-let as it came
 (JSON or binary extension) and the answer comes back as Triton wrote it; a gRPC
 ``ModelInferRequest`` with raw tensors goes to the gpu-let as the same request
 over HTTP (grpc.aio's client call would triple the router's CPU per request:
-:mod:`.grpc_http`), with typed contents as the bytes received. Validation is Triton's (the same 400s a client of Triton gets). The
+:mod:`.grpc_http`), with typed contents as the bytes received. Validation is
+Triton's (the same 400s a client of Triton gets). The
 first version batched and admitted in Python and served less than half of one
 plain tritonserver on an H200 (issue 10; docs/benchmarks.md has the figures).
 
@@ -109,8 +110,8 @@ class Metrics:
     """The router's Prometheus metrics.
 
     With several router processes (``RouterSpec.workers``) every process writes its values to
-    files in ``multiprocess_dir`` (prometheus_client's multiprocess mode, switched on by
-    :func:`enable_multiprocess_metrics` before any metric exists) and ``/metrics``, whichever process
+    files in ``multiprocess_dir`` (prometheus_client's multiprocess mode: create the metrics inside
+    :func:`multiprocess_metrics`) and ``/metrics``, whichever process
     answers it, sums them all.
     """
 
@@ -279,6 +280,18 @@ def inflight_limit(throughput: float, slo_ms: float | None, processes: int = 1) 
 # --------------------------------------------------------------------------- router
 
 
+def _infer_path(model: str, version: str) -> str:
+    return f"/v2/models/{model}/versions/{version}/infer" if version else f"/v2/models/{model}/infer"
+
+
+async def _post(be: Backend, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> HttpAnswer:
+    """An infer request to a gpu-let over HTTP; Triton's 500 for a request it cannot parse becomes 400."""
+    ans = await be.http.post(path, headers, body)
+    if ans.status == 500 and is_parse_error(ans.error_message()):
+        return HttpAnswer(400, ans.headers, ans.body)
+    return ans
+
+
 class Router:
     """Routing of requests to the gpu-lets of a routing table. Create and use inside one event loop."""
 
@@ -405,16 +418,14 @@ class Router:
         self.model(model, version)
         mm = self._mm[model]
         mm.requests.inc()
-        path = f"/v2/models/{model}/versions/{version}/infer" if version else f"/v2/models/{model}/infer"
+        path = _infer_path(model, version)
         try:
-            ans: HttpAnswer = await self._send(model, lambda be: be.http.post(path, headers, body))
+            ans: HttpAnswer = await self._send(model, lambda be: _post(be, path, headers, body))
         except Dropped:
             raise                       # counted where it was refused
         except RouterError:
             mm.done(t0, False)
             raise
-        if ans.status == 500 and is_parse_error(ans.error_message()):
-            ans = HttpAnswer(400, ans.headers, ans.body)
         dropped = ans.status != 200 and is_deadline_reject(ans.error_message())
         mm.done(t0, ans.status == 200, dropped)
         return ans
@@ -425,21 +436,16 @@ class Router:
         self.model(model, version)
         mm = self._mm[model]
         mm.requests.inc()
-        from .grpc_http import to_grpc, to_http
-
         try:
             framed = to_http(request)
             if framed is None:       # typed contents: to the gpu-let over gRPC, as it came
                 out = await self._send(model, lambda be: be.grpc.infer(request))
             else:                    # raw tensors: the same request over HTTP (a third of the router's CPU)
                 _, headers, body = framed
-                path = f"/v2/models/{model}/versions/{version}/infer" if version else f"/v2/models/{model}/infer"
+                path = _infer_path(model, version)
 
                 async def call(be: Backend) -> bytes:
-                    ans = await be.http.post(path, headers, body)
-                    if ans.status == 500 and is_parse_error(ans.error_message()):
-                        ans = HttpAnswer(400, ans.headers, ans.body)
-                    return to_grpc(ans)
+                    return to_grpc(await _post(be, path, headers, body))
 
                 out = await self._send(model, call)
         except Dropped:
@@ -467,3 +473,7 @@ class Router:
             total = {"inference_count": 0, "execution_count": 0, "inference_stats": {}, "batch_stats": []}
         total.update(name=name, version=m.version)
         return total
+
+
+# at the end: grpc_http builds on RouterError above
+from .grpc_http import to_grpc, to_http  # noqa: E402

@@ -2,9 +2,9 @@
 
 Every error answers with a KServe body ``{"error": "..."}``: the router's own
 404 for unknown models/versions, 413 for bodies over the limit, 503 when no
-gpu-let of the model can be reached; the gpu-lets' answers as Triton gives them
-(400 for bad requests, its queue policy's rejection of requests that can no
-longer meet their deadline).
+gpu-let of the model can be reached, or when they hold as many requests as they
+can finish within the SLO; the gpu-lets' answers as Triton gives them (400 for bad
+requests; Triton 2.51's 500s for requests it cannot parse become 400).
 """
 
 from __future__ import annotations
