@@ -13,6 +13,9 @@ from controlplane.spec import Assignment, Deployment, GpuLet, ModelSpec, Plan
 MODELS = ["lenet", "mobilenet_v2"]
 
 
+MAX_BODY = 4 * 1024 * 1024   # the `server` fixture's body limit (conftest.py)
+
+
 def one_gpulet_plan(batches: dict[str, int] | None = None, gid: str = "cpu0-a") -> Plan:
     """One CPU gpu-let serving lenet and mobilenet_v2 (the tests' server)."""
     batches = batches or {"lenet": 8, "mobilenet_v2": 4}

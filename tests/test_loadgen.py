@@ -15,32 +15,8 @@ import numpy as np
 import pytest
 
 from controlplane import loadgen
-from controlplane.router import RouterServer, RoutingTable
-from controlplane.spec import RouterSpec
 
 from helpers import run_cli
-from router_helpers import deployment, one_gpulet_plan, start_servers
-
-
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory):
-    plan = one_gpulet_plan()
-    rt, eps, repo = start_servers(plan, tmp_path_factory.mktemp("loadgen"))
-    try:
-        yield plan, eps, repo
-    finally:
-        rt.stop()
-
-
-@pytest.fixture(scope="module")
-def server(backend):
-    plan, eps, repo = backend
-    table = RoutingTable.from_plan(plan, eps, repo, deployment())
-    srv = RouterServer(table, RouterSpec(http_port=0, grpc_port=0)).start_in_thread()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def _adds_up(r: loadgen.ModelResult) -> None:

@@ -36,34 +36,10 @@ from tritonclient.utils import InferenceServerException
 from controlplane.router import RouterServer, RoutingTable
 from controlplane.spec import RouterSpec
 
-from router_helpers import deployment, example, one_gpulet_plan, reference, start_servers
+from router_helpers import MAX_BODY, deployment, example, one_gpulet_plan, reference, start_servers
 
-MAX_BODY = 4 * 1024 * 1024
 RTOL, ATOL = 1e-4, 1e-5
-GPULET = "cpu0-a"
-
-
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory):
-    plan = one_gpulet_plan(gid=GPULET)
-    rt, eps, repo = start_servers(plan, tmp_path_factory.mktemp("router"))
-    try:
-        yield plan, eps, repo
-    finally:
-        rt.stop()
-
-
-@pytest.fixture(scope="module")
-def server(backend):
-    plan, eps, repo = backend
-    table = RoutingTable.from_plan(plan, eps, repo, deployment())
-    # one process (workers=0 would pick one per 4 cores of the machine): the multi-process router has its own test
-    srv = RouterServer(table, RouterSpec(http_port=0, grpc_port=0, max_body_bytes=MAX_BODY, workers=1))
-    srv.start_in_thread()
-    try:
-        yield srv
-    finally:
-        srv.stop()
+GPULET = "cpu0-a"     # the gpu-let of the `backend` fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")
