@@ -139,6 +139,10 @@ class Deployed:
             out.append((self.state["gpulets"][g.id][PROTOCOL], fr))
         return out
 
+    def servers(self) -> list[str]:
+        """HTTP endpoints of the tritonservers (for their statistics)."""
+        return [g["http"] for g in self.state["gpulets"].values()]
+
     def router_metrics(self) -> str:
         import httpx
 
@@ -196,6 +200,10 @@ class PlainTriton:
                                     env=env)])
         self.up_s = time.monotonic() - t0
         self.url = eps["triton"].grpc if PROTOCOL == "grpc" else eps["triton"].http
+        self.http = eps["triton"].http
+
+    def servers(self) -> list[str]:
+        return [self.http]
 
     def urls(self, direct: bool = False) -> list[tuple[str, dict[str, float]]]:
         return [(self.url, {m.name: 1.0 for m in self.dep.models})]
@@ -205,6 +213,113 @@ class PlainTriton:
 
     def stop(self) -> None:
         self.rt.stop()
+
+
+# --------------------------------------------------------------------------- where the CPU goes
+
+
+def _proc_cpu() -> dict[int, tuple[str, int, float]]:
+    """pid -> (comm, ppid, CPU seconds so far) of every process, from /proc (Linux); with its reaped
+    children's, so the load generator's worker processes, gone by the end of a point, still count."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1:raw.rindex(")")]
+        f = raw[raw.rindex(")") + 2:].split()
+        out[int(d)] = (comm, int(f[1]), sum(int(x) for x in f[11:15]) / tick)
+    return out
+
+
+def _role(pid: int, procs: dict, me: int) -> str:
+    """tritonserver, its python-backend stubs, the MPS daemon, this benchmark's own tree (the load
+    generator), and the rest (the detached control plane: the router's processes)."""
+    comm = procs[pid][0]
+    if comm == "tritonserver":
+        return "triton"
+    if comm.startswith("triton_python"):
+        return "stub"
+    if comm.startswith("nvidia-cuda-mps"):
+        return "mps"
+    p, seen = pid, 0
+    while p > 1 and p in procs and seen < 64:
+        if p == me:
+            return "client"
+        p, seen = procs[p][1], seen + 1
+    return "router" if comm.startswith("python") else "other"
+
+
+class CpuMeter:
+    """Cores used per role over a point, and the machine's busy fraction: is the CPU the bottleneck?"""
+
+    def __enter__(self) -> "CpuMeter":
+        self.t0, self.p0, self.s0 = time.monotonic(), _proc_cpu(), _stat()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.monotonic() - self.t0
+        p1, s1 = _proc_cpu(), _stat()
+        cores: dict[str, float] = {}
+        for pid, (_, _, c1) in p1.items():
+            c0 = self.p0.get(pid, (None, None, 0.0))[2]
+            r = _role(pid, p1, os.getpid())
+            cores[r] = cores.get(r, 0.0) + max(0.0, c1 - c0) / wall
+        busy = 1.0 - (s1[1] - self.s0[1]) / max(1e-9, s1[0] - self.s0[0])
+        self.result = {"cores": {k: round(v, 2) for k, v in sorted(cores.items()) if v >= 0.01},
+                       "machine_busy": round(busy, 3)}
+
+
+def _stat() -> tuple[float, float]:
+    """(total, idle + iowait) jiffies of all CPUs."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return float(sum(f)), float(f[3] + f[4])
+
+
+# --------------------------------------------------------------------------- where a request's time goes
+
+
+STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def triton_stats(urls: list[str]) -> dict[str, dict[str, float]]:
+    """Per model, summed over the servers: Triton's cumulative counters (/v2/models/stats)."""
+    import httpx
+
+    out: dict[str, dict[str, float]] = {}
+    for u in urls:
+        try:
+            doc = httpx.get(f"http://{u}/v2/models/stats", timeout=10).json()
+        except (httpx.HTTPError, ValueError):
+            continue
+        for m in doc.get("model_stats", []):
+            d = out.setdefault(m["name"], {})
+            st = m.get("inference_stats", {})
+            for k in ("success",) + STAGES:
+                d[k + "_n"] = d.get(k + "_n", 0) + int(st.get(k, {}).get("count", 0))
+                d[k + "_ns"] = d.get(k + "_ns", 0) + int(st.get(k, {}).get("ns", 0))
+            d["inferences"] = d.get("inferences", 0) + int(m.get("inference_count", 0))
+            d["executions"] = d.get("executions", 0) + int(m.get("execution_count", 0))
+    return out
+
+
+def stage_ms(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Per model over a point: mean ms per request in Triton's queue and in each compute stage
+    (compute_infer is the whole batch's run, charged to each of its requests), and the mean batch."""
+    out = {}
+    for name, a in after.items():
+        b = before.get(name, {})
+        d = {k: a.get(k, 0) - b.get(k, 0) for k in a}
+        if d.get("success_n", 0) <= 0:
+            continue
+        r = {s: round(d[s + "_ns"] / d[s + "_n"] / 1e6, 2) for s in STAGES if d[s + "_n"] > 0}
+        r["batch"] = round(d["inferences"] / d["executions"], 1) if d["executions"] else 0.0
+        out[name] = r
+    return out
 
 
 # --------------------------------------------------------------------------- measuring
@@ -223,10 +338,13 @@ def measure(system, dep: Deployment, scale: float, duration: float, direct: bool
         results[i] = lg.run(url, rates, duration, protocol=PROTOCOL, slo_ms=slo, seed=seed + 97 * i)
 
     threads = [threading.Thread(target=one, args=(i, u, f)) for i, (u, f) in enumerate(targets)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    servers = system.servers()
+    t0 = triton_stats(servers)
+    with CpuMeter() as cpu:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     models: dict[str, dict] = {}
     for res in results:
         for name, r in res.models.items():
@@ -245,7 +363,10 @@ def measure(system, dep: Deployment, scale: float, duration: float, direct: bool
     for d in models.values():
         d["attainment"] = d.pop("met") / d["sent"] if d["sent"] else 0.0
     ok = all(d["attainment"] >= ATTAIN and not d["behind"] for d in models.values())
-    return {"scale": round(scale, 4), "pass": ok, "models": models}
+    for name, st in stage_ms(t0, triton_stats(servers)).items():
+        if name in models:
+            models[name]["triton_ms"] = st
+    return {"scale": round(scale, 4), "pass": ok, "models": models, "cpu": cpu.result}
 
 
 def search(system, dep: Deployment, guess: float, duration: float, points: int, record, direct: bool = False,
@@ -260,8 +381,12 @@ def search(system, dep: Deployment, guess: float, duration: float, points: int, 
         tried.append(p)
         record(p)
         att = " ".join(f"{n} {100 * d['attainment']:.1f}%{'(behind)' if d['behind'] else ''}"
+                       f"[p99 {d['p99_ms']:.0f} q {d.get('triton_ms', {}).get('queue', 0):.1f} "
+                       f"run {d.get('triton_ms', {}).get('compute_infer', 0):.1f} b {d.get('triton_ms', {}).get('batch', 0):g}]"
                        for n, d in p["models"].items())
-        log(f"  x{s:.3g}: {'PASS' if p['pass'] else 'fail'}  {att}")
+        cores = " ".join(f"{k} {v:g}" for k, v in p["cpu"]["cores"].items())
+        log(f"  x{s:.3g}: {'PASS' if p['pass'] else 'fail'}  {att}  | cores: {cores}, "
+            f"machine {100 * p['cpu']['machine_busy']:.0f}% busy")
         if p["pass"]:
             lo = s
         else:

@@ -12,8 +12,8 @@ generates one repository per gpu-let: each model it serves on the python backend
 (``model.py`` and the artifact, hard-linked where possible, so a container's
 bind mount sees a real file), an ``instance_group`` on the gpu-let's GPU (or the
 CPU), and Triton's dynamic batcher set from the plan — Triton batches, the
-router only routes (:func:`gpulet_config` has the rule): the planned batch as
-the preferred batch and a short queue delay taken from the model's slack.
+router only routes (:func:`gpulet_config` has the rule): batches as large as the
+queue allows, and a short queue delay taken from the model's slack.
 """
 
 from __future__ import annotations
@@ -215,9 +215,14 @@ def gpulet_config(info: ModelInfo, assignment: Assignment, on_gpu: bool, slo_ms:
 
     * ``max_batch_size``: max(planned batch, the source model's own max_batch_size) — clients
       may send requests up to the model's limit; the router does not cut them.
-    * ``dynamic_batching``: ``preferred_batch_size`` [planned batch] (under load Triton forms
-      batches of the planned size, as the plan's latencies assume) and
-      ``max_queue_delay_microseconds`` = :func:`queue_delay_us` (slo_ms, ``assignment.latency_ms``).
+    * ``dynamic_batching``: no ``preferred_batch_size``, so Triton runs whatever is queued, up to
+      ``max_batch_size``, when the instance frees; ``max_queue_delay_microseconds`` =
+      :func:`queue_delay_us` (slo_ms, ``assignment.latency_ms``), counted from the oldest queued
+      request, so it only holds a partial batch when the queue is short. The planned batch is
+      what the share must sustain at the planned rate, not a cap: measured on the H200
+      (2026-11-29, docs/benchmarks.md "Serving"), preferring it capped batches under backlog and the
+      gpu-run mix failed resnet50's SLO at x2.26 where two plain tritonservers split by hand
+      with ``dynamic_batching { }`` held x3.
     * no queue policy. Measured with Triton 2.51 (sequential lenet requests on CPU): with any
       ``default_queue_policy`` — a timeout, ``allow_timeout_override`` or only
       ``max_queue_size`` — 0.4 to 3 % of requests sit ~500 ms in the queue (the batcher's idle
@@ -235,7 +240,6 @@ def gpulet_config(info: ModelInfo, assignment: Assignment, on_gpu: bool, slo_ms:
     cfg.max_batch_size = max(assignment.batch, info.max_batch_size)
     cfg.ClearField("dynamic_batching")
     db = cfg.dynamic_batching
-    db.preferred_batch_size.append(assignment.batch)
     db.max_queue_delay_microseconds = queue_delay_us(slo_ms, assignment.latency_ms)
     cfg.ClearField("instance_group")
     group = cfg.instance_group.add()

@@ -66,10 +66,10 @@ def test_gpulet_repository_has_batcher_placement_and_aliases(tmp_path):
     slos = {m.name: m.slo_ms for m in dep.models}
     dirs = write_gpulet_repositories(repo, plan, tmp_path, on_gpu=True, slo_ms=slos)
     cfg = _config(dirs["gpu0-a"] / "lenet1" / "config.pbtxt")
-    # clients may send up to the model's own limit (32); Triton prefers the planned batch
+    # clients may send up to the model's own limit (32); Triton batches what is queued, no preferred size
     assert cfg.name == "lenet1" and cfg.max_batch_size == 32 and cfg.backend == "python"
     db = cfg.dynamic_batching
-    assert list(db.preferred_batch_size) == [6]
+    assert not db.preferred_batch_size
     assert db.max_queue_delay_microseconds == 4200                  # 0.1 * (50 - 2 * 4) ms
     assert not db.HasField("default_queue_policy")                  # see gpulet_config: no queue policy
     (group,) = cfg.instance_group
@@ -82,7 +82,7 @@ def test_gpulet_repository_has_batcher_placement_and_aliases(tmp_path):
     cfg = _config(cpu["gpu0-b"] / "mobilenet_v2" / "config.pbtxt")
     assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and cfg.max_batch_size == 32
     db = cfg.dynamic_batching  # no predicted latency: the whole SLO may be spent queueing
-    assert list(db.preferred_batch_size) == [3] and db.max_queue_delay_microseconds == 5000
+    assert not db.preferred_batch_size and db.max_queue_delay_microseconds == 5000
 
 
 @pytest.mark.parametrize("slo, latency, delay_us", [
@@ -100,7 +100,7 @@ def test_queue_delay_rule(slo, latency, delay_us):
 def test_batch_above_the_models_limit_raises_max_batch_size():
     info = SourceRepository()["lenet"]
     cfg = gpulet_config(info, Assignment(model="lenet", batch=64, rate=1), on_gpu=False, slo_ms=None)
-    assert cfg.max_batch_size == 64 and list(cfg.dynamic_batching.preferred_batch_size) == [64]
+    assert cfg.max_batch_size == 64 and not cfg.dynamic_batching.preferred_batch_size
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
     assert info.config.max_batch_size == 32 and not info.config.HasField("dynamic_batching")  # source untouched
 
@@ -124,7 +124,7 @@ def test_a_repository_written_without_slos_does_not_hold_batches(tmp_path):
     g = GpuLet(id="p", gpu=0, share=100, models=[Assignment(model="lenet", batch=8, rate=0)])
     cfg = _config(write_gpulet_repository(repo, g, tmp_path / "p", on_gpu=False) / "lenet" / "config.pbtxt")
     db = cfg.dynamic_batching
-    assert list(db.preferred_batch_size) == [8] and db.max_queue_delay_microseconds == 0
+    assert cfg.max_batch_size == 32 and db.max_queue_delay_microseconds == 0
 
 
 def test_unbuilt_model_is_a_clear_error(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """The router's engine: pass KServe v2 requests through to the gpu-lets of their model.
 
 Triton does the serving work in C++: each gpu-let's tritonserver batches with its
-dynamic batcher, configured from the plan (preferred batch = planned batch, a
-queue delay from the SLO's slack). The router adds what one tritonserver cannot:
+dynamic batcher, configured from the plan (batches as large as the queue allows,
+a queue delay from the SLO's slack). The router adds what one tritonserver cannot:
 
 * **which gpu-let**: among a model's ready gpu-lets, the one with the fewest
   requests in flight per unit of planned throughput (the prototype's credits);
