@@ -2,8 +2,15 @@
 
 Generated into every gpu-let's model repository by the control plane. Tensors
 cross the Triton boundary through DLPack, not numpy: numpy-backed outputs fail
-on some numpy versions ("output tensor shape does not match size of output"),
-and DLPack keeps GPU outputs on the GPU.
+on some numpy versions ("output tensor shape does not match size of output").
+
+One batch crosses the PCIe bus as one copy each way: the requests' inputs are
+gathered into a pinned buffer and sent to the GPU together, and the outputs come
+back to the host together before they are cut into responses. Measured on the
+H200 (2026-11-29, benchmarks/serving.py): copying each request's 600 KB image up
+on its own, and handing Triton one GPU output per response, cost a resnet50
+batch of 24 about 20 ms besides its run — the model, not the GPU, capped what
+any deployment served.
 
 Environment (set by the runtime for each gpu-let):
   CONTROLPLANE_THREADS  intra-op threads on the CPU (the gpu-let's cores).
@@ -36,6 +43,7 @@ class TritonPythonModel:
         self.model = torch.jit.load(path, map_location=self.device).eval()
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
+        self._pinned = {}   # input name -> reusable page-locked host buffer (GPU instances)
         self._warm_up(config)
 
     def _warm_up(self, config):
@@ -52,24 +60,31 @@ class TritonPythonModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _tensor(self, request, name):
-        t = pb_utils.get_input_tensor_by_name(request, name)
-        return from_dlpack(t.to_dlpack()).to(self.device, non_blocking=True)
+    def _input(self, requests, name):
+        """The requests' tensors of one input as one batch on the model's device."""
+        parts = [from_dlpack(pb_utils.get_input_tensor_by_name(r, name).to_dlpack()) for r in requests]
+        if self.device.type == "cpu" or any(p.device.type != "cpu" for p in parts):
+            parts = [p.to(self.device) for p in parts]
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        n = torch.Size(shape).numel()
+        buf = self._pinned.get(name)
+        if buf is None or buf.dtype != parts[0].dtype or buf.numel() < n:
+            buf = self._pinned[name] = torch.empty(max(n, 1), dtype=parts[0].dtype, pin_memory=True)
+        host = buf[:n].view(shape)
+        torch.cat(parts, out=host)
+        # Safe to reuse next batch: execute() waits for this batch's outputs, which come after this copy.
+        return host.to(self.device, non_blocking=True)
 
     def execute(self, requests):
         # Triton may hand over several requests at once: run them as one batch.
-        sizes = []
-        columns = [[] for _ in self.inputs]
-        for request in requests:
-            tensors = [self._tensor(request, n) for n in self.inputs]
-            sizes.append(tensors[0].shape[0])
-            for col, t in zip(columns, tensors):
-                col.append(t)
-        batch = [torch.cat(c) if len(c) > 1 else c[0] for c in columns]
+        sizes = [pb_utils.get_input_tensor_by_name(r, self.inputs[0]).shape()[0] for r in requests]
+        batch = [self._input(requests, n) for n in self.inputs]
         with torch.inference_mode():
             out = self.model(*batch)
         if not isinstance(out, (tuple, list)):
             out = (out,)
+        out = [o.cpu() for o in out]     # one copy per output (it waits for the GPU)
         responses = []
         start = 0
         for n in sizes:
