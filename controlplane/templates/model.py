@@ -29,6 +29,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         if args["model_instance_kind"] == "GPU":
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
+            # The host side only copies; torch's default (a thread per core, spinning between ops)
+            # made three stubs take 14 of 16 cores and a resnet50 batch 450 ms on the H200.
+            torch.set_num_threads(1)
         else:
             self.device = torch.device("cpu")
             threads = int(os.environ.get("CONTROLPLANE_THREADS", "0") or 0)
