@@ -76,11 +76,11 @@ def scaled(dep: Deployment, s: float) -> Deployment:
 
 def planner_max(dep: Deployment, store, algorithm: str, steps: int = 12) -> tuple[float, Plan | None]:
     """The largest scale the planner fits on one GPU (bisection), and its plan there."""
-    from controlplane import scheduler
+    from controlplane.planning import make_plan
 
     def fit(s: float) -> Plan | None:
         try:
-            return scheduler.plan(scaled(dep, s), store, algorithm=algorithm, gpus=1)
+            return make_plan(scaled(dep, s), profile=store, algorithm=algorithm, gpus=1)
         except Exception:  # noqa: BLE001 - SchedulingError and unreachable SLOs alike: does not fit
             return None
 

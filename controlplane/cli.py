@@ -285,26 +285,17 @@ def plan_cmd(
     profile: Optional[Path] = typer.Option(
         None, "--profile", help="plan with this profile (a device folder such as profiles/h100, or a latency.csv) "
         "instead of the one of this machine's devices"),
+    profile_missing: bool = typer.Option(
+        False, "--profile-missing", help="measure the models this machine's profile lacks first (minutes per model); "
+        "without it, plan names them and stops"),
 ) -> None:
     """Plan a deployment without launching anything."""
     dep = _deployment(file)
-    from . import devices as devmod
-    from .planner import plan as make_plan
-    from .profiles_loader import load_profiles_for
+    from .planning import make_plan
 
     try:
-        if profile is not None:
-            from .profiles import ProfileStore
-
-            from .profiles_loader import alias_models
-
-            profiles = alias_models(ProfileStore.load(profile), dep)
-            device = profiles.device
-        else:
-            devices = devmod.resolve(dep.devices)
-            profiles = load_profiles_for(dep, devices, log=lambda m: err.print(m))
-            device = devices.name
-        p = make_plan(dep, profiles, device=device, gpus=gpus, algorithm=algorithm)
+        p = make_plan(dep, profile=profile, gpus=gpus, algorithm=algorithm, profile_missing=profile_missing,
+                      log=lambda m: err.print(m))
     except ValueError as e:
         _fail(str(e), 1)
     if png:

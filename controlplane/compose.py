@@ -231,12 +231,10 @@ def compose_command(
     if plan_file:
         plan = load_plan(plan_file)
     else:
-        from .planner import plan as make_plan
-        from .profiles_loader import load_profiles_for
+        from .planning import make_plan
 
         try:
-            profiles = load_profiles_for(dep, devices, log=lambda m: cli.err.print(m))
-            plan = make_plan(dep, profiles, device=devices.name)
+            plan = make_plan(dep, devices, log=lambda m: cli.err.print(m))
         except ValueError as e:
             cli._fail(str(e), 1)
     uuids = {i: g.uuid for i, g in enumerate(devices.gpus)} if devices.on_gpu else None

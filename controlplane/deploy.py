@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import devices as devmod
-from .planner import plan as make_plan
+from .planning import make_plan
 from .repository import SourceRepository, build_artifacts, repository_for, write_gpulet_repositories
 from .runtime.base import Endpoint, Launch, Runtime, cpu_cores_for, gpulet_env
 from .spec import Deployment, Plan
@@ -103,13 +103,8 @@ class Controller:
 
     def prepare(self, plan: Plan | None = None) -> Plan:
         self.devices = devmod.resolve(self.dep.devices)
-        if plan is None:
-            from .profiles_loader import load_profiles_for
-
-            profiles = load_profiles_for(self.dep, self.devices, log=self.log)
-            gpus = self.dep.scheduler.gpus or (self.devices.count() if self.devices.on_gpu else None)
-            max_batch = {n: self.repo[n].max_batch_size or 1 for n in (m.name for m in self.dep.models)}
-            plan = make_plan(self.dep, profiles, device=self.devices.name, gpus=gpus, max_batch=max_batch)
+        if plan is None:   # up measures what its device's profile lacks (saying so) rather than fail
+            plan = make_plan(self.dep, self.devices, repo=self.repo, profile_missing=True, log=self.log)
         if self.devices.on_gpu and plan.gpulets and max(g.gpu for g in plan.gpulets) >= self.devices.count():
             raise ValueError(f"the plan needs {plan.gpus} GPU(s) but the deployment has {self.devices.count()}")
         build_artifacts(self.repo, plan.model_names(), progress=lambda n: self.log(f"building model {n} ..."))

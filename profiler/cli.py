@@ -33,7 +33,8 @@ def profile(
     shares: str = typer.Option("20,40,50,60,80,100", help="shares in % (MPS on GPU, cores on CPU)"),
     batches: str = typer.Option("1,2,4,8,16,32", help="batch sizes"),
     precisions: str = typer.Option("fp32", help="'fp32', 'fp16' or 'fp32,fp16' (fp16 on GPU only, where the model holds)"),
-    out: Path = typer.Option(Path("profiles"), "--out", "-o", help="profiles root; files go to <out>/<device-slug>/"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="profiles root; files go to <out>/<device-slug>/ "
+                                    "(default $CONTROLPLANE_CACHE/profiles, where `plan` and `up` look)"),
     csv_path: Path | None = typer.Option(None, "--csv", help="latency CSV (default <out>/<slug>/latency.csv)"),
     mode: str = typer.Option("inprocess", help="'inprocess' (one worker per share) or 'serving' (tritonserver per share)"),
     source: str = typer.Option("zoo", help="in-process models: 'zoo' (seeded build) or 'torchscript' (the repository's model.pt)"),
@@ -62,6 +63,10 @@ def profile(
     from controlplane.runtime.mps import Daemon, MPSNotActive, default_dirs
 
     con = Console(stderr=True)
+    if out is None:
+        from controlplane.repository import cache_dir
+
+        out = cache_dir() / "profiles"
     names = zoo.names() if models == "all" else [m for m in models.split(",") if m]
     unknown = [m for m in names if m not in zoo.names()]
     if unknown:

@@ -1,0 +1,167 @@
+"""Planning: a deployment, on the devices it resolves to (or against a named profile), to a Plan.
+
+The one door to the scheduler for ``up``, ``plan``, ``compose`` and the benchmarks, so that the
+same file on the same host gets the same plan from each (the same algorithm, GPU cap and batch
+limits). The scheduler proper (:mod:`controlplane.scheduler`) stays pure — workload and profiles
+in, plan out; this module does the I/O around it: it finds the profile, and measures what is
+missing only when asked to.
+
+Where profiles live (:func:`profile_dirs`):
+
+* measured on this machine: ``$CONTROLPLANE_CACHE/profiles/<device>/`` (default
+  ``~/.cache/controlplane/profiles/``) — ``controlplane profile`` and ``up`` write there;
+* shipped with the project: ``profiles/<device>/`` in the source tree, read only;
+* a deployment's ``profiles:`` folder replaces both, for reading and for writing.
+
+Rows measured here win over shipped ones for the same (model, share, batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .devices import DeviceSet
+from .profiles import ProfileStore, device_slug, read_csv
+from .repository import SourceRepository, cache_dir, repository_for
+from .spec import Assignment, Deployment, GpuLet, ModelSummary, Plan
+
+#: profiles that come with the project (read only)
+SHIPPED_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+
+
+class MissingProfile(ValueError):
+    """The device's profile lacks models the deployment plans; the message says how to make it."""
+
+    def __init__(self, models: list[str], device: str, on_gpu: bool, where: Path) -> None:
+        self.models = models
+        super().__init__(
+            f"no {device} profile for model(s) {', '.join(models)} (looked in {where}); measure them with "
+            f"`controlplane profile --device {'gpu' if on_gpu else 'cpu'} --models {','.join(models)}` or "
+            f"`controlplane plan --profile-missing`, or plan with `scheduler: {{algorithm: trivial}}`")
+
+
+def measured_root(dep: Deployment) -> Path:
+    """Where profiles measured on this machine are written (and read first)."""
+    return Path(dep.profiles) if dep.profiles else cache_dir() / "profiles"
+
+
+def profile_dirs(dep: Deployment, device: str) -> list[Path]:
+    """The folders a device's profile is read from, the one that wins last."""
+    slug = device_slug(device)
+    if dep.profiles:
+        return [Path(dep.profiles) / slug]
+    return [SHIPPED_PROFILES / slug, measured_root(dep) / slug]
+
+
+def alias_models(store: ProfileStore, dep: Deployment) -> ProfileStore:
+    """Models served as copies (`base:`) plan with their base model's profile."""
+    for m in dep.models:
+        if m.base and m.base in store.models():
+            store.alias(m.name, m.base)
+    return store
+
+
+def load_profiles(dep: Deployment, device: str) -> ProfileStore | None:
+    """The device's profile from :func:`profile_dirs` (None when there is none), with aliases."""
+    rows, interference = [], None
+    for d in profile_dirs(dep, device):
+        if (d / "latency.csv").is_file():
+            rows += read_csv(d / "latency.csv")
+        if (d / "interference.json").is_file():
+            interference = d / "interference.json"
+    if not rows:
+        return None
+    store = ProfileStore.from_rows(rows, device=device)
+    if interference is not None:
+        from .scheduler.interference import load_interference
+
+        store.interference = load_interference(interference)
+    return alias_models(store, dep)
+
+
+def measure(dep: Deployment, devices: DeviceSet, models: list[str]) -> None:
+    """Profile models on these devices into :func:`measured_root` (resumable, with a progress bar).
+
+    On a GPU, shares only take effect under MPS: a daemon is started on a private pipe directory
+    for the profiling run and stopped after it (``up`` starts its own later).
+    """
+    from profiler.ensure import ensure_profile
+
+    kw = dict(profiles_root=measured_root(dep), shares=dep.scheduler.shares,
+              batches=[b for b in (1, 2, 4, 8, 16, 32) if b <= dep.scheduler.max_batch])
+    if not devices.on_gpu:
+        ensure_profile(models, device="cpu", **kw)
+        return
+    import tempfile
+
+    from .runtime.mps import Daemon
+
+    tmp = Path(tempfile.mkdtemp(prefix="gpulet-prof-"))
+    daemon = Daemon(tmp / "pipe", tmp / "log")
+    daemon.start()
+    try:
+        ensure_profile(models, device="gpu", mps_pipe_dir=daemon.pipe_dir, gpu_index=devices.gpus[0].index, **kw)
+    finally:
+        daemon.stop()
+
+
+def trivial_plan(deployment: Deployment, device: str = "cpu", max_batch: dict[str, int] | None = None) -> Plan:
+    """Each model alone on a full-share gpu-let of its own (the baseline of one Triton per model)."""
+    gpulets, models = [], {}
+    for i, m in enumerate(deployment.models):
+        batch = min(m.max_batch or deployment.scheduler.max_batch, (max_batch or {}).get(m.name) or 1024)
+        gpulets.append(GpuLet(id=f"gpu{i}-a", gpu=i, share=100, duty_cycle_ms=0.0,
+                              models=[Assignment(model=m.name, batch=batch, rate=m.rate)]))
+        models[m.name] = ModelSummary(rate=m.rate, slo_ms=m.slo_ms, throughput=0.0, worst_latency_ms=0.0)
+    return Plan(deployment=deployment.name, device=device, algorithm="trivial", gpus=len(gpulets),
+                gpulets=gpulets, models=models)
+
+
+def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str | Path | ProfileStore | None = None,
+              algorithm: str | None = None, gpus: int | None = None, repo: SourceRepository | None = None,
+              profile_missing: bool = False, log: Callable[[str], None] = print) -> Plan:
+    """Plan a deployment.
+
+    devices: what it runs on (resolved from ``dep.devices`` when not given). profile: plan against
+    this profile (a device folder such as ``profiles/h100``, a latency.csv, or a loaded store)
+    instead of this machine's — then nothing about the local devices matters. gpus: at most this many; default
+    the deployment's ``scheduler.gpus``, else (on GPUs, planning for them) how many there are.
+    profile_missing: measure models the profile lacks (logged first) instead of raising
+    :class:`MissingProfile`.
+    """
+    algorithm = algorithm or dep.scheduler.algorithm
+    gpus = gpus or dep.scheduler.gpus
+    if profile is not None:
+        store = alias_models(profile if isinstance(profile, ProfileStore) else ProfileStore.load(profile), dep)
+        if algorithm == "trivial":
+            return trivial_plan(dep, store.device, _model_limits(dep, repo))
+        from . import scheduler
+
+        return scheduler.plan(dep, store, algorithm=algorithm, gpus=gpus)
+    if devices is None:
+        from . import devices as devmod
+
+        devices = devmod.resolve(dep.devices)
+    if algorithm == "trivial":
+        return trivial_plan(dep, devices.name, _model_limits(dep, repo))
+    names = list(dict.fromkeys(m.source for m in dep.models))
+    store = load_profiles(dep, devices.name)
+    missing = [n for n in names if store is None or n not in store.models()]
+    if missing and profile_missing:
+        log(f"no {devices.name} profile for {', '.join(missing)}: measuring them into "
+            f"{measured_root(dep) / device_slug(devices.name)} ...")
+        measure(dep, devices, missing)
+        store = load_profiles(dep, devices.name)
+        missing = [n for n in names if store is None or n not in store.models()]
+    if missing:
+        raise MissingProfile(missing, devices.name, devices.on_gpu, profile_dirs(dep, devices.name)[-1])
+    from . import scheduler
+
+    return scheduler.plan(dep, store, algorithm=algorithm, gpus=gpus or (devices.count() if devices.on_gpu else None))
+
+
+def _model_limits(dep: Deployment, repo: SourceRepository | None) -> dict[str, int]:
+    """Each model's own max_batch_size (its repository config), the trivial plan's batch cap."""
+    repo = repo or repository_for(dep)
+    return {m.name: repo[m.name].max_batch_size or 1 for m in dep.models}

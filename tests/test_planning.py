@@ -1,0 +1,84 @@
+"""One planning entry point: `plan` and `up` make the same plan; a missing profile is named, not measured."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from controlplane import devices as devmod
+from controlplane.deploy import Controller
+from controlplane.planning import SHIPPED_PROFILES, MissingProfile, make_plan
+from controlplane.profiles import device_slug, read_csv, write_csv
+from controlplane.spec import load_deployment
+
+from helpers import run_cli
+
+DEPLOYMENT = """\
+name: planning-{algorithm}
+models:
+  - {{name: lenet, rate: 50, slo_ms: 50}}
+  - {{name: mobilenet_v2, rate: 5, slo_ms: 500}}
+devices: cpu
+router: {{http_port: 0, grpc_port: 0}}
+scheduler: {{algorithm: {algorithm}}}
+profiles: {profiles}
+run_dir: {run_dir}
+"""
+
+
+@pytest.fixture()
+def profiles(tmp_path) -> Path:
+    """The shipped 2-core CPU profile, relabelled for this machine's CPU (CI's may differ)."""
+    name = devmod.resolve("cpu").name
+    rows = [dataclasses.replace(r, device=name) for r in read_csv(SHIPPED_PROFILES / "cpu-2c" / "latency.csv")]
+    root = tmp_path / "profiles"
+    (root / device_slug(name)).mkdir(parents=True)
+    write_csv(root / device_slug(name) / "latency.csv", rows)
+    return root
+
+
+@pytest.mark.parametrize("algorithm", ["gpulet", "temporal", "trivial"])
+def test_plan_command_makes_the_plan_up_runs(tmp_path, profiles, algorithm):
+    path = tmp_path / "dep.yaml"
+    path.write_text(DEPLOYMENT.format(algorithm=algorithm, profiles=profiles, run_dir=tmp_path / "run"))
+    printed = json.loads(run_cli("plan", "-f", str(path), "--json", check=True).stdout)
+    prepared = Controller(load_deployment(path), log=lambda m: None).prepare()   # what `up` launches
+    assert printed == json.loads(prepared.model_dump_json())
+    assert printed["algorithm"] == algorithm and printed["gpulets"]
+
+
+def test_plan_without_a_profile_names_the_models_and_the_command(tmp_path):
+    empty = tmp_path / "profiles"
+    empty.mkdir()
+    path = tmp_path / "dep.yaml"
+    path.write_text(DEPLOYMENT.format(algorithm="gpulet", profiles=empty, run_dir=tmp_path / "run")
+                    .replace("mobilenet_v2", "resnet50"))
+    proc = run_cli("plan", "-f", str(path))
+    assert proc.returncode == 1
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert "lenet, resnet50" in out and "controlplane profile --device cpu --models lenet,resnet50" in out, out
+    assert "--profile-missing" in out
+    assert not any(empty.rglob("*"))                # nothing was measured or written
+    with pytest.raises(MissingProfile) as e:
+        make_plan(load_deployment(path))
+    assert e.value.models == ["lenet", "resnet50"]
+
+
+def test_measured_rows_win_over_shipped_ones(tmp_path, monkeypatch):
+    """Rows measured on this machine (the cache) replace the shipped ones for the same point."""
+    from controlplane.planning import load_profiles
+
+    monkeypatch.setenv("CONTROLPLANE_CACHE", str(tmp_path / "cache"))
+    shipped = read_csv(SHIPPED_PROFILES / "cpu-2c" / "latency.csv")
+    slow = [dataclasses.replace(r, p50_ms=r.p50_ms * 10, p99_ms=r.p99_ms * 10) for r in shipped if r.model == "lenet"]
+    (tmp_path / "cache" / "profiles" / "cpu-2c").mkdir(parents=True)
+    write_csv(tmp_path / "cache" / "profiles" / "cpu-2c" / "latency.csv", slow)
+    dep = load_deployment(Path("deployments/default.yaml"))
+    store = load_profiles(dep, "cpu-2c")
+    base = {(r.share, r.batch): r.p99_ms for r in shipped if r.model == "lenet"}
+    for (share, batch), p99 in base.items():
+        assert store.latency("lenet", share, batch) == pytest.approx(10 * p99, rel=1e-6)
+    assert "mobilenet_v2" in store.models()         # still there, from the shipped rows
