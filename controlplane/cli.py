@@ -8,7 +8,6 @@ naming the file, the field and the problem when the file is invalid.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,43 +17,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .spec import Deployment, SpecError, load_deployment
+from .cli_base import FileOpt, console, err, fail, read_deployment
+from .spec import SpecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 repo_app = typer.Typer(no_args_is_help=True, help="The source model repository (the zoo).")
 app.add_typer(repo_app, name="repo")
-
-# Piped output (logs, `--detach`) gets wide tables instead of rich's 80-column default.
-console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 160)
-
-DEFAULT_DEPLOYMENT = "deployments/default.yaml"
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-FileOpt = typer.Option(DEFAULT_DEPLOYMENT, "-f", "--file", help="deployment file (YAML)")
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _deployment(path: str) -> Deployment:
-    from .repository import RepositoryError, SourceRepository
-
-    p = Path(path)
-    if not p.exists() and path == DEFAULT_DEPLOYMENT and (_PROJECT_ROOT / path).exists():
-        p = _PROJECT_ROOT / path
-    try:
-        raw = load_deployment(p)  # field errors first, then model names against the repository
-        known = SourceRepository(raw.repository).names()
-        return load_deployment(p, known_models=known)
-    except (SpecError, RepositoryError) as e:
-        _fail(str(e))
-
 
 # --------------------------------------------------------------------------- up / down / status
 
@@ -66,13 +36,13 @@ def up(
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="use this plan (JSON) instead of planning"),
 ) -> None:
     """Plan, launch one tritonserver per gpu-let, and serve every model behind one KServe v2 endpoint."""
-    dep = _deployment(file)
+    dep = read_deployment(file)
     from .deploy import Controller, RunPaths, pid_alive, read_state
 
     paths = RunPaths.for_deployment(dep)
     state = read_state(paths)
     if state and pid_alive(state.get("pid")):
-        _fail(f"deployment {dep.name!r} is already up (pid {state['pid']}); run `controlplane down -f {file}` first", 1)
+        fail(f"deployment {dep.name!r} is already up (pid {state['pid']}); run `controlplane down -f {file}` first", 1)
     if detach:
         _detach(file, paths, plan_file)
         return
@@ -98,7 +68,7 @@ def up(
         ctl.start()
     except (StartError, RepositoryError, SpecError, ValueError, RuntimeError, OSError) as e:
         ctl.shutdown()
-        _fail(str(e), 1)
+        fail(str(e), 1)
     except KeyboardInterrupt:
         ctl.shutdown()
         err.print("interrupted while starting; everything started was stopped")
@@ -137,7 +107,7 @@ def _detach(file: str, paths, plan_file: Optional[Path]) -> None:
         time.sleep(0.5)
         if proc.poll() is not None:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-            _fail(f"controlplane up exited with code {proc.returncode}; {log}:\n{tail}", 1)
+            fail(f"controlplane up exited with code {proc.returncode}; {log}:\n{tail}", 1)
         state = read_state(paths)
         if state and state.get("state") == "ready" and state.get("pid") == proc.pid and pid_alive(proc.pid):
             break
@@ -148,7 +118,7 @@ def _detach(file: str, paths, plan_file: Optional[Path]) -> None:
 @app.command()
 def down(file: str = FileOpt) -> None:
     """Stop a deployment: its router, every gpu-let's server, and the MPS daemon it started."""
-    dep = _deployment(file)
+    dep = read_deployment(file)
     from .deploy import RunPaths, stop_deployment
 
     stopped = stop_deployment(RunPaths.for_deployment(dep))
@@ -166,7 +136,7 @@ def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -
 
     from .deploy import RunPaths, pid_alive, read_state
 
-    dep = _deployment(file)
+    dep = read_deployment(file)
     state = read_state(RunPaths.for_deployment(dep))
     if not state or not pid_alive(state.get("pid")):
         console.print(f"deployment {dep.name!r} is not running")
@@ -211,7 +181,7 @@ def logs(gpulet: str, file: str = FileOpt, tail: int = typer.Option(100, "--tail
     """The log of one gpu-let's tritonserver."""
     from .deploy import RunPaths, read_state
 
-    dep = _deployment(file)
+    dep = read_deployment(file)
     state = read_state(RunPaths.for_deployment(dep)) or {}
     info = state.get("gpulets", {}).get(gpulet)
     if info and info.get("container"):
@@ -221,7 +191,7 @@ def logs(gpulet: str, file: str = FileOpt, tail: int = typer.Option(100, "--tail
         return
     path = RunPaths.for_deployment(dep).logs / f"{gpulet}.log"
     if not path.exists():
-        _fail(f"no log for gpu-let {gpulet!r} at {path}", 1)
+        fail(f"no log for gpu-let {gpulet!r} at {path}", 1)
     console.print("\n".join(path.read_text(errors="replace").splitlines()[-tail:]), highlight=False, markup=False)
 
 
@@ -238,12 +208,12 @@ def router_cmd(
     from .runtime.base import Endpoint
     from .spec import load_plan
 
-    dep = _deployment(str(deployment))
+    dep = read_deployment(str(deployment))
     try:
         plan = load_plan(plan_file)
         eps = {k: Endpoint(**v) for k, v in json.loads(endpoints.read_text()).items()}
     except (SpecError, OSError, ValueError, TypeError) as e:
-        _fail(f"{e}")
+        fail(f"{e}")
     spec = dep.router.model_copy(update={"host": host}) if host else dep.router
     server = RouterServer(RoutingTable.from_plan(plan, eps, repository_for(dep), dep), spec)
     stop = threading.Event()
@@ -290,14 +260,14 @@ def plan_cmd(
         "without it, plan names them and stops"),
 ) -> None:
     """Plan a deployment without launching anything."""
-    dep = _deployment(file)
+    dep = read_deployment(file)
     from .planning import make_plan
 
     try:
         p = make_plan(dep, profile=profile, gpus=gpus, algorithm=algorithm, profile_missing=profile_missing,
                       log=lambda m: err.print(m))
     except ValueError as e:
-        _fail(str(e), 1)
+        fail(str(e), 1)
     if png:
         from .plot import plot
 
@@ -341,7 +311,7 @@ def repo_build(
             repo[n]
         built = build_artifacts(repo, names or None, force=force, progress=lambda n: console.print(f"building {n} ..."))
     except RepositoryError as e:
-        _fail(str(e))
+        fail(str(e))
     for p in built:
         console.print(f"{p.parent.name}: {p}")
 
@@ -349,29 +319,19 @@ def repo_build(
 # --------------------------------------------------------------------------- optional parts
 
 
-def _mount_optional() -> None:
-    """Commands whose implementation lives in other packages (profiler, router, docker)."""
-    try:
-        from profiler.cli import profile
+def _mount() -> None:
+    """Commands that live in their own modules. A broken import fails here, loudly."""
+    from profiler.cli import profile
 
-        app.command("profile")(profile)
-    except ImportError:
-        pass
-    try:
-        from .loadgen_cli import loadgen
+    from .compose import compose_command
+    from .loadgen_cli import loadgen
 
-        app.command("loadgen")(loadgen)
-    except ImportError:
-        pass
-    try:
-        from .compose import compose_command
-
-        app.command("compose")(compose_command)
-    except ImportError:
-        pass
+    app.command("profile")(profile)
+    app.command("loadgen")(loadgen)
+    app.command("compose")(compose_command)
 
 
-_mount_optional()
+_mount()
 
 
 def main() -> None:  # pragma: no cover

@@ -222,11 +222,11 @@ def compose_command(
                                      help="control plane image running the router (compose/build-controlplane-image.sh)"),
 ) -> None:
     """Render a deployment's plan as a compose file (router, MPS daemon, one service per gpu-let)."""
-    from . import cli
+    from .cli_base import console, err, fail, read_deployment
     from . import devices as devmod
     from .spec import load_plan
 
-    dep = cli._deployment(file)
+    dep = read_deployment(file)
     devices = devmod.resolve(dep.devices)
     if plan_file:
         plan = load_plan(plan_file)
@@ -234,15 +234,15 @@ def compose_command(
         from .planning import make_plan
 
         try:
-            plan = make_plan(dep, devices, log=lambda m: cli.err.print(m))
+            plan = make_plan(dep, devices, log=lambda m: err.print(m))
         except ValueError as e:
-            cli._fail(str(e), 1)
+            fail(str(e), 1)
     uuids = {i: g.uuid for i, g in enumerate(devices.gpus)} if devices.on_gpu else None
     out = out_dir or Path(dep.run_dir or f".controlplane/{dep.name}") / "compose"
     if mps not in ("container", "host", "none"):
-        cli._fail(f"--mps must be container, host or none, not {mps!r}")
+        fail(f"--mps must be container, host or none, not {mps!r}")
     path = write_compose_bundle(dep, plan, out, on_gpu=devices.on_gpu, gpu_uuids=uuids,
                                 image=image, mps=mps, cores=None if devices.on_gpu else list(devices.cores),
                                 router_image=router_image)
-    cli.console.print(f"wrote {path} ({len(plan.gpulets)} gpu-let(s)); run: "
+    console.print(f"wrote {path} ({len(plan.gpulets)} gpu-let(s)); run: "
                       f"docker compose -p {project_name(dep)} -f {path} up -d", highlight=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +21,8 @@ def loadgen(
         None, "--workers", min=1, help="processes sending the load; default: enough for the offered load "
                                        "(~400 req/s or ~150 MB/s each), at most the CPU count; 1: this process"),
     timeout: float = typer.Option(30.0, "--timeout", help="client timeout per request in seconds (then an error)"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON (stdout) instead of the table"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the result as JSON to this file"),
     png: Optional[Path] = typer.Option(None, "--png", help="write a latency CDF plot"),
 ) -> None:
     """Send Poisson (or constant-rate) load per model; report offered and sent rate, throughput, p50/p99,
@@ -28,10 +30,10 @@ def loadgen(
     from rich.console import Console
 
     from . import loadgen as lg
-    from .cli import _deployment, _fail
+    from .cli_base import fail, read_deployment
     from .deploy import RunPaths, read_state
 
-    dep = _deployment(file)
+    dep = read_deployment(file)
     rates = {m.name: m.rate for m in dep.models}
     if rate:
         rates = {}
@@ -40,11 +42,11 @@ def loadgen(
             try:
                 rates[name] = float(value)
             except ValueError:
-                _fail(f"--rate {item!r}: expected MODEL=REQ_PER_S")
+                fail(f"--rate {item!r}: expected MODEL=REQ_PER_S")
     if url is None:
         state = read_state(RunPaths.for_deployment(dep))
         if not state:
-            _fail(f"deployment {dep.name!r} is not running; start it with `controlplane up -f {file}` or pass --url", 1)
+            fail(f"deployment {dep.name!r} is not running; start it with `controlplane up -f {file}` or pass --url", 1)
         r = state["router"]
         url = f"{r['host']}:{r['grpc_port'] if protocol == 'grpc' else r['http_port']}"
     slo = {m.name: m.slo_ms for m in dep.models}
@@ -52,9 +54,12 @@ def loadgen(
         result = lg.run(url, rates, duration, protocol=protocol, arrival=arrival, slo_ms=slo, seed=seed,
                         timeout_s=timeout, workers=workers)
     except (ValueError, RuntimeError) as e:
-        _fail(str(e))
-    Console().print(lg.render_table(result))
-    if json_out:
-        lg.write_json(result, json_out)
+        fail(str(e))
+    if as_json:
+        print(json.dumps(result.to_dict(False), indent=2))
+    else:
+        Console().print(lg.render_table(result))
+    if out:
+        lg.write_json(result, out)
     if png:
         lg.write_cdf_png(result, png)

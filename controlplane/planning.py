@@ -74,7 +74,7 @@ def load_profiles(dep: Deployment, device: str) -> ProfileStore | None:
         return None
     store = ProfileStore.from_rows(rows, device=device)
     if interference is not None:
-        from .scheduler.interference import load_interference
+        from .interference import load_interference
 
         store.interference = load_interference(interference)
     return alias_models(store, dep)

@@ -250,7 +250,7 @@ class ProfileStore:
         store = cls(rows, device, **kw)
         fitted = [f.parent / "interference.json" for f in files if (f.parent / "interference.json").is_file()]
         if fitted:
-            from .scheduler.interference import load_interference
+            from .interference import load_interference
 
             try:
                 store.interference = load_interference(fitted[0])

@@ -7,7 +7,6 @@ also runs alone: ``python -m profiler.cli --help``.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ def _ints(text: str, what: str) -> list[int]:
 @app.command()
 def profile(
     models: str = typer.Option("all", "--models", "-m", help="comma-separated zoo models, or 'all'"),
-    device: str = typer.Option("auto", "--device", "-d", help="'auto' (GPU if NVML sees one), 'gpu' or 'cpu'"),
+    device: str = typer.Option("auto", "--device", help="'auto' (GPU if NVML sees one), 'gpu' or 'cpu'"),
     shares: str = typer.Option("20,40,50,60,80,100", help="shares in % (MPS on GPU, cores on CPU)"),
     batches: str = typer.Option("1,2,4,8,16,32", help="batch sizes"),
     precisions: str = typer.Option("fp32", help="'fp32', 'fp16' or 'fp32,fp16' (fp16 on GPU only, where the model holds)"),
@@ -52,7 +51,7 @@ def profile(
     skip_latency: bool = typer.Option(False, help="only the interference part"),
     parallel_start: bool = typer.Option(True, help="start every share's worker at once (start-up overlaps; timing stays one share at a time)"),
     plots: bool = typer.Option(True, help="write latency_<prec>.png and throughput_<prec>.png"),
-    json_out: Path | None = typer.Option(None, "--json", help="write a summary (timings, errors) as JSON here"),
+    summary_out: Path | None = typer.Option(None, "--summary", help="write a summary (timings, errors) as JSON here"),
 ) -> None:
     """Profile latency per (model, share, batch) on this machine's GPU or CPU; resumable."""
     from rich.console import Console
@@ -154,9 +153,9 @@ def profile(
     finally:
         if daemon is not None:
             daemon.stop()
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if summary_out:
+        summary_out.parent.mkdir(parents=True, exist_ok=True)
+        summary_out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def _printer(con):

@@ -15,7 +15,7 @@ what is timed is the GPU work that interference slows, not the host's launch
 overhead (whose jitter, on the H100 machine, was larger than the effect).
 
 Rows go to ``interference_pairs.csv`` (PAIR_COLUMNS, resumable). The fit is the
-scheduler's :func:`controlplane.scheduler.interference.fit_pairs`; held-out
+scheduler's :func:`controlplane.interference.fit_pairs`; held-out
 error is measured on a seeded split of the pair rows.
 """
 
@@ -36,7 +36,7 @@ PAIR_BATCHES: tuple[int, ...] = (1, 4, 16, 32)
 
 def _pair_columns() -> list[str]:
     try:
-        from controlplane.scheduler.interference import PAIR_COLUMNS
+        from controlplane.interference import PAIR_COLUMNS
 
         return list(PAIR_COLUMNS)
     except ImportError:  # pragma: no cover
@@ -167,7 +167,7 @@ def fit_and_evaluate(rows: Sequence[dict], holdout: float = 0.25, seed: int = 0)
 
     Errors are of the slowdown factor (absolute: 0.05 = 5 percentage points).
     """
-    from controlplane.scheduler.interference import fit_pairs, prediction_errors
+    from controlplane.interference import fit_pairs, prediction_errors
 
     rows = list(rows)
     idx = list(range(len(rows)))

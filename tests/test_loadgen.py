@@ -83,7 +83,7 @@ def test_client_timeout_and_cap_count(server):
 def test_cli_workers_json(server, tmp_path):
     out = tmp_path / "lg.json"
     p = run_cli("loadgen", "--url", server.http_url, "--rate", "lenet=40", "--duration", "2", "--workers", "2",
-                "--seed", "5", "--json", str(out), cwd=Path(__file__).resolve().parent.parent, timeout=240)
+                "--seed", "5", "--out", str(out), cwd=Path(__file__).resolve().parent.parent, timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 workers" in p.stdout and "offered/s" in p.stdout and "sent/s" in p.stdout, p.stdout
     d = json.loads(out.read_text())
@@ -91,3 +91,7 @@ def test_cli_workers_json(server, tmp_path):
     r = d["models"]["lenet"]
     assert r["ok"] + r["dropped"] + r["errors"] == r["sent"] > 0 and r["errors"] == 0
     assert r["rate"] == 40.0 and r["sent_rate"] > 0 and r["behind"] is False, r
+    p = run_cli("loadgen", "--url", server.http_url, "--rate", "lenet=20", "--duration", "1", "--workers", "1",
+                "--json", cwd=Path(__file__).resolve().parent.parent, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads(p.stdout)["models"]["lenet"]["sent"] > 0     # --json: the result on stdout, nothing else

@@ -144,8 +144,9 @@ def test_plots_are_small(lenet_table, tmp_path):
     assert all(0 < p.stat().st_size < 200_000 for p in paths)
 
 
-def test_planning_without_a_profile_profiles_first_and_caches(tmp_path):
-    """`plan`/`up` on a device with no profile measure what they need once, then reuse it."""
+def test_plan_measures_a_missing_profile_only_when_asked_and_then_reuses_it(tmp_path):
+    """`plan` on a device with no profile names what is missing; `--profile-missing` measures it once
+    (into the deployment's profiles folder), and later plans reuse it."""
     import csv
     import os
     import subprocess
@@ -159,20 +160,23 @@ profiles: {tmp_path / 'profiles'}
 scheduler: {{shares: [50, 100], max_batch: 2}}
 """)
 
-    def plan() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "controlplane", "plan", "-f", str(dep), "--json"],
+    def plan(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "controlplane", "plan", "-f", str(dep), "--json", *extra],
                               capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
 
-    first = plan()
+    refused = plan()
+    assert refused.returncode == 1 and "--profile-missing" in refused.stderr and not refused.stdout
+    assert not (tmp_path / "profiles").exists() or not any((tmp_path / "profiles").rglob("*.csv"))
+    first = plan("--profile-missing")
     assert first.returncode == 0, first.stderr
-    assert "profiling them first" in first.stderr
+    assert "measuring them into" in first.stderr
     files = list((tmp_path / "profiles").glob("*/latency.csv"))
     assert len(files) == 1
     rows = list(csv.DictReader(files[0].open()))
     assert sorted((int(r["share"]), int(r["batch"])) for r in rows) == [(50, 1), (50, 2), (100, 1), (100, 2)]
     assert all(r["model"] == "lenet" and float(r["p50_ms"]) > 0 for r in rows)
     second = plan()
-    assert second.returncode == 0 and "profiling them first" not in second.stderr
+    assert second.returncode == 0 and "measuring" not in second.stderr
     assert '"model": "lenet"' in second.stdout
 
 

@@ -8,7 +8,8 @@ Public API::
     app = create_app(table, deployment.router)   # the HTTP side alone (FastAPI)
 """
 
-from .core import Dropped, Router, RouterError, RouterOptions
+from .core import Router, RouterOptions
+from .errors import Dropped, RouterError
 from .http import create_app
 from .server import RouterServer
 from .table import GpuletRoute, ModelRoute, RoutingTable

@@ -23,6 +23,8 @@ import asyncio
 import json
 from dataclasses import dataclass
 
+from .errors import RouterError, is_deadline_reject, is_parse_error
+
 #: request headers a client may send that Triton's infer endpoint reads; all others stay at the router
 FORWARD_HEADERS = frozenset({b"content-type", b"inference-header-content-length", b"content-encoding",
                              b"accept-encoding"})
@@ -210,8 +212,6 @@ class GrpcPassClient:
 
     async def infer(self, request: bytes, timeout: float | None = None) -> bytes:
         import grpc
-
-        from .core import RouterError, is_deadline_reject, is_parse_error
 
         if self._infer is None:
             self._open()

@@ -17,7 +17,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from .backend import HttpAnswer
-from .core import RouterError
+from .errors import RouterError
 
 _HTTP_TO_GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
                  503: grpc.StatusCode.UNAVAILABLE, 500: grpc.StatusCode.INTERNAL,

@@ -17,7 +17,8 @@ import grpc
 from google.protobuf.json_format import ParseDict
 from tritonclient.grpc import service_pb2 as pb
 
-from .core import Router, RouterError
+from .core import Router
+from .errors import RouterError
 from .http import EXTENSIONS, SERVER_NAME, SERVER_VERSION
 
 SERVICE = "inference.GRPCInferenceService"

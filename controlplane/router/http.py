@@ -23,7 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backend import FORWARD_HEADERS, HttpAnswer
-from .core import Router, RouterError, RouterOptions
+from .core import Router, RouterOptions
+from .errors import RouterError
 from .table import ModelRoute, RoutingTable
 
 SERVER_NAME = "gpulet-router"

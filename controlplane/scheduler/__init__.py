@@ -37,11 +37,12 @@ from collections.abc import Callable
 
 from ..profiles import ProfileStore
 from ..spec import Deployment, Plan
-from .baselines import MilpColumns, best, greedy, milp, milp_columns, solve_milp, temporal, trivial
+from .baselines import MilpColumns, best, greedy, milp, milp_columns, solve_milp, trivial
 from .core import Ctx, Gpu, SchedulingError, check_slo_reachable, lower_bound, to_plan, validate_plan
 from .gpulet import gpulet
 from .optimum import OptimumInfo, OptimumTooLarge, ideal, optimum
-from .interference import (
+from .temporal import temporal
+from ..interference import (
     FittedInterference,
     InterferenceModel,
     LinearUtilInterference,
@@ -50,7 +51,7 @@ from .interference import (
     load_interference,
     prediction_errors,
 )
-from .interference import by_name as interference_by_name
+from ..interference import by_name as interference_by_name
 
 Algorithm = Callable[[Ctx, "int | None"], list[Gpu]]
 

@@ -27,7 +27,7 @@ from functools import lru_cache
 
 from ..profiles import ProfileStore
 from ..spec import Assignment, Deployment, GpuLet, ModelSummary, Plan
-from .interference import InterferenceModel, NoInterference
+from ..interference import InterferenceModel, NoInterference
 
 EPS = 1e-9
 

@@ -64,6 +64,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from .core import EPS, Ctx, Gpu, Let, SchedulingError, memory_ok, schedule, settle, try_gpu
+from .temporal import temporal as temporal_only
 
 Order = Callable[[Ctx], list[str]]
 
@@ -536,8 +537,6 @@ def gpulet(ctx: Ctx, max_gpus: int | None = None, *, orders: Sequence[str] | Non
         (lambda o=o: _Planner(ctx, temporal, cap, share_policy).run(ORDERS[o](ctx))) for o in orders
     ]
     if portfolio:
-        from .baselines import temporal as temporal_only
-
         runs.append(lambda: _Planner(ctx, temporal, cap, "smallest").run(ORDERS["rate_slo"](ctx)))
         runs.append(lambda: temporal_only(ctx, cap))
     best: list[Gpu] | None = None

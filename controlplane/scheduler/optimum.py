@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .core import EPS, Ctx, Gpu, Let, SchedulingError, memory_ok, settle
-from .interference import NoInterference
+from ..interference import NoInterference
 
 
 class OptimumTooLarge(SchedulingError):
