@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from controlplane.profiles import ProfileStore, synthetic_store  # noqa: E402
 from controlplane.scheduler import ALGORITHMS, SchedulingError, make_ctx, milp_columns  # noqa: E402
-from controlplane.scheduler.baselines import milp  # noqa: E402
+from controlplane.scheduler.baselines import ideal_prototype  # noqa: E402
 from controlplane.scheduler.core import check_slo_reachable, lower_bound  # noqa: E402
 from controlplane.scheduler.gpulet import gpulet  # noqa: E402
 from controlplane.scheduler.optimum import OptimumInfo, OptimumTooLarge, optimum  # noqa: E402
@@ -125,7 +125,7 @@ def _mix(mix: tuple[int, ...]) -> tuple:
         o = len(optimum(ctx, upper=gplan, info=info, time_limit=20.0))
     except OptimumTooLarge:
         o = None
-    proto = len(milp(ctx, cols=_W["cols"]))
+    proto = len(ideal_prototype(ctx, cols=_W["cols"]))
     lb = math.ceil(lower_bound(ctx) - 1e-9)
     t = len(ALGORITHMS["temporal"](ctx, None))
     return g, gp, o, proto, lb, t, info.method, tg

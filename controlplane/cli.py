@@ -41,8 +41,8 @@ def up(
 
     paths = RunPaths.for_deployment(dep)
     state = read_state(paths)
-    if state and pid_alive(state.get("pid")):
-        fail(f"deployment {dep.name!r} is already up (pid {state['pid']}); run `controlplane down -f {file}` first", 1)
+    if state and pid_alive(state.pid):
+        fail(f"deployment {dep.name!r} is already up (pid {state.pid}); run `controlplane down -f {file}` first", 1)
     if detach:
         _detach(file, paths, plan_file)
         return
@@ -109,7 +109,7 @@ def _detach(file: str, paths, plan_file: Optional[Path]) -> None:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
             fail(f"controlplane up exited with code {proc.returncode}; {log}:\n{tail}", 1)
         state = read_state(paths)
-        if state and state.get("state") == "ready" and state.get("pid") == proc.pid and pid_alive(proc.pid):
+        if state and state.state == "ready" and state.pid == proc.pid and pid_alive(proc.pid):
             break
     console.print(log.read_text(errors="replace").rstrip(), highlight=False)
     console.print(f"running in the background (pid {proc.pid}); log: {log}")
@@ -135,10 +135,11 @@ def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -
     import httpx
 
     from .deploy import RunPaths, pid_alive, read_state
+    from .spec import GpuletState
 
     dep = read_deployment(file)
     state = read_state(RunPaths.for_deployment(dep))
-    if not state or not pid_alive(state.get("pid")):
+    if not state or not pid_alive(state.pid):
         console.print(f"deployment {dep.name!r} is not running")
         raise typer.Exit(3)
 
@@ -150,23 +151,22 @@ def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -
         except httpx.HTTPError:
             return False
 
-    r = state["router"]
-    router_addr = f"{r['host']}:{r['http_port']}"
+    router_addr = state.router.http
     rows = []
-    for g in state["plan"]["gpulets"]:
-        info = state["gpulets"].get(g["id"], {})
+    for g in state.plan.gpulets:
+        info = state.gpulets.get(g.id, GpuletState())
         rows.append({
-            "gpulet": g["id"], "gpu": g["gpu"], "share": g["share"],
-            "models": ", ".join(f"{a['model']}(b{a['batch']})" for a in g["models"]),
-            "http": info.get("http"), "grpc": info.get("grpc"), "pid": info.get("pid"),
-            "restarts": info.get("restarts", 0), "ready": ready(info.get("http")),
+            "gpulet": g.id, "gpu": g.gpu, "share": g.share,
+            "models": ", ".join(f"{a.model}(b{a.batch})" for a in g.models),
+            "http": info.http, "grpc": info.grpc, "pid": info.pid,
+            "restarts": info.restarts, "ready": ready(info.http),
         })
     if as_json:
-        console.print_json(json.dumps({"deployment": dep.name, "state": state["state"], "router": router_addr,
+        console.print_json(json.dumps({"deployment": dep.name, "state": state.state, "router": router_addr,
                                        "router_ready": ready(router_addr), "gpulets": rows}))
         return
-    console.print(f"deployment [bold]{dep.name}[/] ({state['state']}, {state['runtime']} runtime, "
-                  f"device {state['device']}); router http://{router_addr} "
+    console.print(f"deployment [bold]{dep.name}[/] ({state.state}, {state.runtime} runtime, "
+                  f"device {state.device}); router http://{router_addr} "
                   f"{'ready' if ready(router_addr) else 'NOT ready'}")
     t = Table("gpu-let", "GPU", "share %", "models (batch)", "HTTP", "gRPC", "pid", "restarts", "health")
     for row in rows:
@@ -182,12 +182,12 @@ def logs(gpulet: str, file: str = FileOpt, tail: int = typer.Option(100, "--tail
     from .deploy import RunPaths, read_state
 
     dep = read_deployment(file)
-    state = read_state(RunPaths.for_deployment(dep)) or {}
-    info = state.get("gpulets", {}).get(gpulet)
-    if info and info.get("container"):
+    state = read_state(RunPaths.for_deployment(dep))
+    info = state.gpulets.get(gpulet) if state else None
+    if info and info.container:
         from .runtime.docker import container_logs
 
-        console.print(container_logs(info["container"], tail), highlight=False, markup=False)
+        console.print(container_logs(info.container, tail), highlight=False, markup=False)
         return
     path = RunPaths.for_deployment(dep).logs / f"{gpulet}.log"
     if not path.exists():

@@ -27,7 +27,7 @@ from . import devices as devmod
 from .planning import make_plan
 from .repository import SourceRepository, build_artifacts, repository_for, write_gpulet_repositories
 from .runtime.base import Endpoint, Launch, Runtime, cpu_cores_for, gpulet_env
-from .spec import Deployment, Plan
+from .spec import Deployment, GpuletState, Plan, RouterState, RunState
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,10 @@ class RunPaths:
         return Path(tempfile.gettempdir()) / f"gpulet-mps-{name}-{tag}"
 
 
-def read_state(paths: RunPaths) -> dict | None:
+def read_state(paths: RunPaths) -> RunState | None:
+    """The deployment's state file; None when there is none or it is not one (a partial or foreign file)."""
     try:
-        return json.loads(paths.state.read_text())
+        return RunState.model_validate_json(paths.state.read_text())
     except (OSError, ValueError):
         return None
 
@@ -238,32 +239,21 @@ class Controller:
         if self.plan is None:
             return
         statuses = self.runtime.status() if self.runtime is not None else {}
-        doc = {
-            "deployment": self.dep.name,
-            "state": state,
-            "pid": os.getpid(),
-            "runtime": self.dep.runtime.kind,
-            "device": self.devices.name if self.devices else None,
-            "updated": time.time(),
-            "router": {
-                "host": self.dep.router.host,
-                "http_port": getattr(self.router, "http_port", self.dep.router.http_port),
-                "grpc_port": getattr(self.router, "grpc_port", self.dep.router.grpc_port),
-            },
-            "gpulets": {
-                gid: {
-                    "http": s.endpoint.http if s.endpoint else None,
-                    "grpc": s.endpoint.grpc if s.endpoint else None,
-                    "pid": s.pid, "container": s.container, "restarts": s.restarts,
-                    "log": str(self.paths.logs / f"{gid}.log"),
-                }
-                for gid, s in statuses.items()
-            },
-            "plan": self.plan.model_dump(),
-        }
+        doc = RunState(
+            deployment=self.dep.name, state=state, pid=os.getpid(), runtime=self.dep.runtime.kind,
+            device=self.devices.name if self.devices else None, updated=time.time(),
+            router=RouterState(host=self.dep.router.host,
+                               http_port=getattr(self.router, "http_port", self.dep.router.http_port),
+                               grpc_port=getattr(self.router, "grpc_port", self.dep.router.grpc_port)),
+            gpulets={gid: GpuletState(http=s.endpoint.http if s.endpoint else None,
+                                      grpc=s.endpoint.grpc if s.endpoint else None,
+                                      pid=s.pid, container=s.container, restarts=s.restarts,
+                                      log=str(self.paths.logs / f"{gid}.log"))
+                     for gid, s in statuses.items()},
+            plan=self.plan)
         self.paths.root.mkdir(parents=True, exist_ok=True)
         tmp = self.paths.state.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.write_text(doc.model_dump_json(indent=2))
         tmp.replace(self.paths.state)
 
 
@@ -277,7 +267,7 @@ def stop_deployment(paths: RunPaths, timeout_s: float = 60.0) -> list[str]:
     if state is None:
         return []
     done = []
-    pid = state.get("pid")
+    pid = state.pid
     if pid_alive(pid) and pid != os.getpid():
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -286,19 +276,19 @@ def stop_deployment(paths: RunPaths, timeout_s: float = 60.0) -> list[str]:
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
         done.append(f"controller (pid {pid})")
-    for gid, g in state.get("gpulets", {}).items():
-        gpid = g.get("pid")
+    for gid, g in state.gpulets.items():
+        gpid = g.pid
         if pid_alive(gpid):
             try:
                 os.killpg(gpid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
             done.append(f"gpu-let {gid} (pid {gpid})")
-    if state.get("runtime") == "docker":
+    if state.runtime == "docker":
         try:
             from .runtime.docker import remove_deployment_containers
 
-            done += [f"container {c}" for c in remove_deployment_containers(state["deployment"])]
+            done += [f"container {c}" for c in remove_deployment_containers(state.deployment)]
         except Exception:
             pass
     try:

@@ -47,8 +47,7 @@ def loadgen(
         state = read_state(RunPaths.for_deployment(dep))
         if not state:
             fail(f"deployment {dep.name!r} is not running; start it with `controlplane up -f {file}` or pass --url", 1)
-        r = state["router"]
-        url = f"{r['host']}:{r['grpc_port'] if protocol == 'grpc' else r['http_port']}"
+        url = state.router.grpc if protocol == "grpc" else state.router.http
     slo = {m.name: m.slo_ms for m in dep.models}
     try:
         result = lg.run(url, rates, duration, protocol=protocol, arrival=arrival, slo_ms=slo, seed=seed,

@@ -24,7 +24,7 @@ from pathlib import Path
 from .devices import DeviceSet
 from .profiles import ProfileStore, device_slug, read_csv
 from .repository import SourceRepository, cache_dir, repository_for
-from .spec import Assignment, Deployment, GpuLet, ModelSummary, Plan
+from .spec import Assignment, Deployment, GpuLet, ModelSummary, Plan, gpulet_id
 
 #: profiles that come with the project (read only)
 SHIPPED_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
@@ -111,7 +111,7 @@ def trivial_plan(deployment: Deployment, device: str = "cpu", max_batch: dict[st
     gpulets, models = [], {}
     for i, m in enumerate(deployment.models):
         batch = min(m.max_batch or deployment.scheduler.max_batch, (max_batch or {}).get(m.name) or 1024)
-        gpulets.append(GpuLet(id=f"gpu{i}-a", gpu=i, share=100, duty_cycle_ms=0.0,
+        gpulets.append(GpuLet(id=gpulet_id(device, i, 0), gpu=i, share=100, duty_cycle_ms=0.0,
                               models=[Assignment(model=m.name, batch=batch, rate=m.rate)]))
         models[m.name] = ModelSummary(rate=m.rate, slo_ms=m.slo_ms, throughput=0.0, worst_latency_ms=0.0)
     return Plan(deployment=deployment.name, device=device, algorithm="trivial", gpus=len(gpulets),

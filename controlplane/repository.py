@@ -19,7 +19,6 @@ queue allows, and a short queue delay taken from the model's slack.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 from collections.abc import Mapping
@@ -183,14 +182,6 @@ def build_artifacts(repo: SourceRepository, names: list[str] | None = None, forc
         tmp.replace(path)
         out.append(path)
     return out
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- per-gpu-let repositories

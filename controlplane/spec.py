@@ -160,10 +160,17 @@ class Assignment(_Strict):
     throughput: float = Field(default=0.0, ge=0, description="predicted requests/s this gpu-let can serve")
 
 
+def gpulet_id(device: str, index: int, j: int) -> str:
+    """The j-th gpu-let (largest share first) of device number `index`: gpu0-a, gpu0-b, ...; on a CPU
+    (device names starting "cpu"), cpu0-a, ..."""
+    kind = "cpu" if device.lower().startswith("cpu") else "gpu"
+    return f"{kind}{index}-{chr(ord('a') + j) if j < 26 else f'x{j}'}"
+
+
 class GpuLet(_Strict):
     """A share of one GPU run by one tritonserver, serving one or more models in turn."""
 
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="stable name, e.g. gpu0-a")
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="stable name, e.g. gpu0-a (cpu0-a on a CPU)")
     gpu: int = Field(ge=0, description="index of the GPU (or of the virtual CPU device)")
     share: int = Field(gt=0, le=100, description="MPS active-thread percentage (CPU: % of the cores)")
     duty_cycle_ms: float = Field(default=0.0, ge=0, description="time slot shared by the models of this gpu-let")
@@ -291,3 +298,46 @@ def load_plan(path: str | Path) -> Plan:
         raise SpecError(f"{path}: cannot read: {e.strerror}") from None
     except ValidationError as e:
         raise SpecError(format_validation_error(str(path), e)) from None
+
+
+# --------------------------------------------------------------------------- run state (state.json)
+
+
+class RouterState(_Strict):
+    host: str
+    http_port: int
+    grpc_port: int
+
+    @property
+    def http(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+
+class GpuletState(_Strict):
+    """One gpu-let's server as the runtime last reported it."""
+
+    http: str | None = None       # host:port, once started
+    grpc: str | None = None
+    pid: int | None = None        # process runtime: the server's process group leader
+    container: str | None = None  # docker runtime
+    restarts: int = 0
+    log: str | None = None
+
+
+class RunState(_Strict):
+    """A running deployment, written by its controller (``up``) to ``<run dir>/state.json`` and read by
+    ``status``, ``logs``, ``loadgen`` and ``down``: what runs where, and the plan it runs."""
+
+    deployment: str
+    state: Literal["starting", "ready", "stopping"]
+    pid: int                      # the controller's
+    runtime: str
+    device: str | None = None
+    updated: float = 0.0          # time.time() of the last write
+    router: RouterState
+    gpulets: dict[str, GpuletState] = Field(default_factory=dict)
+    plan: Plan

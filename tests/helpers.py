@@ -31,3 +31,24 @@ def tritonserver_pids(containing: str = "") -> list[int]:
             except OSError:
                 pass
     return out
+
+
+def check_lenet(repo, url: str, n: int = 3, seed: int = 0) -> None:
+    """One HTTP request of n lenet rows to url; its output must match the same TorchScript run here."""
+    import numpy as np
+    import torch
+    import tritonclient.http as httpclient
+
+    x = np.random.default_rng(seed).standard_normal((n, 1, 28, 28)).astype(np.float32)
+    c = httpclient.InferenceServerClient(url, network_timeout=60)
+    try:
+        inp = httpclient.InferInput("INPUT", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        got = c.infer("lenet", [inp]).as_numpy("OUTPUT")
+    finally:
+        c.close()
+    ref = torch.jit.load(str(repo["lenet"].artifact())).eval()
+    with torch.inference_mode():
+        want = ref(torch.from_numpy(x)).numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

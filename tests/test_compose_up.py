@@ -20,11 +20,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from controlplane.repository import SourceRepository, build_artifacts
 from controlplane.spec import Assignment, Deployment, GpuLet, ModelSpec, Plan
+
+from helpers import check_lenet
 
 pytestmark = pytest.mark.docker
 
@@ -66,25 +67,6 @@ def repo() -> SourceRepository:
     r = SourceRepository()
     build_artifacts(r, ["lenet"])
     return r
-
-
-def _infer_and_check(repo: SourceRepository, url: str, n: int, seed: int) -> None:
-    import torch
-    import tritonclient.http as httpclient
-
-    x = np.random.default_rng(seed).standard_normal((n, 1, 28, 28)).astype(np.float32)
-    c = httpclient.InferenceServerClient(url, network_timeout=60)
-    try:
-        inp = httpclient.InferInput("INPUT", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        got = c.infer("lenet", [inp]).as_numpy("OUTPUT")
-    finally:
-        c.close()
-    ref = torch.jit.load(str(repo["lenet"].artifact())).eval()
-    with torch.inference_mode():
-        want = ref(torch.from_numpy(x)).numpy()
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def _wait_ready(url: str, timeout: float, diagnose) -> None:
@@ -154,7 +136,7 @@ def test_compose_up_serves_lenet_through_router_container_and_down_cleans(client
 
         # Through the router container, over both gpu-lets (several requests, batch sizes 1 and 5).
         for seed in range(4):
-            _infer_and_check(repo, url, n=1 + 4 * (seed % 2), seed=seed)
+            check_lenet(repo, url, n=1 + 4 * (seed % 2), seed=seed)
         with urllib.request.urlopen(f"http://{url}/v2/models/lenet", timeout=10) as r:
             meta = json.load(r)
         assert meta["name"] == "lenet" and meta["inputs"][0]["name"] == "INPUT"

@@ -15,13 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from controlplane.repository import SourceRepository, build_artifacts, write_gpulet_repositories
 from controlplane.runtime.base import Launch, ReplicaState, StartError, cpu_cores_for, gpulet_env
 from controlplane.spec import Assignment, Deployment, GpuLet, ModelSpec, Plan
+
+from helpers import check_lenet
 
 pytestmark = pytest.mark.docker
 
@@ -73,24 +74,6 @@ def _ours(client, deployment: str = DEPLOYMENT) -> list:
     return client.containers.list(all=True, filters={"label": [f"gpulet.deployment={deployment}"]})
 
 
-def _infer_and_check(repo: SourceRepository, http: str, n: int = 3, seed: int = 0) -> None:
-    import torch
-    import tritonclient.http as httpclient
-
-    x = np.random.default_rng(seed).standard_normal((n, 1, 28, 28)).astype(np.float32)
-    c = httpclient.InferenceServerClient(http, network_timeout=60)
-    try:
-        inp = httpclient.InferInput("INPUT", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        got = c.infer("lenet", [inp]).as_numpy("OUTPUT")
-    finally:
-        c.close()
-    ref = torch.jit.load(str(repo["lenet"].artifact())).eval()
-    with torch.inference_mode():
-        want = ref(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-
-
 def _wait_restarted(rt, gid: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -124,7 +107,7 @@ def test_serves_lenet_like_torchscript_in_process(served, repo):
     assert set(endpoints) == {"cpu0-a", "cpu0-b"}
     for i, ep in enumerate(endpoints.values()):
         assert ep.host == "127.0.0.1"
-        _infer_and_check(repo, ep.http, n=3, seed=i)
+        check_lenet(repo, ep.http, n=3, seed=i)
     assert all(s.state == ReplicaState.READY for s in rt.status().values())
 
 
@@ -184,7 +167,7 @@ def test_crashed_server_is_restarted_by_docker_and_serves_again(served, client, 
     _wait_restarted(rt, "cpu0-a")
     rt.wait_ready(timeout=120)
     assert rt.status()["cpu0-a"].restarts >= 1
-    _infer_and_check(repo, endpoints["cpu0-a"].http, seed=7)   # same ports after the restart
+    check_lenet(repo, endpoints["cpu0-a"].http, seed=7)   # same ports after the restart
 
 
 def test_killed_container_is_started_by_supervise_and_serves_again(served, client, repo):
@@ -194,7 +177,7 @@ def test_killed_container_is_started_by_supervise_and_serves_again(served, clien
     _wait_restarted(rt, "cpu0-b")
     rt.wait_ready(timeout=120)
     assert rt.status()["cpu0-b"].restarts == before + 1
-    _infer_and_check(repo, endpoints["cpu0-b"].http, seed=8)
+    check_lenet(repo, endpoints["cpu0-b"].http, seed=8)
 
 
 def test_removed_container_is_recreated(served, client, repo):
@@ -202,7 +185,7 @@ def test_removed_container_is_recreated(served, client, repo):
     client.containers.get("gpulet-%s-cpu0-b" % DEPLOYMENT).remove(force=True)
     _wait_restarted(rt, "cpu0-b")
     rt.wait_ready(timeout=120)
-    _infer_and_check(repo, endpoints["cpu0-b"].http, seed=9)
+    check_lenet(repo, endpoints["cpu0-b"].http, seed=9)
 
 
 def test_stop_removes_everything_and_is_idempotent(served, client, tmp_path):
@@ -366,7 +349,7 @@ def _router_infer_ok(repo, port: int, timeout: float = 60, proc=None) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return _infer_and_check(repo, f"127.0.0.1:{port}", n=2, seed=port)
+            return check_lenet(repo, f"127.0.0.1:{port}", n=2, seed=port)
         except Exception:
             if proc is not None and proc.poll() is not None:
                 raise AssertionError(f"controlplane up exited {proc.returncode}:\n{proc.stdout.read()}") from None

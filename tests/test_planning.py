@@ -48,6 +48,7 @@ def test_plan_command_makes_the_plan_up_runs(tmp_path, profiles, algorithm):
     prepared = Controller(load_deployment(path), log=lambda m: None).prepare()   # what `up` launches
     assert printed == json.loads(prepared.model_dump_json())
     assert printed["algorithm"] == algorithm and printed["gpulets"]
+    assert all(g["id"].startswith("cpu0-") or g["id"][:3] == "cpu" for g in printed["gpulets"])   # named for the device
 
 
 def test_plan_without_a_profile_names_the_models_and_the_command(tmp_path):

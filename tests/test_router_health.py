@@ -26,6 +26,13 @@ def _sent(server, gid: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _errors(server, gid: str) -> float:
+    """Broken connections to gpu-let gid the router met (each one a request it sent again elsewhere)."""
+    text = httpx.get(f"http://{server.http_url}/metrics").text
+    m = re.search(rf'router_gpulet_errors_total\{{gpulet="{gid}"\}} (\S+)', text)
+    return float(m.group(1)) if m else 0.0
+
+
 def _ready(server) -> int:
     return httpx.get(f"http://{server.http_url}/v2/health/ready").status_code
 
@@ -105,7 +112,8 @@ def test_dead_gpulet_leaves_and_rejoins_rotation(tmp_path):
 
 
 def test_requests_in_flight_on_a_dying_gpulet_are_rerouted(tmp_path):
-    """Kill a gpu-let while traffic flows: the router retries on the other gpu-let, nothing fails."""
+    """Kill a gpu-let while traffic flows: the requests it had, or was sent before the router saw it
+    die, reach the router as broken connections and are retried on the other gpu-let; nothing fails."""
     plan = Plan(gpus=1, gpulets=[
         GpuLet(id=g, gpu=0, share=50, models=[Assignment(model="lenet", batch=2, rate=50, throughput=100)])
         for g in ("cpu0-c", "cpu0-d")])
@@ -139,6 +147,10 @@ def test_requests_in_flight_on_a_dying_gpulet_are_rerouted(tmp_path):
             outs = asyncio.run(run())
             failed = [o for o in outs if not isinstance(o, np.ndarray)]
             assert not failed, failed[:3]
+            ref = reference(repo, "lenet", x)
+            assert all(np.allclose(o, ref, rtol=1e-4, atol=1e-5) for o in outs)
+            assert _sent(server, "cpu0-d") > 0 and _errors(server, "cpu0-d") >= 1   # something was rerouted
+            assert _errors(server, "cpu0-c") == 0
             assert _wait(lambda: _ready(server) == 503)
     finally:
         rt.stop()

@@ -84,11 +84,11 @@ def test_interference_forces_an_extra_gpu():
     assert validate_plan(p1, d, TINY, interference=Const()) == []
     # the first plan would break under that interference, which the checker sees
     assert validate_plan(p0, d, TINY, interference=Const()) != []
-    assert plan(d, TINY, algorithm="milp", interference=Const(), max_models=1).gpus == 2
-    assert plan(d, TINY, algorithm="milp", interference=NoInterference(), max_models=1).gpus == 1
+    assert plan(d, TINY, algorithm="ideal", interference=Const(), max_models=1).gpus == 2
+    assert plan(d, TINY, algorithm="ideal", interference=NoInterference(), max_models=1).gpus == 1
     # with temporal sharing the optimum runs both on one whole gpu-let (no co-runner, no slowdown):
     # L(1) = 4 ms each, D = 8 ms, worst 12 <= 20
-    p2 = plan(d, TINY, algorithm="milp", interference=Const())
+    p2 = plan(d, TINY, algorithm="ideal", interference=Const())
     assert p2.gpus == 1 and len(p2.gpulets) == 1 and p2.gpulets[0].share == 100
     assert validate_plan(p2, d, TINY, interference=Const()) == []
 
@@ -220,11 +220,11 @@ def test_every_plan_is_feasible_and_never_worse_than_temporal(wl, interference):
     im = LinearUtilInterference() if interference else NoInterference()
     lb = gpu_lower_bound(d, SYN)
     results = {}
-    for algo in ("gpulet", "temporal", "greedy", "milp"):
+    for algo in ("gpulet", "temporal", "greedy", "ideal"):
         try:
             p = plan(d, SYN, algorithm=algo)
         except OptimumTooLarge:  # the exact optimum has limits; the others must always answer
-            assert algo == "milp"
+            assert algo == "ideal"
             continue
         assert validate_plan(p, d, SYN, interference=im) == [], algo
         for gid in range(p.gpus):
@@ -235,8 +235,8 @@ def test_every_plan_is_feasible_and_never_worse_than_temporal(wl, interference):
         assert p.gpus >= lb
         results[algo] = p.gpus
     assert results["gpulet"] <= results["temporal"]
-    if "milp" in results:
-        assert results["milp"] <= results["gpulet"]
+    if "ideal" in results:
+        assert results["ideal"] <= results["gpulet"]
 
 
 @settings(max_examples=15, deadline=None)
@@ -248,7 +248,14 @@ def test_more_gpus_allowed_never_hurts(wl):
 
 
 def test_registry_names():
-    assert {"gpulet", "temporal", "greedy", "ideal", "milp", "trivial"} <= set(ALGORITHMS)
+    """Each name runs the function of that name: `ideal` the exact optimum, `ideal-prototype` the
+    prototype's space (no `milp`: it named the method, and ran the other one)."""
+    from controlplane.scheduler import baselines, gpulet, ideal, temporal
+
+    assert ALGORITHMS["gpulet"] is gpulet and ALGORITHMS["temporal"] is temporal and ALGORITHMS["ideal"] is ideal
+    assert ALGORITHMS["ideal-prototype"] is baselines.ideal_prototype
+    assert ALGORITHMS["greedy"] is baselines.greedy and ALGORITHMS["trivial"] is baselines.trivial
+    assert "milp" not in ALGORITHMS
 
 
 def test_planning_10_models_at_scale():
@@ -327,7 +334,7 @@ def test_exact_optimum_matches_brute_force(seed):
     im = Const() if interference else NoInterference()
     want = _brute_force_gpus(store, rates, slos, [50, 100], 3, 2, interference)
     try:
-        p = plan(d, store, algorithm="milp", interference=im, max_models=2)
+        p = plan(d, store, algorithm="ideal", interference=im, max_models=2)
     except SchedulingError:
         assert want is None
         return
@@ -430,7 +437,7 @@ def test_exact_optimum_matches_brute_force_on_a_non_monotone_profile(seed):
     d = dep([{"name": m, "rate": rates[m], "slo_ms": slos[m]} for m in slos], shares=[50, 100], max_batch=3)
     want = _brute_force_gpus(BUMPY, rates, slos, [50, 100], 3, 2, False)
     try:
-        p = plan(d, BUMPY, algorithm="milp", max_models=2)
+        p = plan(d, BUMPY, algorithm="ideal", max_models=2)
     except SchedulingError:
         assert want is None
         return

@@ -114,24 +114,24 @@ def test_status_lists_gpulets_ready(deployment):
     proc = run_cli("status", "-f", str(path), "--json", check=True)
     doc = json.loads(proc.stdout)
     assert doc["router_ready"] is True
-    assert sorted(g["gpulet"] for g in doc["gpulets"]) == ["gpu0-a", "gpu1-a"]
+    assert sorted(g["gpulet"] for g in doc["gpulets"]) == ["cpu0-a", "cpu1-a"]
     assert all(g["ready"] and g["share"] == 100 for g in doc["gpulets"])
     assert {g["models"] for g in doc["gpulets"]} == {"lenet(b32)", "mobilenet_v2(b32)"}
 
 
 def test_killed_tritonserver_is_restarted_and_serves_again(deployment):
     path, state, _ = deployment
-    victim = state["gpulets"]["gpu0-a"]["pid"]
+    victim = state["gpulets"]["cpu0-a"]["pid"]
     os.kill(victim, signal.SIGKILL)
     http = httpclient.InferenceServerClient(f"127.0.0.1:{state['router']['http_port']}")
     x = zoo.example_input("lenet", 1, seed=3).numpy()
     deadline = time.monotonic() + 120
     while True:
         doc = json.loads(run_cli("status", "-f", str(path), "--json").stdout or "{}")
-        g = next((g for g in doc.get("gpulets", []) if g["gpulet"] == "gpu0-a"), None)
+        g = next((g for g in doc.get("gpulets", []) if g["gpulet"] == "cpu0-a"), None)
         if g and g["restarts"] == 1 and g["ready"] and http.is_server_ready():
             break
-        assert time.monotonic() < deadline, f"gpu0-a not back: {doc}"
+        assert time.monotonic() < deadline, f"cpu0-a not back: {doc}"
         time.sleep(1)
     assert g["pid"] != victim
     inp = httpclient.InferInput("INPUT", list(x.shape), "FP32")
@@ -182,7 +182,7 @@ def test_server_that_cannot_start_fails_up_with_its_log_and_leaves_nothing(tmp_p
     proc = run_cli("up", "-f", str(path), timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     msg = " ".join(proc.stderr.split())
-    assert "gpu-let gpu0-a: tritonserver exited with code" in msg
+    assert "gpu-let cpu0-a: tritonserver exited with code" in msg
     assert "failed to load" in msg  # the server's log tail
     assert not tritonserver_pids(str(tmp_path))
     assert not (tmp_path / "run" / "state.json").exists()

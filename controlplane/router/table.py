@@ -100,11 +100,3 @@ class RoutingTable:
             models[name] = ModelRoute(name=name, inputs=list(info.inputs), outputs=list(info.outputs),
                                       max_batch_size=max_batch, slo_ms=slo, gpulets=routes, config=cfg)
         return cls(models)
-
-    def gpulets(self) -> dict[str, Endpoint]:
-        """Every gpu-let of the table, once."""
-        out: dict[str, Endpoint] = {}
-        for m in self.models.values():
-            for g in m.gpulets:
-                out[g.id] = g.endpoint
-        return out

@@ -77,15 +77,6 @@ def docker_client(timeout: float = 60.0):
     return client
 
 
-def engine_unavailable_reason() -> str | None:
-    """None when a Docker engine answers, else why not (for skips and CLI messages)."""
-    try:
-        docker_client(timeout=10).close()
-    except DockerUnavailable as e:
-        return str(e)
-    return None
-
-
 def container_name(deployment: str, gpulet: str) -> str:
     return f"gpulet-{deployment}-{gpulet}"
 
@@ -500,21 +491,10 @@ class DockerRuntime(Runtime):
             self._client = None
 
 
-def running_endpoints(deployment: str, client=None) -> dict[str, Endpoint]:
-    """Endpoints of a deployment's running containers, read from their labels (for status)."""
-    out = {}
-    for c in list_containers(deployment, client):
-        ports = c.labels.get(LABEL_PORTS, "")
-        if c.status == "running" and ports.count(",") == 2:
-            http, grpc, metrics = (int(p) for p in ports.split(","))
-            out[c.labels.get(LABEL_ID, c.name)] = Endpoint("127.0.0.1", http, grpc, metrics)
-    return out
-
-
 __all__ = [
-    "DockerRuntime", "DockerUnavailable", "docker_client", "engine_unavailable_reason",
+    "DockerRuntime", "DockerUnavailable", "docker_client",
     "list_containers", "remove_containers", "remove_deployment_containers", "container_logs",
-    "running_endpoints", "container_name",
+    "container_name",
     "LABEL_MANAGED", "LABEL_DEPLOYMENT", "LABEL_ID", "CONTAINER_REPOSITORY", "DEFAULT_CPU_IMAGE",
 ]
 

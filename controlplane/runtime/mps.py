@@ -154,9 +154,6 @@ class Daemon:
             control("quit", self.pipe_dir, timeout=30)
             self.started = False
 
-    def env(self) -> dict[str, str]:
-        return {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
-
     def __enter__(self) -> "Daemon":
         return self.start()
 

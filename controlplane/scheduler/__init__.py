@@ -12,7 +12,7 @@ One entry point, :func:`plan` (pure: no I/O). Algorithms by name
   no consolidation;
 * ``temporal`` — temporal sharing on whole GPUs (Nexus squishy bin packing);
 * ``greedy`` — spatial partitioning without temporal sharing;
-* ``milp`` / ``ideal`` — the exact optimum of the same planning problem (temporal
+* ``ideal`` — the exact optimum of the same planning problem (temporal
   sharing, shares, gpu-lets per GPU, margin, interference and memory as per-GPU
   checks): a column integer program solved by HiGHS (:mod:`.optimum`);
 * ``ideal-prototype`` — the prototype's exhaustive space only (fixed per-GPU splits,
@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 from ..profiles import ProfileStore
 from ..spec import Deployment, Plan
-from .baselines import MilpColumns, best, greedy, milp, milp_columns, solve_milp, trivial
+from .baselines import MilpColumns, best, greedy, ideal_prototype, milp_columns, solve_milp, trivial
 from .core import Ctx, Gpu, SchedulingError, check_slo_reachable, lower_bound, to_plan, validate_plan
 from .gpulet import gpulet
 from .optimum import OptimumInfo, OptimumTooLarge, ideal, optimum
@@ -65,9 +65,8 @@ ALGORITHMS: dict[str, Algorithm] = {
     "gpulet-paper": _gpulet_paper,
     "temporal": temporal,
     "greedy": greedy,
-    "milp": ideal,
     "ideal": ideal,
-    "ideal-prototype": milp,
+    "ideal-prototype": ideal_prototype,
     "best": best,
     "trivial": trivial,
 }

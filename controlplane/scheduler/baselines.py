@@ -5,7 +5,7 @@
 * :func:`greedy` — greedy spatial partitioning without temporal sharing: each
   model takes the smallest share that carries its whole rate (else full GPUs),
   best-fit onto GPUs, one model per gpu-let.
-* :func:`milp` — the exact optimum over per-GPU configurations (the space the
+* :func:`ideal_prototype` — the exact optimum over per-GPU configurations (the space the
   prototype searched exhaustively: a GPU is whole or split into two shares
   a + b <= 100, each gpu-let serving one model at its saturated batch, with
   interference between the two halves). An integer program,
@@ -135,7 +135,7 @@ def solve_milp(ctx: Ctx, cols: MilpColumns, max_gpus: int | None = None, time_li
     return [(useful[j], int(x[j])) for j in range(len(useful)) if x[j] > 0]
 
 
-def milp(ctx: Ctx, max_gpus: int | None = None, *, cols: MilpColumns | None = None) -> list[Gpu]:
+def ideal_prototype(ctx: Ctx, max_gpus: int | None = None, *, cols: MilpColumns | None = None) -> list[Gpu]:
     """Exact optimum over per-GPU configurations, turned into a schedulable plan."""
     cols = cols or milp_columns(ctx, [m for m in ctx.models if ctx.rates[m] > EPS])
     sol = solve_milp(ctx, cols, max_gpus)
@@ -166,7 +166,7 @@ def best(ctx: Ctx, max_gpus: int | None = None, *, time_limit: float = 5.0) -> l
     otherwise an integer program (HiGHS, at most ``time_limit`` s) looks for a plan with
     fewer GPUs. When the optimum is beyond its limits (many models at high rates with
     interference: too many GPU configurations) the prototype's fixed-split integer program
-    (:func:`milp`, saturated single-model gpu-lets in pairs, interference applied) is tried
+    (:func:`ideal_prototype`, saturated single-model gpu-lets in pairs, interference applied) is tried
     too and the plan with fewer GPUs wins: at scale it can beat the heuristic.
 
     When to use which: ``gpulet`` is the default (milliseconds, optimal on the benchmark
@@ -185,7 +185,7 @@ def best(ctx: Ctx, max_gpus: int | None = None, *, time_limit: float = 5.0) -> l
         pass
     plans = [upper] if upper is not None else []
     try:
-        plans.append(milp(ctx, max_gpus))
+        plans.append(ideal_prototype(ctx, max_gpus))
     except SchedulingError:
         pass
     if not plans:

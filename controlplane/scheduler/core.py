@@ -23,10 +23,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from ..profiles import ProfileStore
-from ..spec import Assignment, Deployment, GpuLet, ModelSummary, Plan
+from ..spec import Assignment, Deployment, GpuLet, ModelSummary, Plan, gpulet_id
 from ..interference import InterferenceModel, NoInterference
 
 EPS = 1e-9
@@ -363,7 +362,7 @@ def check_slo_reachable(ctx: Ctx) -> None:
 
 
 def to_plan(ctx: Ctx, gpus: Sequence[Gpu], deployment: str, algorithm: str) -> Plan:
-    """Turn planned GPUs into a Plan: ids gpu<N>-a/-b/..., per-model summaries."""
+    """Turn planned GPUs into a Plan: ids gpu<N>-a/-b/... (cpu<N>-a/... on a CPU), per-model summaries."""
     out: list[GpuLet] = []
     thr: dict[str, float] = {m: 0.0 for m in ctx.rates}
     worst: dict[str, float] = {m: 0.0 for m in ctx.rates}
@@ -381,7 +380,7 @@ def to_plan(ctx: Ctx, gpus: Sequence[Gpu], deployment: str, algorithm: str) -> P
                 worst[m] = max(worst[m], let.duty + L)
                 assigns.append(Assignment(model=m, batch=b, rate=round(r, 6), latency_ms=round(L, 6),
                                           throughput=round(t, 6)))
-            out.append(GpuLet(id=f"gpu{n}-{chr(ord('a') + j)}", gpu=n, share=let.share,
+            out.append(GpuLet(id=gpulet_id(ctx.profiles.device, n, j), gpu=n, share=let.share,
                               duty_cycle_ms=round(let.duty, 6), models=assigns))
         n += 1
     summaries = {m: ModelSummary(rate=ctx.rates[m], slo_ms=ctx.slos[m], throughput=round(thr[m], 6),
@@ -437,6 +436,3 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
     return errs
 
 
-@lru_cache(maxsize=None)
-def _letter(j: int) -> str:  # pragma: no cover - kept for ids beyond 'z'
-    return chr(ord("a") + j) if j < 26 else f"x{j}"
