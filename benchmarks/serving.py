@@ -219,20 +219,15 @@ class PlainTriton:
 
 
 def _proc_cpu() -> dict[int, tuple[str, int, float]]:
-    """pid -> (comm, ppid, CPU seconds so far) of every process, from /proc (Linux); with its reaped
-    children's, so the load generator's worker processes, gone by the end of a point, still count."""
-    tick = os.sysconf("SC_CLK_TCK")
+    """pid -> (name, ppid, CPU seconds so far) of every process; with its reaped children's, so the
+    load generator's worker processes, gone by the end of a point, still count."""
+    import psutil
+
     out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{d}/stat").read_text()
-        except OSError:
-            continue
-        comm = raw[raw.index("(") + 1:raw.rindex(")")]
-        f = raw[raw.rindex(")") + 2:].split()
-        out[int(d)] = (comm, int(f[1]), sum(int(x) for x in f[11:15]) / tick)
+    for p in psutil.process_iter(["name", "ppid", "cpu_times"]):
+        t = p.info["cpu_times"]
+        if t is not None:
+            out[p.pid] = (p.info["name"] or "", p.info["ppid"] or 0, t.user + t.system + t.children_user + t.children_system)
     return out
 
 

@@ -37,7 +37,8 @@ def up(
 ) -> None:
     """Plan, launch one tritonserver per gpu-let, and serve every model behind one KServe v2 endpoint."""
     dep = read_deployment(file)
-    from .deploy import Controller, RunPaths, pid_alive, read_state
+    from .deploy import Controller, pid_alive, read_state
+    from .paths import RunPaths
 
     paths = RunPaths.for_deployment(dep)
     state = read_state(paths)
@@ -119,7 +120,8 @@ def _detach(file: str, paths, plan_file: Optional[Path]) -> None:
 def down(file: str = FileOpt) -> None:
     """Stop a deployment: its router, every gpu-let's server, and the MPS daemon it started."""
     dep = read_deployment(file)
-    from .deploy import RunPaths, stop_deployment
+    from .deploy import stop_deployment
+    from .paths import RunPaths
 
     stopped = stop_deployment(RunPaths.for_deployment(dep))
     if not stopped:
@@ -132,9 +134,9 @@ def down(file: str = FileOpt) -> None:
 @app.command()
 def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -> None:
     """Gpu-lets of a running deployment: share, models, ports, health."""
-    import httpx
-
-    from .deploy import RunPaths, pid_alive, read_state
+    from .deploy import pid_alive, read_state
+    from .paths import RunPaths
+    from .runtime.base import server_ready as ready
     from .spec import GpuletState
 
     dep = read_deployment(file)
@@ -143,15 +145,7 @@ def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -
         console.print(f"deployment {dep.name!r} is not running")
         raise typer.Exit(3)
 
-    def ready(addr: str | None) -> bool:
-        if not addr:
-            return False
-        try:
-            return httpx.get(f"http://{addr}/v2/health/ready", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    router_addr = state.router.http
+    router_addr = f"{state.router.host}:{state.router.http_port}"
     rows = []
     for g in state.plan.gpulets:
         info = state.gpulets.get(g.id, GpuletState())
@@ -179,7 +173,8 @@ def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -
 @app.command()
 def logs(gpulet: str, file: str = FileOpt, tail: int = typer.Option(100, "--tail", "-n")) -> None:
     """The log of one gpu-let's tritonserver."""
-    from .deploy import RunPaths, read_state
+    from .deploy import read_state
+    from .paths import RunPaths
 
     dep = read_deployment(file)
     state = read_state(RunPaths.for_deployment(dep))

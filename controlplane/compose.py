@@ -223,6 +223,7 @@ def compose_command(
 ) -> None:
     """Render a deployment's plan as a compose file (router, MPS daemon, one service per gpu-let)."""
     from .cli_base import console, err, fail, read_deployment
+    from .paths import RunPaths
     from . import devices as devmod
     from .spec import load_plan
 
@@ -238,7 +239,7 @@ def compose_command(
         except ValueError as e:
             fail(str(e), 1)
     uuids = {i: g.uuid for i, g in enumerate(devices.gpus)} if devices.on_gpu else None
-    out = out_dir or Path(dep.run_dir or f".controlplane/{dep.name}") / "compose"
+    out = out_dir or RunPaths.for_deployment(dep).compose
     if mps not in ("container", "host", "none"):
         fail(f"--mps must be container, host or none, not {mps!r}")
     path = write_compose_bundle(dep, plan, out, on_gpu=devices.on_gpu, gpu_uuids=uuids,

@@ -20,45 +20,14 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import devices as devmod
 from .planning import make_plan
 from .repository import SourceRepository, build_artifacts, repository_for, write_gpulet_repositories
 from .runtime.base import Endpoint, Launch, Runtime, cpu_cores_for, gpulet_env
+from .paths import RunPaths
 from .spec import Deployment, GpuletState, Plan, RouterState, RunState
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where one deployment keeps its state, logs and generated repositories."""
-
-    root: Path
-
-    @classmethod
-    def for_deployment(cls, dep: Deployment) -> "RunPaths":
-        return cls(Path(dep.run_dir) if dep.run_dir else Path(".controlplane") / dep.name)
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def repos(self) -> Path:
-        return self.root / "repos"
-
-    def mps(self, name: str) -> Path:
-        """MPS pipe/log dirs: short and under /tmp, since the pipe is a Unix socket (108-byte path limit)."""
-        import hashlib
-        import tempfile
-
-        tag = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:8]
-        return Path(tempfile.gettempdir()) / f"gpulet-mps-{name}-{tag}"
 
 
 def read_state(paths: RunPaths) -> RunState | None:
@@ -70,20 +39,17 @@ def read_state(paths: RunPaths) -> RunState | None:
 
 
 def pid_alive(pid: int | None) -> bool:
+    """Whether the process runs (a zombie does not)."""
+    import psutil
+
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    # A zombie is not alive for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Controller:

@@ -37,8 +37,15 @@ from typing import Callable
 
 import numpy as np
 
-_NP = {"BOOL": np.bool_, "UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
-       "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+
+
+def _np_dtype(datatype: str):
+    """The numpy type loadgen fills a KServe datatype with (tritonclient's map), None when it cannot
+    (BYTES, BF16)."""
+    from tritonclient.utils import triton_to_np_dtype
+
+    dt = triton_to_np_dtype(datatype)
+    return dt if dt is not None and np.dtype(dt).kind in "biuf" and datatype != "BF16" else None
 
 # What one worker process sends comfortably; the default worker count keeps each below both.
 WORKER_REQ_PER_S = 400.0
@@ -158,7 +165,7 @@ async def _describe(url: str, protocol: str, models: list[str], batch: int,
                 {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in md.inputs]
             specs[model] = []
             for t in md_inputs:
-                if t["datatype"] not in _NP:
+                if _np_dtype(t["datatype"]) is None:
                     raise ValueError(f"{model}: input {t['name']} of type {t['datatype']} is not supported by loadgen")
                 shape = [batch if i == 0 and d == -1 else (1 if d == -1 else int(d)) for i, d in enumerate(t["shape"])]
                 specs[model].append((t["name"], shape, t["datatype"]))
@@ -196,7 +203,7 @@ async def _stream(url: str, protocol: str, specs: dict[str, list[_Spec]], rates:
         for model, spec in specs.items():
             ins = []
             for name, shape, datatype in spec:
-                dt = _NP[datatype]
+                dt = _np_dtype(datatype)
                 arr = (rng.integers(0, 1000, shape) if np.dtype(dt).kind in "iu" else rng.random(shape)).astype(dt)
                 i = client.InferInput(name, shape, datatype)
                 i.set_data_from_numpy(arr)
@@ -395,7 +402,7 @@ def run(url: str, rates: dict[str, float], duration_s: float = 10.0, *, protocol
     rates, slo_ms = dict(rates), dict(slo_ms or {})
     specs = asyncio.run(_describe(url, protocol, list(rates), batch, slo_ms))
     n = workers or default_workers(
-        rates, {m: sum(int(np.prod(shape)) * np.dtype(_NP[dt]).itemsize for _, shape, dt in s)
+        rates, {m: sum(int(np.prod(shape)) * np.dtype(_np_dtype(dt)).itemsize for _, shape, dt in s)
                 for m, s in specs.items()})
     if n == 1:
         parts = [asyncio.run(_stream(url, protocol, specs, rates, duration_s, arrival, np.random.default_rng(seed),

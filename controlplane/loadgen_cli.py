@@ -31,7 +31,8 @@ def loadgen(
 
     from . import loadgen as lg
     from .cli_base import fail, read_deployment
-    from .deploy import RunPaths, read_state
+    from .deploy import read_state
+    from .paths import RunPaths
 
     dep = read_deployment(file)
     rates = {m.name: m.rate for m in dep.models}
@@ -47,7 +48,8 @@ def loadgen(
         state = read_state(RunPaths.for_deployment(dep))
         if not state:
             fail(f"deployment {dep.name!r} is not running; start it with `controlplane up -f {file}` or pass --url", 1)
-        url = state.router.grpc if protocol == "grpc" else state.router.http
+        r = state.router
+        url = f"{r.host}:{r.grpc_port if protocol == 'grpc' else r.http_port}"
     slo = {m.name: m.slo_ms for m in dep.models}
     try:
         result = lg.run(url, rates, duration, protocol=protocol, arrival=arrival, slo_ms=slo, seed=seed,

@@ -6,10 +6,10 @@ limits). The scheduler proper (:mod:`controlplane.scheduler`) stays pure — wor
 in, plan out; this module does the I/O around it: it finds the profile, and measures what is
 missing only when asked to.
 
-Where profiles live (:func:`profile_dirs`):
+Where profiles live (:func:`profile_dirs`; :mod:`controlplane.paths`):
 
-* measured on this machine: ``$CONTROLPLANE_CACHE/profiles/<device>/`` (default
-  ``~/.cache/controlplane/profiles/``) — ``controlplane profile`` and ``up`` write there;
+* measured on this machine: ``<cache>/profiles/<device>/`` — ``controlplane profile`` and ``up``
+  write there;
 * shipped with the project: ``profiles/<device>/`` in the source tree, read only;
 * a deployment's ``profiles:`` folder replaces both, for reading and for writing.
 
@@ -23,12 +23,9 @@ from pathlib import Path
 
 from .devices import DeviceSet
 from .profiles import ProfileStore, device_slug, read_csv
-from .repository import SourceRepository, cache_dir, repository_for
+from .paths import SHIPPED_PROFILES, measured_profiles
+from .repository import SourceRepository, repository_for
 from .spec import Assignment, Deployment, GpuLet, ModelSummary, Plan, gpulet_id
-
-#: profiles that come with the project (read only)
-SHIPPED_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
-
 
 class MissingProfile(ValueError):
     """The device's profile lacks models the deployment plans; the message says how to make it."""
@@ -41,17 +38,12 @@ class MissingProfile(ValueError):
             f"`controlplane plan --profile-missing`, or plan with `scheduler: {{algorithm: trivial}}`")
 
 
-def measured_root(dep: Deployment) -> Path:
-    """Where profiles measured on this machine are written (and read first)."""
-    return Path(dep.profiles) if dep.profiles else cache_dir() / "profiles"
-
-
 def profile_dirs(dep: Deployment, device: str) -> list[Path]:
     """The folders a device's profile is read from, the one that wins last."""
     slug = device_slug(device)
     if dep.profiles:
         return [Path(dep.profiles) / slug]
-    return [SHIPPED_PROFILES / slug, measured_root(dep) / slug]
+    return [SHIPPED_PROFILES / slug, measured_profiles(dep) / slug]
 
 
 def alias_models(store: ProfileStore, dep: Deployment) -> ProfileStore:
@@ -88,7 +80,7 @@ def measure(dep: Deployment, devices: DeviceSet, models: list[str]) -> None:
     """
     from profiler.ensure import ensure_profile
 
-    kw = dict(profiles_root=measured_root(dep), shares=dep.scheduler.shares,
+    kw = dict(profiles_root=measured_profiles(dep), shares=dep.scheduler.shares,
               batches=[b for b in (1, 2, 4, 8, 16, 32) if b <= dep.scheduler.max_batch])
     if not devices.on_gpu:
         ensure_profile(models, device="cpu", **kw)
@@ -150,7 +142,7 @@ def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str
     missing = [n for n in names if store is None or n not in store.models()]
     if missing and profile_missing:
         log(f"no {devices.name} profile for {', '.join(missing)}: measuring them into "
-            f"{measured_root(dep) / device_slug(devices.name)} ...")
+            f"{measured_profiles(dep) / device_slug(devices.name)} ...")
         measure(dep, devices, missing)
         store = load_profiles(dep, devices.name)
         missing = [n for n in names if store is None or n not in store.models()]

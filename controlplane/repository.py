@@ -28,27 +28,22 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from .paths import cache_dir
+
 from .spec import Assignment, GpuLet, Plan
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_TEMPLATE = PACKAGE_DIR / "templates" / "model.py"
 DEFAULT_SOURCE = PACKAGE_DIR.parent / "model_repository"
 
-# KServe v2 datatype names of Triton's config enums.
-_DTYPES = {
-    mc.TYPE_BOOL: "BOOL", mc.TYPE_UINT8: "UINT8", mc.TYPE_INT8: "INT8", mc.TYPE_INT16: "INT16",
-    mc.TYPE_INT32: "INT32", mc.TYPE_INT64: "INT64", mc.TYPE_FP16: "FP16", mc.TYPE_FP32: "FP32",
-    mc.TYPE_FP64: "FP64", mc.TYPE_STRING: "BYTES", mc.TYPE_BF16: "BF16",
-}
+def kserve_datatype(data_type: int) -> str:
+    """The KServe v2 name of a model config's data type: TYPE_FP32 -> FP32, TYPE_STRING -> BYTES."""
+    name = mc.DataType.Name(data_type).removeprefix("TYPE_")
+    return "BYTES" if name == "STRING" else name
 
 
 class RepositoryError(ValueError):
     """A model repository that cannot be used; the message names the file."""
-
-
-def cache_dir() -> Path:
-    """Where built artifacts go: $CONTROLPLANE_CACHE, else ~/.cache/controlplane."""
-    return Path(os.environ.get("CONTROLPLANE_CACHE") or Path.home() / ".cache" / "controlplane")
 
 
 @dataclass(frozen=True)
@@ -89,7 +84,7 @@ def _parse_config(path: Path) -> mc.ModelConfig:
 
 
 def _tensors(items) -> list[TensorInfo]:
-    return [TensorInfo(t.name, _DTYPES.get(t.data_type, "BYTES"), tuple(int(d) for d in t.dims)) for t in items]
+    return [TensorInfo(t.name, kserve_datatype(t.data_type), tuple(int(d) for d in t.dims)) for t in items]
 
 
 def _param(cfg: mc.ModelConfig, key: str) -> float | None:

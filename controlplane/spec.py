@@ -308,14 +308,6 @@ class RouterState(_Strict):
     http_port: int
     grpc_port: int
 
-    @property
-    def http(self) -> str:
-        return f"{self.host}:{self.http_port}"
-
-    @property
-    def grpc(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
-
 
 class GpuletState(_Strict):
     """One gpu-let's server as the runtime last reported it."""

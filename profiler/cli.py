@@ -42,7 +42,7 @@ def profile(
     warmup: int = typer.Option(5, help="warm-up runs per point"),
     point_budget_s: float = typer.Option(1.0, help="stop timing a point after this long once min-runs are in"),
     start_mps: bool = typer.Option(True, help="GPU: start an MPS control daemon on the project's dirs if none answers (and stop it after)"),
-    mps_dir: Path | None = typer.Option(None, help="MPS base dir (pipe/ and log/ under it); default .controlplane/mps"),
+    mps_dir: Path | None = typer.Option(None, help="MPS base dir (pipe/ and log/ under it); default $CONTROLPLANE_MPS_DIR or /tmp/gpulet-mps-profile-<uid>"),
     gpu_index: int = typer.Option(0, help="which GPU"),
     interference: bool = typer.Option(False, help="GPU: also measure co-located pairs and fit the interference model"),
     pairs_per_split: int = typer.Option(40, help="pair configurations per share split (50/50, 40/60, 20/80)"),
@@ -63,9 +63,9 @@ def profile(
 
     con = Console(stderr=True)
     if out is None:
-        from controlplane.repository import cache_dir
+        from controlplane.paths import measured_profiles
 
-        out = cache_dir() / "profiles"
+        out = measured_profiles()
     names = zoo.names() if models == "all" else [m for m in models.split(",") if m]
     unknown = [m for m in names if m not in zoo.names()]
     if unknown:

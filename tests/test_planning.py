@@ -10,7 +10,8 @@ import pytest
 
 from controlplane import devices as devmod
 from controlplane.deploy import Controller
-from controlplane.planning import SHIPPED_PROFILES, MissingProfile, make_plan
+from controlplane.paths import SHIPPED_PROFILES
+from controlplane.planning import MissingProfile, make_plan
 from controlplane.profiles import device_slug, read_csv, write_csv
 from controlplane.spec import load_deployment
 

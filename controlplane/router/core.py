@@ -45,7 +45,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .backend import GrpcPassClient, HttpAnswer, HttpPassClient
+from .clients import GrpcPassClient, HttpAnswer, HttpPassClient
 from .errors import Dropped, RouterError, is_deadline_reject, is_parse_error
 from .table import GpuletRoute, ModelRoute, RoutingTable
 
@@ -182,7 +182,7 @@ def merge_stats(a: Any, b: Any) -> Any:
 # --------------------------------------------------------------------------- gpu-lets
 
 
-class Backend:
+class GpuletServer:
     """One gpu-let's tritonserver: its connections, readiness and requests in flight."""
 
     def __init__(self, route: GpuletRoute, metrics: Metrics) -> None:
@@ -221,7 +221,7 @@ class _Target:
 
     __slots__ = ("backend", "weight", "sent", "inflight", "limit")
 
-    def __init__(self, backend: Backend, route: GpuletRoute, model: ModelRoute, metrics: Metrics,
+    def __init__(self, backend: GpuletServer, route: GpuletRoute, model: ModelRoute, metrics: Metrics,
                  processes: int) -> None:
         self.backend = backend
         self.weight = route.weight
@@ -245,7 +245,7 @@ def _infer_path(model: str, version: str) -> str:
     return f"/v2/models/{model}/versions/{version}/infer" if version else f"/v2/models/{model}/infer"
 
 
-async def _post(be: Backend, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> HttpAnswer:
+async def _post(be: GpuletServer, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> HttpAnswer:
     """An infer request to a gpu-let over HTTP; Triton's 500 for a request it cannot parse becomes 400."""
     ans = await be.http.post(path, headers, body)
     if ans.status == 500 and is_parse_error(ans.error_message()):
@@ -263,7 +263,7 @@ class Router:
         self.table = table
         self.options = options or RouterOptions()
         self.metrics = Metrics(metrics_dir)
-        self.backends: dict[str, Backend] = {}
+        self.servers: dict[str, GpuletServer] = {}
         self.targets: dict[str, list[_Target]] = {}
         self._mm = {name: _ModelMetrics(self.metrics, m) for name, m in table.models.items()}
         self._health_task: asyncio.Task | None = None
@@ -276,13 +276,13 @@ class Router:
         for m in self.table.models.values():
             ts = []
             for g in m.gpulets:
-                be = self.backends.get(g.id)
+                be = self.servers.get(g.id)
                 if be is None:
-                    be = self.backends[g.id] = Backend(g, self.metrics)
+                    be = self.servers[g.id] = GpuletServer(g, self.metrics)
                     self.metrics.ready.labels(g.id).set(0)
                 ts.append(_Target(be, g, m, self.metrics, self.options.processes))
             self.targets[m.name] = ts
-        await asyncio.gather(*(b.check() for b in self.backends.values()))
+        await asyncio.gather(*(b.check() for b in self.servers.values()))
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="router-health")
 
     async def close(self) -> None:
@@ -292,18 +292,18 @@ class Router:
                 await self._health_task
             except (asyncio.CancelledError, Exception):
                 pass
-        for be in self.backends.values():
+        for be in self.servers.values():
             await be.close()
 
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.options.health_interval_s)
-            await asyncio.gather(*(b.check() for b in self.backends.values()), return_exceptions=True)
+            await asyncio.gather(*(b.check() for b in self.servers.values()), return_exceptions=True)
 
     # ------------------------------------------------------------------ state
 
     def ready(self) -> bool:
-        return bool(self.backends) and all(b.ready for b in self.backends.values())
+        return bool(self.servers) and all(b.ready for b in self.servers.values())
 
     def model_ready(self, model: str) -> bool:
         return any(t.backend.ready for t in self.targets.get(model, []))
@@ -316,7 +316,7 @@ class Router:
             raise RouterError(404, f"model {name!r} has no version {version!r} (only {m.version!r})")
         return m
 
-    def pick(self, model: str, tried: tuple[Backend, ...] = ()) -> _Target:
+    def pick(self, model: str, tried: tuple[GpuletServer, ...] = ()) -> _Target:
         """The ready gpu-let of the model with the fewest requests in flight per unit of planned throughput,
         among those below their in-flight limit."""
         best, score, full = None, math.inf, 0
@@ -343,7 +343,7 @@ class Router:
 
     async def _send(self, model: str, call) -> Any:
         """Run ``call(backend)`` on a gpu-let of the model; on a broken connection, on another one."""
-        tried: tuple[Backend, ...] = ()
+        tried: tuple[GpuletServer, ...] = ()
         last: Exception | None = None
         for _ in range(self.options.attempts):
             try:
@@ -405,7 +405,7 @@ class Router:
                 _, headers, body = framed
                 path = _infer_path(model, version)
 
-                async def call(be: Backend) -> bytes:
+                async def call(be: GpuletServer) -> bytes:
                     return to_grpc(await _post(be, path, headers, body))
 
                 out = await self._send(model, call)

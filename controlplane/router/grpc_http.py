@@ -16,7 +16,7 @@ import json
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from .backend import HttpAnswer
+from .clients import HttpAnswer
 from .errors import RouterError
 
 _HTTP_TO_GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,

@@ -22,7 +22,7 @@ from google.protobuf.json_format import MessageToDict
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .backend import FORWARD_HEADERS, HttpAnswer
+from .clients import FORWARD_HEADERS, HttpAnswer
 from .core import Router, RouterOptions
 from .errors import RouterError
 from .table import ModelRoute, RoutingTable

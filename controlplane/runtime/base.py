@@ -26,6 +26,19 @@ from pathlib import Path
 from ..spec import GpuLet
 
 
+def server_ready(http: str | None, timeout: float = 1.0) -> bool:
+    """Whether the KServe v2 server at host:port (a tritonserver, or the router) answers
+    ``/v2/health/ready`` with 200: the one readiness probe of runtimes and ``status``."""
+    if not http:
+        return False
+    import httpx
+
+    try:
+        return httpx.get(f"http://{http}/v2/health/ready", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 class ReplicaState(str, enum.Enum):
     PENDING = "pending"
     STARTING = "starting"

@@ -33,12 +33,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError
+from .base import Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, server_ready
 
 LABEL_MANAGED = "gpulet.managed-by"
 MANAGED_VALUE = "controlplane"
@@ -144,14 +142,6 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def http_ready(host: str, port: int, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{host}:{port}/v2/health/ready", timeout=timeout) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
 
 
 @dataclass
@@ -357,7 +347,7 @@ class DockerRuntime(Runtime):
                     r.message = f"exited with code {st.get('ExitCode')} while starting"
                     raise StartError(f"gpu-let {gid}: container {r.name} {r.message}; "
                                      f"log tail:\n{self._tail(r)}")
-                if st["Status"] == "running" and http_ready(self.host, r.endpoint.http_port):
+                if st["Status"] == "running" and server_ready(f"{self.host}:{r.endpoint.http_port}", timeout=2.0):
                     r.state = ReplicaState.READY
                     r.message = ""
                     waiting.remove(r)
@@ -429,7 +419,7 @@ class DockerRuntime(Runtime):
                     if gid not in restarted:
                         restarted.append(gid)
                 elif st["Status"] == "running":
-                    if http_ready(self.host, r.endpoint.http_port, timeout=1.0):
+                    if server_ready(f"{self.host}:{r.endpoint.http_port}"):
                         r.state, r.message = ReplicaState.READY, ""
                     elif r.state == ReplicaState.READY:
                         r.state, r.message = ReplicaState.RESTARTING, "running but not ready"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,10 @@ class MPSNotActive(RuntimeError):
 
 
 def default_dirs(root: str | Path | None = None) -> tuple[Path, Path]:
-    """The project's pipe and log directories (``$CONTROLPLANE_MPS_DIR`` or .controlplane/mps)."""
-    base = Path(root or os.environ.get("CONTROLPLANE_MPS_DIR") or Path.cwd() / ".controlplane" / "mps")
+    """The profiler's MPS pipe and log directories: under root, ``$CONTROLPLANE_MPS_DIR``, else
+    /tmp/gpulet-mps-profile-<uid> (short: the pipe is a Unix socket; see controlplane.paths)."""
+    base = Path(root or os.environ.get("CONTROLPLANE_MPS_DIR")
+                or Path(tempfile.gettempdir()) / f"gpulet-mps-profile-{os.getuid()}")
     return base / "pipe", base / "log"
 
 

@@ -20,9 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 
-from .base import Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError
+from .base import Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, server_ready
 from .triton import TritonInstall, find_tritonserver, python_env
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -110,10 +109,7 @@ class ProcessRuntime(Runtime):
         )
 
     def _ready(self, r: _Replica) -> bool:
-        try:
-            return httpx.get(f"http://{r.endpoint.http}/v2/health/ready", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return server_ready(r.endpoint.http)
 
     def _wait_ready(self, reps: list[_Replica]) -> None:
         deadline = time.monotonic() + self.startup_timeout_s

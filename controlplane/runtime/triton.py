@@ -18,7 +18,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..repository import cache_dir
+from ..paths import cache_dir
 
 
 class TritonNotFound(RuntimeError):

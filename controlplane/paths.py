@@ -1,0 +1,75 @@
+"""Where the control plane keeps things — one place, so the README's table and the code agree.
+
+============================  ===================================================================
+what                          where
+============================  ===================================================================
+built model artifacts         ``<cache>/zoo/<model>/model.pt``
+Triton's python backend       ``<cache>/triton-backends/<version>/`` (the stub for this Python)
+profiles measured here        ``<cache>/profiles/<device>/`` (``profile`` and ``up`` write them)
+profiles shipped              ``profiles/<device>/`` in the source tree (read only)
+one deployment's run          ``<run dir>`` = the deployment's ``run_dir``, else
+                              ``./.controlplane/<name>``: ``state.json``, ``logs/``, ``repos/``
+its MPS pipe and log          ``/tmp/gpulet-mps-<name>-<hash>/`` (a Unix socket path must stay
+                              under 108 bytes) or the deployment's ``runtime.mps_pipe_dir``
+the profiler's MPS daemon     ``$CONTROLPLANE_MPS_DIR``, else ``/tmp/gpulet-mps-profile-<uid>/``
+============================  ===================================================================
+
+``<cache>`` is ``$CONTROLPLANE_CACHE``, else ``~/.cache/controlplane``. Nothing is written into
+the source tree or the installed package at run time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .spec import Deployment
+
+#: profiles that come with the project (read only)
+SHIPPED_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+
+
+def cache_dir() -> Path:
+    """$CONTROLPLANE_CACHE, else ~/.cache/controlplane."""
+    return Path(os.environ.get("CONTROLPLANE_CACHE") or Path.home() / ".cache" / "controlplane")
+
+
+def measured_profiles(dep: Deployment | None = None) -> Path:
+    """Where profiles measured on this machine are written (and read first): the deployment's
+    ``profiles:`` folder if it names one, else ``<cache>/profiles``."""
+    return Path(dep.profiles) if dep is not None and dep.profiles else cache_dir() / "profiles"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one deployment keeps its state, logs and generated repositories."""
+
+    root: Path
+
+    @classmethod
+    def for_deployment(cls, dep: Deployment) -> "RunPaths":
+        return cls(Path(dep.run_dir) if dep.run_dir else Path(".controlplane") / dep.name)
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def repos(self) -> Path:
+        return self.root / "repos"
+
+    @property
+    def compose(self) -> Path:
+        return self.root / "compose"
+
+    def mps(self, name: str) -> Path:
+        """MPS pipe/log dirs: short and under /tmp, since the pipe is a Unix socket (108-byte path limit)."""
+        tag = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:8]
+        return Path(tempfile.gettempdir()) / f"gpulet-mps-{name}-{tag}"
