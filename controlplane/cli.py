@@ -192,7 +192,7 @@ def logs(gpulet: str, file: str = FileOpt, tail: int = typer.Option(100, "--tail
 
 @app.command("router")
 def router_cmd(
-    deployment: Path = typer.Option(..., "--deployment", help="deployment file"),
+    file: str = FileOpt,
     plan_file: Path = typer.Option(..., "--plan", help="plan (JSON)"),
     endpoints: Path = typer.Option(..., "--endpoints", help="JSON: gpu-let id -> {host, http_port, grpc_port, metrics_port}"),
     host: Optional[str] = typer.Option(None, "--host", help="bind address (default: the deployment's)"),
@@ -203,7 +203,7 @@ def router_cmd(
     from .runtime.base import Endpoint
     from .spec import load_plan
 
-    dep = read_deployment(str(deployment))
+    dep = read_deployment(file)
     try:
         plan = load_plan(plan_file)
         eps = {k: Endpoint(**v) for k, v in json.loads(endpoints.read_text()).items()}

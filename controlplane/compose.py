@@ -163,7 +163,7 @@ def render_compose(
         router_volumes.append(f"{src}:{src}:ro")
     services["router"] = {
         "image": router_image,
-        "command": ["controlplane", "router", "--deployment", f"{CONFIG_DIR}/deployment.yaml",
+        "command": ["controlplane", "router", "-f", f"{CONFIG_DIR}/deployment.yaml",
                     "--plan", f"{CONFIG_DIR}/plan.json", "--endpoints", f"{CONFIG_DIR}/endpoints.json",
                     "--host", "0.0.0.0"],
         "volumes": router_volumes,
