@@ -109,7 +109,8 @@ def main() -> None:
     dep_path = str(args.deployment)
     plan_file = args.plan
     if plan_file is None:
-        planned = sh(*cli, "plan", "-f", dep_path, "--json", *(["--gpus", str(args.gpus)] if args.gpus else []))
+        planned = sh(*cli, "plan", "-f", dep_path, "--json", "--profile-missing",
+                     *(["--gpus", str(args.gpus)] if args.gpus else []))
         plan_file = args.out / "plan.json"
         plan_file.write_text(planned.stdout)
     plan = json.loads(Path(plan_file).read_text())
