@@ -42,17 +42,23 @@ class _Strict(BaseModel):
 # --------------------------------------------------------------------------- deployment
 
 
+#: a model name: it becomes a folder of generated repositories and a URL path segment, so letters,
+#: digits, '_' and '-', with single dots between them (no '/', no '..', no leading dot)
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$"
+
+
 class ModelSpec(_Strict):
     """One model to serve: its name in the model zoo, its load and its SLO."""
 
-    name: str = Field(description="model name in the model repository (see `controlplane repo list`)")
+    name: str = Field(pattern=MODEL_NAME, max_length=128,
+                      description="model name in the model repository (see `controlplane repo list`)")
     rate: float = Field(ge=0, description="request rate to plan for, in requests per second")
     slo_ms: float = Field(gt=0, description="latency SLO in milliseconds, queueing included")
     max_batch: int | None = Field(
         default=None, ge=1, le=1024, description="largest batch the scheduler may use for this model"
     )
     base: str | None = Field(
-        default=None, description="repository model this one is a copy of (default: its own name), "
+        default=None, pattern=MODEL_NAME, max_length=128, description="repository model this one is a copy of (default: its own name), "
         "e.g. six lenet readers lenet1..lenet6 with base lenet"
     )
 

@@ -84,3 +84,25 @@ def test_base_names_the_repository_model(tmp_path):
     proc = run_cli("plan", "-f", str(p), "--algorithm", "trivial")
     assert proc.returncode == 2
     assert "models[1].base: unknown model 'nope'" in " ".join(proc.stderr.split())
+
+
+@pytest.mark.parametrize("name", ["../../../x", "a/b", "..", ".hidden", "x..y", "lenet/", "a b", "x" * 129])
+def test_model_names_that_could_escape_a_directory_are_refused(tmp_path, name):
+    """A model name becomes a folder of generated repositories and a URL segment: anything but a plain
+    name is refused naming the field, before anything is planned or written."""
+    run_dir = tmp_path / "run"
+    p = tmp_path / "bad.yaml"
+    p.write_text(f"name: t\nmodels:\n  - {{name: {name!r}, base: lenet, rate: 1, slo_ms: 50}}\n"
+                 f"devices: cpu\nrun_dir: {run_dir}\n")
+    with pytest.raises(SpecError, match=r"models\[0\]\.name"):
+        load_deployment(p)
+    proc = run_cli("up", "-f", str(p), "--detach")
+    assert proc.returncode == 2 and "models[0].name" in " ".join(proc.stderr.split()), proc.stdout + proc.stderr
+    assert not run_dir.exists() and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["lenet", "mobilenet_v2", "ssd-mobilenet", "resnet50.v2", "Model_1-b"])
+def test_plain_model_names_are_accepted(name):
+    from controlplane.spec import ModelSpec
+
+    assert ModelSpec(name=name, rate=1, slo_ms=10).name == name
