@@ -310,6 +310,8 @@ TRITON_500 = {
     "no inputs": (b"{}", {}),
     "shape/data mismatch": _json_input(shape=[2, 1, 28, 28]),
     "strings as data": _json_input(data="abc"),
+    "33 dimensions": _json_input(shape=[1] * 33, data=[0.0]),
+    "nested 1000 deep": (b'{"inputs": [' + b"[" * 1000 + b"]" * 1000 + b"]}", {}),
 }
 
 

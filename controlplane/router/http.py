@@ -101,6 +101,19 @@ def request_problem(body: bytes, header_len: bytes | None) -> str | None:
         req = json.loads(head)
     except (ValueError, UnicodeDecodeError):
         return "the request is not JSON"
+    except RecursionError:
+        return "the request's JSON is nested too deeply"
+    try:
+        return _kserve_problem(req)
+    except RecursionError:
+        return "an input's data is nested too deeply"
+
+
+#: Triton's limit on a tensor's dimensions (more answer HTTP 500 / gRPC UNKNOWN in 2.51)
+MAX_DIMS = 32
+
+
+def _kserve_problem(req) -> str | None:
     if not isinstance(req, dict):
         return "the request is not a JSON object"
     if "id" in req and not isinstance(req["id"], str):
@@ -117,6 +130,8 @@ def request_problem(body: bytes, header_len: bytes | None) -> str | None:
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                   for d in shape):
             return "an input's shape is not a list of non-negative integers"
+        if len(shape) > MAX_DIMS:
+            return f"an input's shape has {len(shape)} dimensions (at most {MAX_DIMS})"
         if "parameters" in i and not _scalar_params(i["parameters"]):
             return "an input's parameters are not an object of scalars"
         if "data" in i:
