@@ -12,6 +12,7 @@ index) are answered by the router from its routing table.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 from google.protobuf.json_format import ParseDict
@@ -67,6 +68,9 @@ def model_of(request: bytes) -> tuple[str, str]:
             raise RouterError(400, f"malformed ModelInferRequest: {e}") from None
         return req.model_name, req.model_version
     return name, version or ""
+
+
+log = logging.getLogger("controlplane.router")
 
 
 class InferenceService:
@@ -138,16 +142,22 @@ class InferenceService:
         pending: set[asyncio.Task] = set()
 
         async def one(req: bytes):
+            """Every request of the stream gets its own answer: a response, or an error message."""
             try:
                 resp = pb.ModelInferResponse.FromString(await self._infer(req))
                 await out.put(pb.ModelStreamInferResponse(infer_response=resp))
+                return
             except RouterError as e:
-                try:
-                    head = model_of(req)
-                except RouterError:
-                    head = ("", "")
-                await out.put(pb.ModelStreamInferResponse(
-                    error_message=e.message, infer_response=pb.ModelInferResponse(model_name=head[0])))
+                message = e.message
+            except Exception as e:  # noqa: BLE001 - a stream must not swallow a request unanswered
+                log.exception("stream request failed")
+                message = f"router error: {type(e).__name__}: {e}"
+            try:
+                head = model_of(req)
+            except RouterError:
+                head = ("", "")
+            await out.put(pb.ModelStreamInferResponse(
+                error_message=message, infer_response=pb.ModelInferResponse(model_name=head[0])))
 
         async def reader():
             async for req in request_iterator:
