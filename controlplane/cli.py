@@ -37,14 +37,19 @@ def up(
 ) -> None:
     """Plan, launch one tritonserver per gpu-let, and serve every model behind one KServe v2 endpoint."""
     dep = read_deployment(file)
-    from .deploy import Controller, pid_alive, read_state
+    from .deploy import Controller, hold_run_lock, pid_alive, read_state
     from .paths import RunPaths
 
     paths = RunPaths.for_deployment(dep)
     state = read_state(paths)
     if state and pid_alive(state.pid):
         fail(f"deployment {dep.name!r} is already up (pid {state.pid}); run `controlplane down -f {file}` first", 1)
+    lock = hold_run_lock(paths)   # held by this process until it exits (the detached child takes its own)
+    if lock is None:
+        fail(f"deployment {dep.name!r}: another `controlplane up` is starting or running it (it holds "
+             f"{paths.lock}); nothing was changed", 1)
     if detach:
+        lock.close()
         _detach(file, paths, plan_file)
         return
 

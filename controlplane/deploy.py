@@ -38,6 +38,21 @@ def read_state(paths: RunPaths) -> RunState | None:
         return None
 
 
+def hold_run_lock(paths: RunPaths):
+    """The deployment's run lock, held until the returned file is closed (or the process exits);
+    None when another process holds it: one `up` per deployment, and a second one touches nothing."""
+    import fcntl
+
+    paths.root.mkdir(parents=True, exist_ok=True)
+    f = open(paths.lock, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
 def pid_alive(pid: int | None) -> bool:
     """Whether the process runs (a zombie does not)."""
     import psutil

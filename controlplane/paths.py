@@ -8,7 +8,7 @@ Triton's python backend       ``<cache>/triton-backends/<version>/`` (the stub f
 profiles measured here        ``<cache>/profiles/<device>/`` (``profile`` and ``up`` write them)
 profiles shipped              ``profiles/<device>/`` in the source tree (read only)
 one deployment's run          ``<run dir>`` = the deployment's ``run_dir``, else
-                              ``./.controlplane/<name>``: ``state.json``, ``logs/``, ``repos/``
+                              ``./.controlplane/<name>``: ``state.json``, ``up.lock``, ``logs/``, ``repos/``
 its MPS pipe and log          ``/tmp/gpulet-mps-<name>-<hash>/`` (a Unix socket path must stay
                               under 108 bytes) or the deployment's ``runtime.mps_pipe_dir``
 the profiler's MPS daemon     ``$CONTROLPLANE_MPS_DIR``, else ``/tmp/gpulet-mps-profile-<uid>/``
@@ -68,6 +68,11 @@ class RunPaths:
     @property
     def compose(self) -> Path:
         return self.root / "compose"
+
+    @property
+    def lock(self) -> Path:
+        """Held (flock) by the one `up` that runs this deployment, from before it plans until it exits."""
+        return self.root / "up.lock"
 
     def mps(self, name: str) -> Path:
         """MPS pipe/log dirs: short and under /tmp, since the pipe is a Unix socket (108-byte path limit)."""

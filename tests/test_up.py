@@ -109,6 +109,23 @@ def test_printed_curl_request_works(deployment):
     np.testing.assert_allclose(got, _reference("lenet", np.zeros((1, 1, 28, 28), np.float32)), rtol=1e-4, atol=1e-5)
 
 
+def test_a_second_up_touches_nothing_while_another_holds_the_deployment(tmp_path):
+    """Two `up` of one deployment at once: the one that does not hold the run lock is refused before
+    it plans, starts or writes anything (so it cannot remove the other's state either)."""
+    import fcntl
+
+    path = _write(tmp_path, "locked")
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / "up.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)      # as an `up` that is still starting holds it
+        for args in ((), ("--detach",)):
+            proc = run_cli("up", "-f", str(path), *args, timeout=120)
+            assert proc.returncode == 1, proc.stdout + proc.stderr
+            assert "another `controlplane up` is starting or running it" in " ".join(proc.stderr.split())
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["up.lock"]
+    assert not tritonserver_pids(str(tmp_path))
+
+
 def test_status_lists_gpulets_ready(deployment):
     path, _, _ = deployment
     proc = run_cli("status", "-f", str(path), "--json", check=True)
