@@ -42,7 +42,7 @@ def up(
 
     paths = RunPaths.for_deployment(dep)
     state = read_state(paths)
-    if state and pid_alive(state.pid):
+    if state and pid_alive(state.pid, state.started):
         fail(f"deployment {dep.name!r} is already up (pid {state.pid}); run `controlplane down -f {file}` first", 1)
     lock = hold_run_lock(paths)   # held by this process until it exits (the detached child takes its own)
     if lock is None:
@@ -146,7 +146,7 @@ def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -
 
     dep = read_deployment(file)
     state = read_state(RunPaths.for_deployment(dep))
-    if not state or not pid_alive(state.pid):
+    if not state or not pid_alive(state.pid, state.started):
         console.print(f"deployment {dep.name!r} is not running")
         raise typer.Exit(3)
 

@@ -53,18 +53,32 @@ def hold_run_lock(paths: RunPaths):
     return f
 
 
-def pid_alive(pid: int | None) -> bool:
-    """Whether the process runs (a zombie does not)."""
+def pid_alive(pid: int | None, started: float | None = None) -> bool:
+    """Whether the process runs (a zombie does not) and, when its start time was recorded, is still
+    the same process: a pid from an old state file may belong to someone else by now."""
     import psutil
 
     if not pid:
         return False
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        p = psutil.Process(pid)
+        if started is not None and abs(p.create_time() - started) > 0.05:
+            return False
+        return p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
     except psutil.AccessDenied:
         return True
+
+
+def started_at(pid: int | None) -> float | None:
+    """A process's start time (what :func:`pid_alive` compares), None when it is gone."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time() if pid else None
+    except psutil.Error:
+        return None
 
 
 class Controller:
@@ -221,14 +235,16 @@ class Controller:
             return
         statuses = self.runtime.status() if self.runtime is not None else {}
         doc = RunState(
-            deployment=self.dep.name, state=state, pid=os.getpid(), runtime=self.dep.runtime.kind,
+            deployment=self.dep.name, state=state, pid=os.getpid(), started=started_at(os.getpid()),
+            runtime=self.dep.runtime.kind,
             device=self.devices.name if self.devices else None, updated=time.time(),
             router=RouterState(host=self.dep.router.host,
                                http_port=getattr(self.router, "http_port", self.dep.router.http_port),
                                grpc_port=getattr(self.router, "grpc_port", self.dep.router.grpc_port)),
             gpulets={gid: GpuletState(http=s.endpoint.http if s.endpoint else None,
                                       grpc=s.endpoint.grpc if s.endpoint else None,
-                                      pid=s.pid, container=s.container, restarts=s.restarts,
+                                      pid=s.pid, started=started_at(s.pid), container=s.container,
+                                      restarts=s.restarts,
                                       log=str(self.paths.logs / f"{gid}.log"))
                      for gid, s in statuses.items()},
             plan=self.plan)
@@ -249,17 +265,17 @@ def stop_deployment(paths: RunPaths, timeout_s: float = 60.0) -> list[str]:
         return []
     done = []
     pid = state.pid
-    if pid_alive(pid) and pid != os.getpid():
+    if pid_alive(pid, state.started) and pid != os.getpid():
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid, state.started) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if pid_alive(pid):
+        if pid_alive(pid, state.started):
             os.kill(pid, signal.SIGKILL)
         done.append(f"controller (pid {pid})")
     for gid, g in state.gpulets.items():
         gpid = g.pid
-        if pid_alive(gpid):
+        if pid_alive(gpid, g.started):
             try:
                 os.killpg(gpid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

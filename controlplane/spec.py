@@ -321,6 +321,7 @@ class GpuletState(_Strict):
     http: str | None = None       # host:port, once started
     grpc: str | None = None
     pid: int | None = None        # process runtime: the server's process group leader
+    started: float | None = None  # its start time (psutil), so a reused pid is not taken for it
     container: str | None = None  # docker runtime
     restarts: int = 0
     log: str | None = None
@@ -333,6 +334,7 @@ class RunState(_Strict):
     deployment: str
     state: Literal["starting", "ready", "stopping"]
     pid: int                      # the controller's
+    started: float | None = None  # the controller's start time (psutil)
     runtime: str
     device: str | None = None
     updated: float = 0.0          # time.time() of the last write

@@ -126,6 +126,32 @@ def test_a_second_up_touches_nothing_while_another_holds_the_deployment(tmp_path
     assert not tritonserver_pids(str(tmp_path))
 
 
+def test_down_leaves_alone_a_process_that_reused_a_recorded_pid(tmp_path):
+    """A state file left behind names pids that may belong to other processes by now: `down` and
+    `status` check each pid's start time before taking it for the deployment's."""
+    import subprocess
+
+    from controlplane.spec import Assignment, GpuLet, GpuletState, Plan, RouterState, RunState
+
+    path = _write(tmp_path, "stale")
+    other = subprocess.Popen(["sleep", "120"], start_new_session=True)   # holds "our" pids now
+    try:
+        state = RunState(deployment="stale", state="ready", pid=other.pid, started=1.0, runtime="process",
+                         router=RouterState(host="127.0.0.1", http_port=1, grpc_port=2),
+                         gpulets={"cpu0-a": GpuletState(pid=other.pid, started=1.0)},
+                         plan=Plan(gpus=1, gpulets=[GpuLet(id="cpu0-a", gpu=0, share=100, models=[
+                             Assignment(model="lenet", batch=1, rate=1)])]))
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "state.json").write_text(state.model_dump_json())
+        assert run_cli("status", "-f", str(path)).returncode == 3          # not running
+        run_cli("down", "-f", str(path), check=True)
+        time.sleep(0.5)
+        assert other.poll() is None                                       # not killed
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_status_lists_gpulets_ready(deployment):
     path, _, _ = deployment
     proc = run_cli("status", "-f", str(path), "--json", check=True)
