@@ -22,10 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .devices import DeviceSet
-from .profiles import ProfileStore, device_slug, read_csv
+from .profiles import ProfileStore, device_slug
 from .paths import SHIPPED_PROFILES, measured_profiles
 from .repository import SourceRepository, repository_for
 from .spec import Assignment, Deployment, GpuLet, ModelSummary, Plan, gpulet_id
+
 
 class MissingProfile(ValueError):
     """The device's profile lacks models the deployment plans; the message says how to make it."""
@@ -55,25 +56,19 @@ def alias_models(store: ProfileStore, dep: Deployment) -> ProfileStore:
 
 
 def load_profiles(dep: Deployment, device: str) -> ProfileStore | None:
-    """The device's profile from :func:`profile_dirs` (None when there is none), with aliases."""
-    rows, interference = [], None
-    for d in profile_dirs(dep, device):
-        if (d / "latency.csv").is_file():
-            rows += read_csv(d / "latency.csv")
-        if (d / "interference.json").is_file():
-            interference = d / "interference.json"
-    if not rows:
+    """The device's profile from :func:`profile_dirs` (None when there is none), with aliases: the
+    rows of every folder, later ones replacing earlier ones, and the last fitted interference model."""
+    stores = [ProfileStore.load(d / "latency.csv", device=device)
+              for d in profile_dirs(dep, device) if (d / "latency.csv").is_file()]
+    if not stores:
         return None
-    store = ProfileStore.from_rows(rows, device=device)
-    if interference is not None:
-        from .interference import load_interference
-
-        store.interference = load_interference(interference)
+    store = ProfileStore.from_rows([r for s in stores for r in s.rows], device=device)
+    store.interference = next((s.interference for s in reversed(stores) if s.interference is not None), None)
     return alias_models(store, dep)
 
 
 def measure(dep: Deployment, devices: DeviceSet, models: list[str]) -> None:
-    """Profile models on these devices into :func:`measured_root` (resumable, with a progress bar).
+    """Profile models on these devices into :func:`~controlplane.paths.measured_profiles` (resumable, with a progress bar).
 
     On a GPU, shares only take effect under MPS: a daemon is started on a private pipe directory
     for the profiling run and stopped after it (``up`` starts its own later).
