@@ -116,10 +116,9 @@ class TritonPythonModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _input(self, requests, name):
-        """The requests' tensors of one input as one batch: on a GPU instance, in a page-locked host
-        buffer (one copy up per batch); otherwise on the model's device."""
-        parts = [from_dlpack(pb_utils.get_input_tensor_by_name(r, name).to_dlpack()) for r in requests]
+    def _batch(self, name, parts):
+        """The requests' tensors (parts) of one input as one batch: on a GPU instance, in a page-locked
+        host buffer (one copy up per batch); otherwise on the model's device."""
         if self.device.type == "cpu" or any(p.device.type != "cpu" for p in parts):
             parts = [p.to(self.device) for p in parts]
             return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -135,8 +134,10 @@ class TritonPythonModel:
 
     def execute(self, requests):
         # Triton may hand over several requests at once: run them as one batch.
-        sizes = [pb_utils.get_input_tensor_by_name(r, self.inputs[0]).shape()[0] for r in requests]
-        batch = [self._input(requests, n) for n in self.inputs]
+        parts = {n: [from_dlpack(pb_utils.get_input_tensor_by_name(r, n).to_dlpack()) for r in requests]
+                 for n in self.inputs}
+        sizes = [p.shape[0] for p in parts[self.inputs[0]]]
+        batch = [self._batch(n, parts[n]) for n in self.inputs]
         if self.graphs is not None and batch[0].shape[0] in self.graphs.graphs:
             out = self.graphs(batch)
         else:
