@@ -1,7 +1,13 @@
 """``ensure_profile``: profile what a deployment needs and is missing, with a progress bar.
 
 ``controlplane up`` on a device with no (or an incomplete) profile calls this
-first; rows already in the CSV are skipped, so it is cheap once done.
+first; rows already in the CSV are skipped, so it is cheap once done. On a GPU the
+table is measured through the serving path (:mod:`profiler.serving`: a tritonserver
+per share, Triton's own time per batch): measured on the H200, the in-process
+forward pass left out the python backend's per-batch input and output work, which
+capped resnet50 near half of what the in-process table promised, so plans from it
+were not what deployments served. On the CPU the in-process table is kept (CI's
+profiles and tests plan from it).
 """
 
 from __future__ import annotations
@@ -34,24 +40,29 @@ def ensure_profile(models: Sequence[str], device: str = "cpu", shares: Sequence[
     """
     from .common import device_name
     from .latency import profile_latency
+    from .serving import profile_serving
 
     on_gpu = device != "cpu"
     dev = device_name("gpu" if on_gpu else "cpu", gpu_index)
     csv_path = profile_dir(profiles_root, dev) / "latency.csv"
     have = {row_key(r) for r in existing_rows(csv_path)}
-    precs = [p for p in precisions if on_gpu or p != "fp16"]
+    precs = ["fp32"] if on_gpu else [p for p in precisions if p != "fp16"]   # the serving path is fp32
     missing = [(m, s, b, p) for m in models for s in shares for b in batches for p in precs
                if (dev, m, int(s), int(b), p) not in have]
     if not missing:
         return csv_path
-    kw = dict(device="gpu" if on_gpu else "cpu", shares=shares, batches=batches, precisions=precs, out_csv=csv_path,
+    kw = dict(device="gpu" if on_gpu else "cpu", shares=shares, batches=batches, out_csv=csv_path,
               runs=runs, min_runs=min_runs, point_budget_s=point_budget_s, mps_pipe_dir=mps_pipe_dir,
               gpu_index=gpu_index, device_label=dev)
+    if on_gpu:
+        profile = profile_serving
+    else:
+        profile, kw["precisions"] = profile_latency, precs
     if callable(progress):
-        profile_latency(models, progress=progress, **kw)
+        profile(models, progress=progress, **kw)
         return csv_path
     if not progress:
-        profile_latency(models, **kw)
+        profile(models, **kw)
         return csv_path
 
     from rich.console import Console
@@ -77,5 +88,5 @@ def ensure_profile(models: Sequence[str], device: str = "cpu", shares: Sequence[
             elif t == "skipped":
                 bar.update(task, advance=ev.get("n", 0))
 
-        profile_latency(models, progress=on_event, **kw)
+        profile(models, progress=on_event, **kw)
     return csv_path

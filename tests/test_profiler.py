@@ -186,14 +186,14 @@ def test_serving_profile_reads_tritons_time_per_batch(tmp_path):
     from profiler.serving import profile_serving
 
     csv = tmp_path / "latency.csv"
-    res = profile_serving(["lenet"], device="cpu", shares=[100], batches=[1, 4], out_csv=csv,
+    res = profile_serving(["lenet"], device="cpu", shares=[50, 100], batches=[1, 4], out_csv=csv,
                           min_runs=3, warmup=1, point_budget_s=0.3)
     rows = {(r.model, r.share, r.batch): r for r in read_csv(csv)}
-    assert set(rows) == {("lenet", 100, 1), ("lenet", 100, 4)}
+    assert set(rows) == {("lenet", s, b) for s in (50, 100) for b in (1, 4)}     # both shares' servers, started at once
     for r in rows.values():
         assert r.p50_ms > 0 and r.p50_ms == r.p99_ms == r.mean_ms and r.runs >= 1
         assert "batch_stats" in r.tool_version
-    assert len(res.measured) == 2
-    again = profile_serving(["lenet"], device="cpu", shares=[100], batches=[1, 4], out_csv=csv)
+    assert len(res.measured) == 4 and not res.skipped
+    again = profile_serving(["lenet"], device="cpu", shares=[50, 100], batches=[1, 4], out_csv=csv)
     assert again.measured == []                       # resumed: nothing left to measure
     assert ProfileStore.load(csv).latency("lenet", 100, 4) > 0
