@@ -3,7 +3,7 @@
 Run on a GPU machine (see docs/benchmarks.md, "Serving", for the exact call):
 
     python benchmarks/serving.py --out DIR [--mixes gpu-run,scen1,bert-heavy] [--systems ...]
-                                 [--duration 8] [--points 4] [--profile profiles/h100]
+                                 [--duration 8] [--points 4] [--profile profiles/h200]
     python benchmarks/serving.py --render DIR/serving.json    # its table into docs/benchmarks.md (Serving)
 
 For each mix (a deployment file whose rates are scaled together by one factor),
@@ -542,7 +542,7 @@ def main() -> None:
     ap.add_argument("--protocol", choices=["http", "grpc"], default="http", help="the clients' protocol")
     ap.add_argument("--router-workers", type=int, default=0, help="router processes (0: the default)")
     ap.add_argument("--points", type=int, default=4, help="tests per system")
-    ap.add_argument("--profile", type=Path, default=ROOT / "profiles" / "h100")
+    ap.add_argument("--profile", type=Path, default=ROOT / "profiles" / "h200")
     ap.add_argument("--triton-guess", type=float, default=1.0)
     ap.add_argument("--budget-s", type=float, default=math.inf, help="start no system after this many seconds")
     ap.add_argument("--resume", action="store_true", help="keep systems already in OUT/serving.json")

@@ -100,6 +100,12 @@ class SchedulerSpec(_Strict):
     max_batch: int = Field(default=32, ge=1)
     latency_margin: float = Field(default=1.1, ge=1.0)
     interference: bool = True
+    gpulets_per_gpu: int = Field(
+        default=2, ge=1, le=16,
+        description="most gpu-lets on one GPU (the paper's prototype: 2; the exact optimum with interference "
+                    "supports no more). On the H200 a python-backend model's tritonserver is capped by its "
+                    "host pipeline (~1,000 resnet50 images/s at any share, docs/benchmarks.md 'Serving'): "
+                    "a busy model needs several small gpu-lets, so raise it there")
     gpus: int | None = Field(default=None, ge=1, description="most GPUs the plan may use; default: all devices")
 
     @field_validator("shares")

@@ -104,7 +104,7 @@ def resolve_interference(deployment: Deployment, profiles: ProfileStore,
 
 
 def make_ctx(deployment: Deployment, profiles: ProfileStore, *, interference: InterferenceModel | str | bool | None = None,
-             pad_rates: bool = False, max_models: int = 3, max_lets_per_gpu: int = 2, memory_check: bool = True,
+             pad_rates: bool = False, max_models: int = 3, max_lets_per_gpu: int | None = None, memory_check: bool = True,
              pct: str = "p99") -> Ctx:
     sch = deployment.scheduler
     missing = [m.name for m in deployment.models if not profiles.has(m.name)]
@@ -119,7 +119,8 @@ def make_ctx(deployment: Deployment, profiles: ProfileStore, *, interference: In
     return Ctx(rates=rates, slos={m.name: m.slo_ms for m in deployment.models}, max_batch=mb, profiles=profiles,
                shares=sorted(sch.shares), margin=sch.latency_margin,
                interference=resolve_interference(deployment, profiles, interference),
-               max_models=max_models, max_lets_per_gpu=max_lets_per_gpu, memory_check=memory_check, pct=pct,
+               max_models=max_models,
+               max_lets_per_gpu=sch.gpulets_per_gpu if max_lets_per_gpu is None else max_lets_per_gpu, memory_check=memory_check, pct=pct,
                trivial_batch={m.name: m.max_batch or 1 for m in deployment.models})
 
 
