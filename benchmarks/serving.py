@@ -364,14 +364,11 @@ def measure(system, dep: Deployment, scale: float, duration: float, direct: bool
     return {"scale": round(scale, 4), "pass": ok, "models": models, "cpu": cpu.result}
 
 
-def search(system, dep: Deployment, guess: float, duration: float, points: int, record, direct: bool = False,
-           deadline: float = math.inf) -> dict:
+def search(system, dep: Deployment, guess: float, duration: float, points: int, record, direct: bool = False) -> dict:
     """Max scale with >= 99 % attainment for every model: from `guess`, x1.5 steps to a bracket, then bisection."""
     lo, hi, s = 0.0, math.inf, guess
     tried = []
     for _ in range(points):
-        if time.monotonic() > deadline:
-            break
         p = measure(system, dep, s, duration, direct)
         tried.append(p)
         record(p)
@@ -404,7 +401,9 @@ def run(args) -> dict:
            "duration_s": args.duration, "attainment": ATTAIN, "mixes": {}}
     jpath = out / "serving.json"
     if jpath.exists() and args.resume:
-        doc["mixes"] = json.loads(jpath.read_text()).get("mixes", {})
+        prev = json.loads(jpath.read_text())
+        doc["mixes"] = prev.get("mixes", {})
+        doc["command"] = f"{prev['command']} && {doc['command']}"    # one run over several calls
     deadline = time.monotonic() + args.budget_s
 
     def save() -> None:
@@ -451,14 +450,13 @@ def run(args) -> dict:
                 # warm-up, results discarded: the batch sizes the load will make (CUDA kernels, allocator)
                 measure(system, dep, guess * 0.5, 3.0, seed=7)
                 measure(system, dep, guess, 4.0, seed=8)
-                entry.update(search(system, dep, guess, args.duration, args.points, entry["points"].append,
-                                    deadline=deadline))
+                entry.update(search(system, dep, guess, args.duration, args.points, entry["points"].append))
                 save()
                 log(f"{mix}/{sysname}: max scale {entry['max_scale']:.3g}")
                 if sysname == "gpulet" and "direct" in args.systems:
                     d = mdoc["systems"]["direct"] = {"points": []}
                     d.update(search(system, dep, max(entry["max_scale"], guess * 0.5), args.duration, args.points,
-                                    d["points"].append, direct=True, deadline=deadline))
+                                    d["points"].append, direct=True))
                     log(f"{mix}/direct: max scale {d['max_scale']:.3g}")
                     save()
                 if hasattr(system, "router_metrics"):

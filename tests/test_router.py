@@ -724,3 +724,15 @@ def test_create_app_alone_without_ready_gpulets():
         body, _ = _json_input()
         r = c.post("/v2/models/lenet/infer", content=body)
         assert r.status_code == 503 and "no ready gpu-let" in r.json()["error"]
+
+
+def test_inflight_limit_leaves_room_for_a_random_spread():
+    """Little's-law budget per router process plus two standard deviations of a Poisson count: a small
+    budget is not a hard cap at its mean, a large one grows by little, and an impossible SLO stays at 1."""
+    from controlplane.router.core import inflight_limit
+
+    assert inflight_limit(351, 22, processes=4) == 7          # n = 2.9: was 3 (1.1 % refused on the H200)
+    assert inflight_limit(2000, 100, processes=1) == 335      # n = 300: +35
+    assert inflight_limit(200, TINY_SLO_MS) == 1
+    assert inflight_limit(0, 22) is None and inflight_limit(100, None) is None
+    assert inflight_limit(1000, 50, processes=4) < inflight_limit(1000, 50, processes=1)
