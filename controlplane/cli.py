@@ -1,6 +1,6 @@
 """`controlplane`: plan, launch and serve many models on few GPUs.
 
-Commands: up, down, status, plan, repo build|list, profile, loadgen, compose, logs.
+Commands: up, apply, down, status, plan, repo build|list, profile, loadgen, compose, logs.
 Every command that reads a deployment file exits with status 2 and a message
 naming the file, the field and the problem when the file is invalid.
 """
@@ -134,6 +134,42 @@ def down(file: str = FileOpt) -> None:
         return
     for s in stopped:
         console.print(f"stopped {s}")
+
+
+@app.command()
+def apply(file: str = FileOpt,
+          timeout: float = typer.Option(600.0, help="seconds to wait for the running deployment to take it")) -> None:
+    """Change a running deployment to this file (models, rates, SLOs): re-plan, start what the new plan
+    adds, move traffic, stop what it drops; requests keep being answered. Exit 1 if it was refused
+    (the previous plan keeps serving)."""
+    from .deploy import pid_alive, read_state
+    from .paths import RunPaths
+
+    dep = read_deployment(file)
+    paths = RunPaths.for_deployment(dep)
+    state = read_state(paths)
+    if not state or not pid_alive(state.pid, state.started) or state.state != "ready":
+        console.print(f"deployment {dep.name!r} is not running (start it with `controlplane up -f {file}`)")
+        raise typer.Exit(3)
+    if paths.apply_request.exists() or paths.apply_request.with_name(paths.apply_request.name + ".taken").exists():
+        fail(f"another apply of {dep.name!r} is in progress; try again when it is done", code=1)
+    paths.apply_result.unlink(missing_ok=True)
+    tmp = paths.apply_request.with_suffix(".tmp")
+    tmp.write_text(dep.model_dump_json())        # validated and complete (YAML is a superset of JSON)
+    tmp.replace(paths.apply_request)
+    deadline = time.monotonic() + timeout
+    with console.status(f"applying {file} to {dep.name!r} ..."):
+        while not paths.apply_result.exists():
+            if time.monotonic() > deadline or not pid_alive(state.pid, state.started):
+                paths.apply_request.unlink(missing_ok=True)
+                fail(f"deployment {dep.name!r} did not take the change within {timeout:g} s", code=1)
+            time.sleep(0.2)
+    result = json.loads(paths.apply_result.read_text())
+    if not result.get("ok"):
+        fail(f"apply refused, the previous plan keeps serving: {result.get('error')}", code=1)
+    from .spec import Plan
+
+    _print_plan(Plan.model_validate(result["plan"]))
 
 
 @app.command()

@@ -94,6 +94,7 @@ class Controller:
         self.mps = None
         self.endpoints: dict[str, Endpoint] = {}
         self._stopped = False
+        self._generation = 0        # plans applied since start; names the gpu-lets each adds
 
     # ------------------------------------------------------------------ prepare
 
@@ -112,15 +113,18 @@ class Controller:
         rt = self.dep.runtime
         return Path(rt.mps_pipe_dir) if rt.mps_pipe_dir else self.paths.mps(self.dep.name) / "pipe"
 
-    def launches(self) -> list[Launch]:
+    def launches(self, only: set[str] | None = None) -> list[Launch]:
+        """What to start for the plan's gpu-lets (those in ``only``, if given), their repositories written."""
         assert self.plan is not None and self.devices is not None
         on_gpu = self.devices.on_gpu
-        repos = write_gpulet_repositories(self.repo, self.plan, self.paths.repos, on_gpu=on_gpu,
+        chosen = [g for g in self.plan.gpulets if only is None or g.id in only]
+        repos = write_gpulet_repositories(self.repo, self.plan.model_copy(update={"gpulets": chosen}),
+                                          self.paths.repos, on_gpu=on_gpu,
                                           slo_ms={m.name: m.slo_ms for m in self.dep.models})
         cores = cpu_cores_for(self.plan.gpulets, list(self.devices.cores)) if not on_gpu else {}
         pipe = str(self._mps_pipe_dir())
         out = []
-        for g in self.plan.gpulets:
+        for g in chosen:
             gpu = self.devices.gpus[g.gpu] if on_gpu else None
             out.append(Launch(
                 gpulet=g, repository=repos[g.id].resolve(), log_path=(self.paths.logs / f"{g.id}.log").resolve(),
@@ -186,6 +190,84 @@ class Controller:
             self.shutdown()
             raise
 
+    # ------------------------------------------------------------------ apply: a new target
+
+    def apply(self, dep: Deployment) -> Plan:
+        """Move the running deployment to ``dep`` (models added or removed, new rates or SLOs) without
+        failing a request: plan it; keep each running gpu-let the new plan has unchanged; start the
+        ones it adds and wait until they are ready; route by the new plan in every router process;
+        only then stop the gpu-lets it no longer has (their requests in flight are answered first:
+        the router sends them nothing more, and tritonserver finishes what it holds on SIGTERM).
+        On any failure before the switch, what was started is stopped and the old plan keeps
+        serving; the error says why."""
+        assert self.plan is not None and self.runtime is not None and self.router is not None
+        for field in ("name", "devices", "runtime", "router", "repository", "run_dir"):
+            if getattr(dep, field) != getattr(self.dep, field):
+                raise ValueError(f"apply: '{field}' differs from the running deployment's; "
+                                 f"changing it needs `down` and `up`")
+        repo = repository_for(dep)
+        plan = make_plan(dep, self.devices, repo=repo, profile_missing=True, log=self.log)
+        if self.devices.on_gpu and plan.gpulets and max(g.gpu for g in plan.gpulets) >= self.devices.count():
+            raise ValueError(f"the plan needs {plan.gpus} GPU(s) but the deployment has {self.devices.count()}")
+        build_artifacts(repo, plan.model_names(), progress=lambda n: self.log(f"building model {n} ..."))
+        slo = {m.name: m.slo_ms for m in dep.models}
+        old_slo = {m.name: m.slo_ms for m in self.dep.models}
+        running = {_gpulet_key(g, old_slo): g.id for g in self.plan.gpulets}
+        self._generation += 1
+        kept, gpulets = set(), []
+        for g in plan.gpulets:
+            gid = running.pop(_gpulet_key(g, slo), None)
+            if gid is not None:
+                kept.add(gid)
+            gpulets.append(g.model_copy(update={"id": gid or f"{g.id}-r{self._generation}"}))
+        plan = plan.model_copy(update={"gpulets": gpulets})
+        added = {g.id for g in gpulets} - kept
+        removed = [g.id for g in self.plan.gpulets if g.id not in kept]
+        old = (self.dep, self.repo, self.plan)
+        self.dep, self.repo, self.plan = dep, repo, plan
+        try:
+            launches = self.launches(only=added)
+            if launches:
+                self.log(f"apply: starting {len(launches)} gpu-let(s): {', '.join(sorted(added))}")
+                self.endpoints.update(self.runtime.start(launches))
+            from .router import RoutingTable
+
+            endpoints = {gid: ep for gid, ep in self.endpoints.items() if gid in kept or gid in added}
+            self.router.update(RoutingTable.from_plan(plan, endpoints, repo, dep))
+        except BaseException:
+            self.dep, self.repo, self.plan = old
+            if self.runtime is not None:
+                self.runtime.remove(sorted(added))
+            raise
+        if removed:
+            self.log(f"apply: stopping {len(removed)} gpu-let(s) the new plan does not have: {', '.join(removed)}")
+            self.runtime.remove(removed)
+        self.endpoints = endpoints
+        self._write_state("ready")
+        return plan
+
+    def _take_apply_request(self) -> None:
+        """Run a pending `controlplane apply` (its file in the run directory) and leave its result."""
+        req = self.paths.apply_request
+        if not req.exists():
+            return
+        from .spec import load_deployment
+
+        taken = req.with_name(req.name + ".taken")
+        req.replace(taken)
+        result: dict = {"request": taken.read_text()}
+        try:
+            plan = self.apply(load_deployment(taken))
+            result.update(ok=True, plan=json.loads(plan.model_dump_json()))
+            self.log(f"apply: now serving {', '.join(plan.model_names())} on {len(plan.gpulets)} gpu-let(s)")
+        except Exception as e:  # noqa: BLE001 - reported to the caller of `apply`; the old plan keeps serving
+            result.update(ok=False, error=f"{type(e).__name__}: {e}")
+            self.log(f"apply failed, the previous plan keeps serving: {result['error']}")
+        tmp = self.paths.apply_result.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(self.paths.apply_result)
+        taken.unlink(missing_ok=True)
+
     def write_example_request(self, model: str) -> Path:
         """A KServe v2 JSON request for `model` (zeros), so `up` can print a curl line that works."""
         info = self.repo[model]
@@ -203,6 +285,7 @@ class Controller:
     def serve(self, stop: threading.Event, interval_s: float = 1.0) -> None:
         """Supervise until stop is set: restart dead servers, keep the state file current."""
         while not stop.wait(interval_s):
+            self._take_apply_request()
             restarted = self.runtime.supervise()
             for gid in restarted:
                 self.log(f"gpu-let {gid}: restarted")
@@ -252,6 +335,12 @@ class Controller:
         tmp = self.paths.state.with_suffix(".tmp")
         tmp.write_text(doc.model_dump_json(indent=2))
         tmp.replace(self.paths.state)
+
+
+def _gpulet_key(g, slo_ms: dict) -> tuple:
+    """What a gpu-let's server is started with: equal keys mean the running one can stay."""
+    return (g.gpu, g.share, tuple(sorted((a.model, a.batch, round(a.latency_ms, 3), slo_ms.get(a.model))
+                                         for a in g.models)))
 
 
 def stop_deployment(paths: RunPaths, timeout_s: float = 60.0) -> list[str]:

@@ -70,6 +70,16 @@ class RunPaths:
         return self.root / "compose"
 
     @property
+    def apply_request(self) -> Path:
+        """A deployment file `controlplane apply` leaves for the running `up` (taken within a second)."""
+        return self.root / "apply.yaml"
+
+    @property
+    def apply_result(self) -> Path:
+        """What the running `up` made of the last apply request (JSON: ok, error or plan)."""
+        return self.root / "apply.json"
+
+    @property
     def lock(self) -> Path:
         """Held (flock) by the one `up` that runs this deployment, from before it plans until it exits."""
         return self.root / "up.lock"

@@ -271,10 +271,12 @@ class Router:
         self.table = table
         self.options = options or RouterOptions()
         self.metrics = Metrics(metrics_dir)
+        self._metrics_dir = metrics_dir
         self.servers: dict[str, GpuletServer] = {}
         self.targets: dict[str, list[_Target]] = {}
         self._mm = {name: _ModelMetrics(self.metrics, m) for name, m in table.models.items()}
         self._health_task: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()
         self._started = False
 
     async def start(self) -> None:
@@ -292,6 +294,54 @@ class Router:
             self.targets[m.name] = ts
         await asyncio.gather(*(b.check() for b in self.servers.values()))
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="router-health")
+
+    async def set_table(self, table: RoutingTable) -> None:
+        """Route by ``table`` (a new plan) from now on, without dropping a request.
+
+        gpu-lets new to the table are health-checked before they get requests; those it no longer
+        has get no new ones and are closed once their requests in flight are answered. A (model,
+        gpu-let) pair in both tables keeps its in-flight count; its weight and limit follow the new plan.
+        """
+        old = self.servers
+        servers: dict[str, GpuletServer] = {}
+        targets: dict[str, list[_Target]] = {}
+        fresh: list[GpuletServer] = []
+        with multiprocess_metrics(self._metrics_dir) if self._metrics_dir else contextlib.nullcontext():
+            for m in table.models.values():
+                prev = {t.backend.id: t for t in self.targets.get(m.name, ())}
+                ts = []
+                for g in m.gpulets:
+                    be = servers.get(g.id)
+                    if be is None:
+                        be = old.get(g.id)
+                        if be is None or be.endpoint != g.endpoint:
+                            be = GpuletServer(g, self.metrics)
+                            self.metrics.ready.labels(g.id).set(0)
+                            fresh.append(be)
+                        servers[g.id] = be
+                    t = prev.get(g.id)
+                    if t is not None and t.backend is be:
+                        t.weight = g.weight
+                        t.limit = inflight_limit(g.throughput, m.slo_ms, self.options.processes)
+                    else:
+                        t = _Target(be, g, m, self.metrics, self.options.processes)
+                    ts.append(t)
+                targets[m.name] = ts
+                if m.name not in self._mm:
+                    self._mm[m.name] = _ModelMetrics(self.metrics, m)
+        await asyncio.gather(*(b.check() for b in fresh))
+        self.table, self.servers, self.targets = table, servers, targets
+        for be in old.values():
+            if servers.get(be.id) is not be:
+                task = asyncio.get_running_loop().create_task(self._retire(be))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, be: GpuletServer) -> None:
+        """Close a gpu-let's connections once the requests it holds are answered."""
+        while be.inflight > 0:
+            await asyncio.sleep(0.05)
+        await be.close()
 
     async def close(self) -> None:
         if self._health_task:

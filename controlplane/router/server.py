@@ -19,11 +19,14 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import pickle
 import shutil
 import signal
 import socket
 import tempfile
 import threading
+import time
+from pathlib import Path
 
 import grpc
 import uvicorn
@@ -37,6 +40,16 @@ from .table import RoutingTable
 log = logging.getLogger("controlplane.router")
 
 GRPC_MAX_MESSAGE = 256 * 1024 * 1024
+TABLE_FILE = "table.pkl"     # (generation, RoutingTable), written by update(); trusted: the router's own temp dir
+TABLE_POLL_S = 0.1
+
+
+def _ack(table_dir: Path, pid: int) -> int:
+    """The last table generation router process ``pid`` took up (0: none yet)."""
+    try:
+        return int((table_dir / f"ack-{pid}").read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def default_workers() -> int:
@@ -54,8 +67,10 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_main(table: RoutingTable, spec: RouterSpec, options: RouterOptions, metrics_dir: str) -> None:
-    """A router process beside the first one: same ports (SO_REUSEPORT), metrics to the shared directory."""
+def _worker_main(table: RoutingTable, spec: RouterSpec, options: RouterOptions, metrics_dir: str,
+                 table_dir: str) -> None:
+    """A router process beside the first one: same ports (SO_REUSEPORT), metrics to the shared directory,
+    new routing tables from ``table_dir``."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C goes to the controller, which stops us
     server = RouterServer(table, spec, options)
@@ -63,6 +78,7 @@ def _worker_main(table: RoutingTable, spec: RouterSpec, options: RouterOptions, 
     server._reuse_port = True
     server._metrics_dir = metrics_dir
     server._own_metrics_dir = False
+    server._table_dir = table_dir
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     stop = asyncio.Event()
@@ -114,6 +130,8 @@ class RouterServer:
         self._children: list[multiprocessing.Process] = []
         self._metrics_dir: str | None = None
         self._own_metrics_dir = True
+        self._table_dir: str | None = None      # where update() publishes tables; every process watches it
+        self._generation = 0
         self._started: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -137,6 +155,9 @@ class RouterServer:
     async def serve(self, stop: asyncio.Event) -> None:
         self._started = asyncio.Event()
         self._stop = stop
+        own_table_dir = self._table_dir is None
+        if own_table_dir:
+            self._table_dir = tempfile.mkdtemp(prefix="gpulet-router-table-")
         if self.workers > 1 and self._metrics_dir is None:
             self._metrics_dir = tempfile.mkdtemp(prefix="gpulet-router-metrics-")
         if self._metrics_dir is not None:
@@ -155,6 +176,7 @@ class RouterServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         grpc_server = None
+        watch = None
         try:
             sock.bind((self.host, self.http_port))
             sock.listen(2048)
@@ -182,6 +204,7 @@ class RouterServer:
                 task.result()
                 raise RuntimeError("HTTP server exited at start")
             self._start_children()
+            watch = asyncio.get_running_loop().create_task(self._watch_table(router), name="router-table")
             log.info("router: HTTP on %s, gRPC on %s, %d process(es)", self.http_url, self.grpc_url, self.workers)
             self._started.set()
             stop_wait = asyncio.get_running_loop().create_task(stop.wait())
@@ -190,6 +213,8 @@ class RouterServer:
             stop_wait.cancel()
             await task
         finally:
+            if watch is not None:
+                watch.cancel()
             self._stop_children()
             if grpc_server is not None:
                 await grpc_server.stop(1.0)
@@ -197,6 +222,60 @@ class RouterServer:
             await router.close()
             if self._metrics_dir is not None and self._own_metrics_dir:
                 shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            if own_table_dir:
+                shutil.rmtree(self._table_dir, ignore_errors=True)
+                self._table_dir = None
+
+    # ------------------------------------------------------------------ new routing tables
+
+    async def _watch_table(self, router: Router) -> None:
+        """Take up each table :meth:`update` publishes, then say so (``ack-<pid>`` holds its generation)."""
+        path = Path(self._table_dir) / TABLE_FILE
+        stamp = None
+        seen = 0
+        while True:
+            await asyncio.sleep(TABLE_POLL_S)
+            try:
+                st = path.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if st == stamp:
+                continue
+            stamp = st
+            gen, table = pickle.loads(path.read_bytes())
+            if gen <= seen:
+                continue
+            await router.set_table(table)
+            self.table, seen = table, gen
+            ack = Path(self._table_dir) / f"ack-{os.getpid()}"
+            tmp = ack.with_name(f".{ack.name}.tmp")
+            tmp.write_text(str(gen))
+            tmp.replace(ack)
+            log.info("router: routing table %d (%d model(s))", gen, len(table.models))
+
+    def update(self, table: RoutingTable, timeout: float = 30.0) -> None:
+        """Route by ``table`` in every router process; return once all of them do (TimeoutError if not).
+
+        Thread-safe; for the process that started the router. Each process checks for a new table
+        every TABLE_POLL_S: a gpu-let that leaves the table gets no request once this returns."""
+        if self._table_dir is None:
+            raise RuntimeError("the router is not running")
+        self._generation += 1
+        gen = self._generation
+        d = Path(self._table_dir)
+        tmp = d / f".{TABLE_FILE}.{gen}.tmp"
+        tmp.write_bytes(pickle.dumps((gen, table)))
+        tmp.replace(d / TABLE_FILE)
+        pids = [os.getpid()] + [p.pid for p in self._children]
+        deadline = time.monotonic() + timeout
+        while True:
+            late = [pid for pid in pids if _ack(d, pid) < gen]
+            if not late:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"router process(es) {late} did not take up routing table {gen} in {timeout:g} s")
+            time.sleep(TABLE_POLL_S / 2)
+        self.table = table
 
     def _start_children(self) -> None:
         """The other router processes, on the ports this one bound (known only now when 0 was asked)."""
@@ -205,7 +284,8 @@ class RouterServer:
         spec = self.spec.model_copy(update={"http_port": self.http_port, "grpc_port": self.grpc_port, "workers": 1})
         ctx = multiprocessing.get_context("spawn")
         for i in range(self.workers - 1):
-            p = ctx.Process(target=_worker_main, args=(self.table, spec, self.options, self._metrics_dir),
+            p = ctx.Process(target=_worker_main, args=(self.table, spec, self.options, self._metrics_dir,
+                                                       self._table_dir),
                             name=f"router-{i + 1}", daemon=True)
             p.start()
             self._children.append(p)
@@ -247,7 +327,6 @@ class RouterServer:
         self._thread.start()
         self._thread_started.wait(timeout)
         deadline = timeout
-        import time
 
         t0 = time.monotonic()
         while time.monotonic() - t0 < deadline:

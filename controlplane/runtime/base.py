@@ -141,7 +141,8 @@ class Runtime(ABC):
 
     @abstractmethod
     def start(self, launches: list[Launch]) -> dict[str, Endpoint]:
-        """Start every gpu-let and wait until all are ready; all-or-nothing (StartError)."""
+        """Start every gpu-let and wait until all are ready; all-or-nothing (StartError). On a running
+        runtime it adds gpu-lets (ids not in use), and a failure stops only those."""
 
     @abstractmethod
     def supervise(self) -> list[str]:
@@ -158,6 +159,10 @@ class Runtime(ABC):
     @abstractmethod
     def stop(self) -> None:
         """Stop everything this runtime started; idempotent."""
+
+    def remove(self, gpulets: list[str]) -> None:
+        """Stop these gpu-lets and forget them; the others keep running (a new plan no longer has them)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot change a running deployment (use the process runtime)")
 
     def __enter__(self) -> "Runtime":
         return self

@@ -165,6 +165,9 @@ class ProcessRuntime(Runtime):
     def start(self, launches: list[Launch]) -> dict[str, Endpoint]:
         with self._lock:
             reps = []
+            taken = [ln.gpulet.id for ln in launches if ln.gpulet.id in self.replicas]
+            if taken:
+                raise StartError(f"gpu-let(s) {', '.join(taken)} already running")
             for launch in launches:
                 ep = Endpoint(self.host, free_port(self.host), free_port(self.host), free_port(self.host))
                 r = _Replica(launch, ep)
@@ -176,7 +179,7 @@ class ProcessRuntime(Runtime):
                     self._spawn(r)
                 self._wait_ready(reps)
             except BaseException:
-                self.stop()
+                self._remove(reps)
                 raise
             return {r.launch.gpulet.id: r.endpoint for r in reps}
 
@@ -216,6 +219,17 @@ class ProcessRuntime(Runtime):
 
     def logs(self, gpulet: str, tail: int = 100) -> str:
         return log_tail(self.replicas[gpulet].launch.log_path, tail)
+
+    def remove(self, gpulets: list[str]) -> None:
+        with self._lock:
+            self._remove([self.replicas[g] for g in gpulets if g in self.replicas])
+
+    def _remove(self, reps: list[_Replica]) -> None:
+        for r in reps:
+            r.state = ReplicaState.STOPPING
+            self._kill(r)
+            r.state = ReplicaState.STOPPED
+            self.replicas.pop(r.launch.gpulet.id, None)
 
     def stop(self) -> None:
         with self._lock:
