@@ -198,7 +198,9 @@ def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -
         })
     if as_json:
         console.print_json(json.dumps({"deployment": dep.name, "state": state.state, "router": router_addr,
-                                       "router_ready": ready(router_addr), "gpulets": rows}))
+                                       "router_ready": ready(router_addr), "gpulets": rows,
+                                       "rates": {n: s.rate for n, s in state.plan.models.items()},
+                                       "replans": state.replans, "last_replan": state.last_replan}))
         return
     console.print(f"deployment [bold]{dep.name}[/] ({state.state}, {state.runtime} runtime, "
                   f"device {state.device}); router http://{router_addr} "
@@ -209,6 +211,8 @@ def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -
                   str(row["grpc"]), str(row["pid"]), str(row["restarts"]),
                   "[green]ready[/]" if row["ready"] else "[red]not ready[/]")
     console.print(t)
+    if state.replans:
+        console.print(f"re-planned {state.replans} time(s); last: {state.last_replan}")
 
 
 @app.command()

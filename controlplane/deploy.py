@@ -94,7 +94,9 @@ class Controller:
         self.mps = None
         self.endpoints: dict[str, Endpoint] = {}
         self._stopped = False
-        self._generation = 0        # plans applied since start; names the gpu-lets each adds
+        self._generation = 0        # plans tried since start; names the gpu-lets each adds
+        self.replans = 0
+        self.last_replan: str | None = None
 
     # ------------------------------------------------------------------ prepare
 
@@ -192,7 +194,7 @@ class Controller:
 
     # ------------------------------------------------------------------ apply: a new target
 
-    def apply(self, dep: Deployment) -> Plan:
+    def apply(self, dep: Deployment, reason: str = "apply") -> Plan:
         """Move the running deployment to ``dep`` (models added or removed, new rates or SLOs) without
         failing a request: plan it; keep each running gpu-let the new plan has unchanged; start the
         ones it adds and wait until they are ready; route by the new plan in every router process;
@@ -243,8 +245,39 @@ class Controller:
             self.log(f"apply: stopping {len(removed)} gpu-let(s) the new plan does not have: {', '.join(removed)}")
             self.runtime.remove(removed)
         self.endpoints = endpoints
+        self.replans += 1
+        self.last_replan = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {reason}"
+        self.log(f"re-planned ({reason}): {len(plan.gpulets)} gpu-let(s), "
+                 f"{len(added)} started, {len(removed)} stopped, {len(kept)} kept")
         self._write_state("ready")
         return plan
+
+    def _epoch(self, window) -> None:
+        """One re-planning epoch: read the router's arrival counts; apply a plan for the measured
+        peaks when :func:`controlplane.live.decide` says the running one no longer fits."""
+        import httpx
+
+        from .live import decide, router_arrivals
+
+        try:
+            text = httpx.get(f"http://{self.router.http_url}/metrics", timeout=5).text
+        except httpx.HTTPError as e:
+            self.log(f"epoch: cannot read the router's metrics: {e}")
+            return
+        window.add(time.monotonic(), router_arrivals(text))
+        if window.span_s() < min(self.dep.scheduler.epoch_s, self.dep.scheduler.window_s) * 0.9:
+            return      # not a full epoch measured yet
+        planned = {m.name: m.rate for m in self.dep.models}
+        rates, reason = decide(planned, window.peak_rates())
+        if rates is None:
+            return
+        doc = self.dep.model_dump(mode="json", exclude_none=True)
+        for m in doc["models"]:
+            m["rate"] = round(rates[m["name"]], 3)
+        try:
+            self.apply(Deployment.model_validate(doc), reason=f"measured load: {reason}")
+        except Exception as e:  # noqa: BLE001 - the running plan keeps serving; tried again next epoch
+            self.log(f"epoch: re-planning failed, the running plan keeps serving: {type(e).__name__}: {e}")
 
     def _take_apply_request(self) -> None:
         """Run a pending `controlplane apply` (its file in the run directory) and leave its result."""
@@ -257,7 +290,7 @@ class Controller:
         req.replace(taken)
         result: dict = {"request": taken.read_text()}
         try:
-            plan = self.apply(load_deployment(taken))
+            plan = self.apply(load_deployment(taken), reason=f"controlplane apply")
             result.update(ok=True, plan=json.loads(plan.model_dump_json()))
             self.log(f"apply: now serving {', '.join(plan.model_names())} on {len(plan.gpulets)} gpu-let(s)")
         except Exception as e:  # noqa: BLE001 - reported to the caller of `apply`; the old plan keeps serving
@@ -283,9 +316,18 @@ class Controller:
         return path
 
     def serve(self, stop: threading.Event, interval_s: float = 1.0) -> None:
-        """Supervise until stop is set: restart dead servers, keep the state file current."""
-        while not stop.wait(interval_s):
+        """Supervise until stop is set: take `apply` requests, re-plan from the measured load every
+        epoch (``scheduler.epoch_s``), restart dead servers, keep the state file current."""
+        from .live import LoadWindow
+
+        epoch = self.dep.scheduler.epoch_s
+        window = LoadWindow(self.dep.scheduler.window_s)
+        next_epoch = time.monotonic()
+        while not stop.wait(min(interval_s, epoch or interval_s)):
             self._take_apply_request()
+            if epoch and time.monotonic() >= next_epoch:
+                next_epoch = time.monotonic() + epoch
+                self._epoch(window)
             restarted = self.runtime.supervise()
             for gid in restarted:
                 self.log(f"gpu-let {gid}: restarted")
@@ -330,7 +372,7 @@ class Controller:
                                       restarts=s.restarts,
                                       log=str(self.paths.logs / f"{gid}.log"))
                      for gid, s in statuses.items()},
-            plan=self.plan)
+            plan=self.plan, replans=self.replans, last_replan=self.last_replan)
         self.paths.root.mkdir(parents=True, exist_ok=True)
         tmp = self.paths.state.with_suffix(".tmp")
         tmp.write_text(doc.model_dump_json(indent=2))

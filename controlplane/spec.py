@@ -107,6 +107,11 @@ class SchedulerSpec(_Strict):
                     "host pipeline (~1,000 resnet50 images/s at any share, docs/benchmarks.md 'Serving'): "
                     "a busy model needs several small gpu-lets, so raise it there")
     gpus: int | None = Field(default=None, ge=1, description="most GPUs the plan may use; default: all devices")
+    epoch_s: float | None = Field(
+        default=None, gt=0,
+        description="re-plan from the measured load every epoch_s seconds (the paper: 20); default: serve the "
+                    "file's rates until `controlplane apply`")
+    window_s: float = Field(default=30.0, gt=0, description="re-planning uses each model's peak rate over this window")
 
     @field_validator("shares")
     @classmethod
@@ -347,3 +352,5 @@ class RunState(_Strict):
     router: RouterState
     gpulets: dict[str, GpuletState] = Field(default_factory=dict)
     plan: Plan
+    replans: int = 0              # plans applied since start (measured load or `apply`)
+    last_replan: str | None = None  # when and why the last one was made
