@@ -97,6 +97,8 @@ class Controller:
         self._generation = 0        # plans tried since start; names the gpu-lets each adds
         self.replans = 0
         self.last_replan: str | None = None
+        self.calibration: dict[str, float] = {}     # source model -> measured over profile, the running plan's
+        self._batch_stats: dict[tuple[str, str], dict] = {}
 
     # ------------------------------------------------------------------ prepare
 
@@ -194,7 +196,7 @@ class Controller:
 
     # ------------------------------------------------------------------ apply: a new target
 
-    def apply(self, dep: Deployment, reason: str = "apply") -> Plan:
+    def apply(self, dep: Deployment, reason: str = "apply", calibration: dict[str, float] | None = None) -> Plan:
         """Move the running deployment to ``dep`` (models added or removed, new rates or SLOs) without
         failing a request: plan it; keep each running gpu-let the new plan has unchanged; start the
         ones it adds and wait until they are ready; route by the new plan in every router process;
@@ -208,7 +210,8 @@ class Controller:
                 raise ValueError(f"apply: '{field}' differs from the running deployment's; "
                                  f"changing it needs `down` and `up`")
         repo = repository_for(dep)
-        plan = make_plan(dep, self.devices, repo=repo, profile_missing=True, log=self.log)
+        calibration = self.calibration if calibration is None else calibration
+        plan = make_plan(dep, self.devices, repo=repo, profile_missing=True, log=self.log, calibration=calibration)
         if self.devices.on_gpu and plan.gpulets and max(g.gpu for g in plan.gpulets) >= self.devices.count():
             raise ValueError(f"the plan needs {plan.gpus} GPU(s) but the deployment has {self.devices.count()}")
         build_artifacts(repo, plan.model_names(), progress=lambda n: self.log(f"building model {n} ..."))
@@ -245,6 +248,7 @@ class Controller:
             self.log(f"apply: stopping {len(removed)} gpu-let(s) the new plan does not have: {', '.join(removed)}")
             self.runtime.remove(removed)
         self.endpoints = endpoints
+        self.calibration = dict(calibration)
         self.replans += 1
         self.last_replan = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {reason}"
         self.log(f"re-planned ({reason}): {len(plan.gpulets)} gpu-let(s), "
@@ -253,11 +257,13 @@ class Controller:
         return plan
 
     def _epoch(self, window) -> None:
-        """One re-planning epoch: read the router's arrival counts; apply a plan for the measured
-        peaks when :func:`controlplane.live.decide` says the running one no longer fits."""
+        """One re-planning epoch: read the router's arrival counts and each gpu-let's batch times;
+        apply a new plan when the measured peaks no longer fit the running one
+        (:func:`controlplane.live.decide`) or a model runs well off its profile
+        (:func:`controlplane.live.recalibrate`: the profile is scaled by what was measured)."""
         import httpx
 
-        from .live import decide, router_arrivals
+        from .live import decide, recalibrate, router_arrivals
 
         try:
             text = httpx.get(f"http://{self.router.http_url}/metrics", timeout=5).text
@@ -265,19 +271,55 @@ class Controller:
             self.log(f"epoch: cannot read the router's metrics: {e}")
             return
         window.add(time.monotonic(), router_arrivals(text))
+        calibration, why_cal = recalibrate(self.calibration, self._measure_batches())
         if window.span_s() < min(self.dep.scheduler.epoch_s, self.dep.scheduler.window_s) * 0.9:
             return      # not a full epoch measured yet
         planned = {m.name: m.rate for m in self.dep.models}
-        rates, reason = decide(planned, window.peak_rates())
-        if rates is None:
+        rates, why_rate = decide(planned, window.peak_rates())
+        if rates is None and calibration is None:
             return
         doc = self.dep.model_dump(mode="json", exclude_none=True)
         for m in doc["models"]:
-            m["rate"] = round(rates[m["name"]], 3)
+            if rates is not None:
+                m["rate"] = round(rates[m["name"]], 3)
+        reason = "; ".join(x for x in (f"measured load: {why_rate}" if why_rate else "",
+                                       f"recalibrated: {why_cal}" if why_cal else "") if x)
         try:
-            self.apply(Deployment.model_validate(doc), reason=f"measured load: {reason}")
+            self.apply(Deployment.model_validate(doc), reason=reason, calibration=calibration)
         except Exception as e:  # noqa: BLE001 - the running plan keeps serving; tried again next epoch
             self.log(f"epoch: re-planning failed, the running plan keeps serving: {type(e).__name__}: {e}")
+
+    def _measure_batches(self) -> dict[str, tuple[int, float, float]]:
+        """Per source model, (batches, measured ms, profile ms) since the last epoch, from each gpu-let's
+        Triton statistics against the profile unscaled (what the plan's latencies come from)."""
+        import httpx
+
+        from .live import batch_stats, measured_vs_predicted
+        from .planning import load_profiles
+
+        if self.plan.algorithm == "trivial":
+            return {}          # planned without latencies
+        store = load_profiles(self.dep, self.devices.name)
+        out: dict[str, tuple[int, float, float]] = {}
+        for g in self.plan.gpulets:
+            ep = self.endpoints.get(g.id)
+            if ep is None:
+                continue
+            for a in g.models:
+                try:
+                    st = httpx.get(f"http://{ep.http}/v2/models/{a.model}/stats", timeout=5).json()
+                    cur = batch_stats(st["model_stats"][0])
+                except (httpx.HTTPError, KeyError, IndexError, ValueError):
+                    continue
+                prev = self._batch_stats.get((g.id, a.model))
+                self._batch_stats[(g.id, a.model)] = cur
+                src = self.dep.model(a.model).source
+                if prev is None or store is None or src not in store.models():
+                    continue
+                n, meas, pred = measured_vs_predicted(prev, cur, lambda b: store.latency(src, g.share, b, pct="p50"))
+                n0, m0, p0 = out.get(src, (0, 0.0, 0.0))
+                out[src] = (n0 + n, m0 + meas, p0 + pred)
+        return out
 
     def _take_apply_request(self) -> None:
         """Run a pending `controlplane apply` (its file in the run directory) and leave its result."""
@@ -372,7 +414,7 @@ class Controller:
                                       restarts=s.restarts,
                                       log=str(self.paths.logs / f"{gid}.log"))
                      for gid, s in statuses.items()},
-            plan=self.plan, replans=self.replans, last_replan=self.last_replan)
+            plan=self.plan, replans=self.replans, last_replan=self.last_replan, calibration=self.calibration)
         self.paths.root.mkdir(parents=True, exist_ok=True)
         tmp = self.paths.state.with_suffix(".tmp")
         tmp.write_text(doc.model_dump_json(indent=2))

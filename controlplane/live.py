@@ -84,3 +84,58 @@ def router_arrivals(metrics_text: str) -> dict[str, float]:
             if s.name == "router_requests_total" and "model" in s.labels:
                 out[s.labels["model"]] = out.get(s.labels["model"], 0.0) + s.value
     return out
+
+
+# --------------------------------------------------------------------------- recalibration
+
+#: batches of a model measured in one epoch before they count
+MIN_BATCHES = 20
+#: a measured factor this far (either way) from the one the running plan used makes a new plan
+RECALIBRATE_BEYOND = 1.25
+
+
+def batch_stats(model_stats: Mapping) -> dict[int, tuple[int, int]]:
+    """Triton's executions per batch size from one ``/v2/models/{m}/stats`` entry: {batch: (count, ns)},
+    ns the instance's compute_input + compute_infer + compute_output (what the profile times)."""
+    out: dict[int, tuple[int, int]] = {}
+    for b in model_stats.get("batch_stats", []):
+        n = int(b["compute_infer"]["count"])
+        ns = sum(int(b[k]["ns"]) for k in ("compute_input", "compute_infer", "compute_output"))
+        out[int(b["batch_size"])] = (n, ns)
+    return out
+
+
+def measured_vs_predicted(before: Mapping[int, tuple[int, int]], after: Mapping[int, tuple[int, int]],
+                          predicted_ms) -> tuple[int, float, float]:
+    """(batches, measured ms, predicted ms) summed over the batches run between two readings;
+    predicted_ms(batch) is the profile's time for one batch of that size on the gpu-let's share."""
+    n_all, measured, predicted = 0, 0.0, 0.0
+    for b, (n1, ns1) in after.items():
+        n0, ns0 = before.get(b, (0, 0))
+        n = n1 - n0
+        if n <= 0:
+            continue
+        n_all += n
+        measured += (ns1 - ns0) / 1e6
+        predicted += n * predicted_ms(b)
+    return n_all, measured, predicted
+
+
+def recalibrate(current: Mapping[str, float], observed: Mapping[str, tuple[int, float, float]]
+                ) -> tuple[dict[str, float] | None, str]:
+    """New per-model factors (measured over profile) when a model with enough batches measured runs
+    RECALIBRATE_BEYOND off the factor the running plan used; None: keep them.
+
+    observed: per model, (batches, measured ms, predicted ms) of the epoch (:func:`measured_vs_predicted`,
+    the profile unscaled)."""
+    new = dict(current)
+    parts = []
+    for m, (n, meas, pred) in observed.items():
+        if n < MIN_BATCHES or pred <= 0 or meas <= 0:
+            continue
+        f = meas / pred
+        old = current.get(m, 1.0)
+        if f > old * RECALIBRATE_BEYOND or f < old / RECALIBRATE_BEYOND:
+            new[m] = round(f, 3)
+            parts.append(f"{m} ran {f:.2g}x its profile (plan used {old:.2g}x)")
+    return (new, "; ".join(parts)) if parts else (None, "")

@@ -18,7 +18,7 @@ Rows measured here win over shipped ones for the same (model, share, batch).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .devices import DeviceSet
@@ -107,7 +107,8 @@ def trivial_plan(deployment: Deployment, device: str = "cpu", max_batch: dict[st
 
 def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str | Path | ProfileStore | None = None,
               algorithm: str | None = None, gpus: int | None = None, repo: SourceRepository | None = None,
-              profile_missing: bool = False, log: Callable[[str], None] = print) -> Plan:
+              profile_missing: bool = False, log: Callable[[str], None] = print,
+              calibration: Mapping[str, float] | None = None) -> Plan:
     """Plan a deployment.
 
     devices: what it runs on (resolved from ``dep.devices`` when not given). profile: plan against
@@ -115,12 +116,15 @@ def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str
     instead of this machine's — then nothing about the local devices matters. gpus: at most this many; default
     the deployment's ``scheduler.gpus``, else (on GPUs, planning for them) how many there are.
     profile_missing: measure models the profile lacks (logged first) instead of raising
-    :class:`MissingProfile`.
+    :class:`MissingProfile`. calibration: per source model, measured serving time over the
+    profile's; the profile's latencies are scaled by it (a running deployment's recalibration).
     """
     algorithm = algorithm or dep.scheduler.algorithm
     gpus = gpus or dep.scheduler.gpus
     if profile is not None:
         store = alias_models(profile if isinstance(profile, ProfileStore) else ProfileStore.load(profile), dep)
+        if calibration:
+            store = store.scaled(calibration)
         if algorithm == "trivial":
             return trivial_plan(dep, store.device, _model_limits(dep, repo))
         from . import scheduler
@@ -143,6 +147,8 @@ def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str
         missing = [n for n in names if store is None or n not in store.models()]
     if missing:
         raise MissingProfile(missing, devices.name, devices.on_gpu, profile_dirs(dep, devices.name)[-1])
+    if calibration:
+        store = store.scaled(calibration)
     from . import scheduler
 
     return scheduler.plan(dep, store, algorithm=algorithm, gpus=gpus or (devices.count() if devices.on_gpu else None))

@@ -32,8 +32,8 @@ from __future__ import annotations
 import bisect
 import csv
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 COLUMNS = [
@@ -231,6 +231,16 @@ class ProfileStore:
     @classmethod
     def from_rows(cls, rows: Iterable[ProfileRow], device: str | None = None, **kw) -> "ProfileStore":
         return cls(rows, device, **kw)
+
+    def scaled(self, factors: Mapping[str, float]) -> "ProfileStore":
+        """A copy whose latencies of the given (source) models are multiplied by their factor: online
+        recalibration, measured serving time over this profile's (:mod:`controlplane.live`)."""
+        rows = [replace(r, p50_ms=r.p50_ms * f, p99_ms=r.p99_ms * f, mean_ms=r.mean_ms * f)
+                if (f := factors.get(r.model, 1.0)) != 1.0 else r for r in self.rows]
+        out = ProfileStore(rows, self.device, memory_mb_total=self.memory_mb_total)
+        out.interference = self.interference
+        out._aliases = dict(self._aliases)
+        return out
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, **kw) -> "ProfileStore":

@@ -354,3 +354,4 @@ class RunState(_Strict):
     plan: Plan
     replans: int = 0              # plans applied since start (measured load or `apply`)
     last_replan: str | None = None  # when and why the last one was made
+    calibration: dict[str, float] = Field(default_factory=dict)  # model -> measured / profile time, planned with

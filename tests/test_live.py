@@ -108,3 +108,87 @@ def test_running_deployment_follows_its_load_without_a_failed_request(tmp_path):
     finally:
         run_cli("down", "-f", str(path))
     assert tritonserver_pids(str(tmp_path)) == []
+
+
+def test_recalibration_factors():
+    from controlplane.live import MIN_BATCHES, measured_vs_predicted, recalibrate
+
+    before = {1: (10, 10_000_000), 4: (0, 0)}
+    after = {1: (30, 50_000_000), 4: (10, 80_000_000)}       # 20 batches of 1 in 40 ms, 10 of 4 in 80 ms
+    n, meas, pred = measured_vs_predicted(before, after, lambda b: {1: 1.0, 4: 4.0}[b])
+    assert (n, meas, pred) == (30, 120.0, 60.0)
+    new, why = recalibrate({}, {"lenet": (n, meas, pred)})
+    assert new == {"lenet": 2.0} and "lenet ran 2x" in why
+    assert recalibrate({"lenet": 2.0}, {"lenet": (n, meas, pred)}) == (None, "")            # already planned so
+    assert recalibrate({}, {"lenet": (MIN_BATCHES - 1, 100.0, 10.0)}) == (None, "")         # too few batches
+
+
+RECAL = """\
+name: recal
+models:
+  - {{name: lenet, rate: 40, slo_ms: 500}}
+devices: cpu
+router: {{http_port: 0, grpc_port: 0}}
+scheduler: {{algorithm: gpulet, epoch_s: 1, window_s: 2}}
+profiles: {profiles}
+run_dir: {run_dir}
+"""
+
+
+def test_a_profile_10x_too_fast_is_recalibrated_while_serving(tmp_path):
+    """lenet's profile says every batch takes a tenth of what this machine takes: within a few epochs
+    the controller measures Triton's batch times, re-plans with lenet's latencies scaled by what it
+    measured, and no request fails meanwhile."""
+    import dataclasses
+
+    from controlplane import devices as devmod
+    from controlplane.paths import SHIPPED_PROFILES
+    from controlplane.profiles import device_slug, read_csv, write_csv
+
+    name = devmod.resolve("cpu").name
+    rows = [dataclasses.replace(r, device=name, p50_ms=r.p50_ms / 10, p99_ms=r.p99_ms / 10, mean_ms=r.mean_ms / 10)
+            for r in read_csv(SHIPPED_PROFILES / "cpu-2c" / "latency.csv") if r.model == "lenet"]
+    (tmp_path / "profiles" / device_slug(name)).mkdir(parents=True)
+    write_csv(tmp_path / "profiles" / device_slug(name) / "latency.csv", rows)
+    path = tmp_path / "recal.yaml"
+    path.write_text(RECAL.format(profiles=tmp_path / "profiles", run_dir=tmp_path / "run"))
+    proc = run_cli("up", "-f", str(path), "--detach", timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    state_file = tmp_path / "run" / "state.json"
+    try:
+        first = json.loads(state_file.read_text())
+        r = first["router"]
+        stop, failures, sent = threading.Event(), [], [0]
+
+        def load() -> None:
+            client = httpclient.InferenceServerClient(f"127.0.0.1:{r['http_port']}")
+            x = zoo.example_input("lenet", 1, seed=2).numpy()
+            inp = httpclient.InferInput("INPUT", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            while not stop.is_set():
+                try:
+                    assert client.infer("lenet", [inp]).as_numpy("OUTPUT").shape == (1, 10)
+                    sent[0] += 1
+                except Exception as e:  # noqa: BLE001
+                    failures.append(repr(e))
+                time.sleep(0.01)
+
+        t = threading.Thread(target=load, daemon=True)
+        t.start()
+        try:
+            ok = _wait(lambda: json.loads(state_file.read_text()).get("calibration", {}).get("lenet", 1.0) > 3, 40)
+        finally:
+            stop.set()
+            t.join(10)
+        state = json.loads(state_file.read_text())
+        assert ok, f"not recalibrated: {state.get('calibration')}, last re-plan {state.get('last_replan')}"
+        assert sent[0] > 0 and failures == [], failures[:3]
+        f = state["calibration"]["lenet"]
+        lat0 = {a["batch"]: a["latency_ms"] for g in first["plan"]["gpulets"] for a in g["models"]}
+        lat1 = {a["batch"]: a["latency_ms"] for g in state["plan"]["gpulets"] for a in g["models"]}
+        common = set(lat0) & set(lat1)
+        # the same batch is now planned at the measured factor times the profile's latency
+        assert all(lat1[b] == pytest.approx(lat0[b] * f, rel=0.02) for b in common), (lat0, lat1, f)
+    finally:
+        run_cli("down", "-f", str(path))
+    assert tritonserver_pids(str(tmp_path)) == []
