@@ -119,8 +119,9 @@ def main() -> None:
     up = sh(*cli, "up", "-f", dep_path, "--detach", "--plan", str(plan_file), timeout=900)
     up_s = time.monotonic() - t0
     print(up.stdout[-3000:], flush=True)
-    run_dir = Path(dep.run_dir) if dep.run_dir else Path(".controlplane") / dep.name
-    state = json.loads((run_dir / "state.json").read_text())
+    from controlplane.paths import RunPaths
+
+    state = json.loads(RunPaths.for_deployment(dep).state.read_text())
 
     mem = gpu_memory_by_pid()
     gpulets = {}

@@ -120,8 +120,9 @@ class Deployed:
         if p.returncode != 0:
             raise RuntimeError(f"up failed: {p.stdout[-2000:]} {p.stderr[-2000:]}")
         self.up_s = time.monotonic() - t0
-        run_dir = Path(".controlplane") / self.dep.name
-        self.state = json.loads((run_dir / "state.json").read_text())
+        from controlplane.paths import RunPaths
+
+        self.state = json.loads(RunPaths.for_deployment(self.dep).state.read_text())
         r = self.state["router"]
         self.router_grpc = f"{r['host']}:{r['grpc_port']}"
         self.router_http = f"{r['host']}:{r['http_port']}"

@@ -7,15 +7,17 @@ built model artifacts         ``<cache>/zoo/<model>/model.pt``
 Triton's python backend       ``<cache>/triton-backends/<version>/`` (the stub for this Python)
 profiles measured here        ``<cache>/profiles/<device>/`` (``profile`` and ``up`` write them)
 profiles shipped              ``profiles/<device>/`` in the source tree (read only)
-one deployment's run          ``<run dir>`` = the deployment's ``run_dir``, else
-                              ``./.controlplane/<name>``: ``state.json``, ``up.lock``, ``logs/``, ``repos/``
+one deployment's run          ``<run dir>`` = the deployment's ``run_dir`` (made absolute), else
+                              ``<state>/runs/<name>``: ``state.json``, ``up.lock``, ``logs/``, ``repos/``
 its MPS pipe and log          ``/tmp/gpulet-mps-<name>-<hash>/`` (a Unix socket path must stay
                               under 108 bytes) or the deployment's ``runtime.mps_pipe_dir``
 the profiler's MPS daemon     ``$CONTROLPLANE_MPS_DIR``, else ``/tmp/gpulet-mps-profile-<uid>/``
 ============================  ===================================================================
 
-``<cache>`` is ``$CONTROLPLANE_CACHE``, else ``~/.cache/controlplane``. Nothing is written into
-the source tree or the installed package at run time.
+``<cache>`` is ``$CONTROLPLANE_CACHE``, else ``~/.cache/controlplane``; ``<state>`` is
+``$CONTROLPLANE_STATE``, else ``$XDG_STATE_HOME/controlplane``, else ``~/.local/state/controlplane``:
+absolute, so `status`, `apply` and `down` find a deployment from any directory. Nothing is written
+into the source tree or the installed package at run time.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CONTROLPLANE_CACHE") or Path.home() / ".cache" / "controlplane")
 
 
+def state_dir() -> Path:
+    """$CONTROLPLANE_STATE, else $XDG_STATE_HOME/controlplane, else ~/.local/state/controlplane."""
+    if os.environ.get("CONTROLPLANE_STATE"):
+        return Path(os.environ["CONTROLPLANE_STATE"]).absolute()
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base).absolute() / "controlplane"
+
+
 def measured_profiles(dep: Deployment | None = None) -> Path:
     """Where profiles measured on this machine are written (and read first): the deployment's
     ``profiles:`` folder if it names one, else ``<cache>/profiles``."""
@@ -51,7 +61,7 @@ class RunPaths:
 
     @classmethod
     def for_deployment(cls, dep: Deployment) -> "RunPaths":
-        return cls(Path(dep.run_dir) if dep.run_dir else Path(".controlplane") / dep.name)
+        return cls(Path(dep.run_dir).absolute() if dep.run_dir else state_dir() / "runs" / dep.name)
 
     @property
     def state(self) -> Path:

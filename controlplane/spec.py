@@ -140,7 +140,8 @@ class Deployment(_Strict):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     repository: str | None = Field(default=None, description="source model repository; default: the zoo")
     profiles: str | None = Field(default=None, description="profile directory; default: ./profiles")
-    run_dir: str | None = Field(default=None, description="where logs, state and repos go; default .controlplane/<name>")
+    run_dir: str | None = Field(default=None, description="where logs, state and repos go; default <state>/runs/<name> "
+                                                               "(~/.local/state/controlplane, or $CONTROLPLANE_STATE)")
 
     @field_validator("runtime", mode="before")
     @classmethod

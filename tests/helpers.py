@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
-    """Run `controlplane ARGS` in a fresh interpreter, as a user would."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool = False,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `controlplane ARGS` in a fresh interpreter, as a user would (``env``: added to the environment)."""
     proc = subprocess.run([sys.executable, "-m", "controlplane", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+                          timeout=timeout, env={**os.environ, "COLUMNS": "200", **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"controlplane {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

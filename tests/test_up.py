@@ -126,6 +126,29 @@ def test_a_second_up_touches_nothing_while_another_holds_the_deployment(tmp_path
     assert not tritonserver_pids(str(tmp_path))
 
 
+def test_status_and_down_find_the_deployment_from_another_directory(tmp_path):
+    """Without a run_dir the run directory is absolute (<state>/runs/<name>), not under the directory
+    `up` ran in: `status` and `down` run elsewhere find it, and nothing lands in either directory."""
+    path = _write(tmp_path, "anywhere")
+    path.write_text("\n".join(ln for ln in path.read_text().splitlines() if not ln.startswith("run_dir:")))
+    env = {"CONTROLPLANE_STATE": str(tmp_path / "state")}
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    try:
+        up = run_cli("up", "-f", str(path), "--detach", cwd=here, env=env, timeout=400)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert (tmp_path / "state" / "runs" / "anywhere" / "state.json").exists()
+        st = run_cli("status", "-f", str(path), "--json", cwd=there, env=env)
+        assert st.returncode == 0, st.stdout + st.stderr
+        assert len(json.loads(st.stdout)["gpulets"]) == 2
+    finally:
+        down = run_cli("down", "-f", str(path), cwd=there, env=env)
+    assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
+    assert not tritonserver_pids(str(tmp_path))
+    assert list(here.iterdir()) == [] and list(there.iterdir()) == []
+
+
 def test_down_leaves_alone_a_process_that_reused_a_recorded_pid(tmp_path):
     """A state file left behind names pids that may belong to other processes by now: `down` and
     `status` check each pid's start time before taking it for the deployment's."""
