@@ -14,6 +14,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from controlplane import zoo
 from controlplane.repository import DEFAULT_SOURCE, SourceRepository
@@ -203,6 +204,40 @@ def test_killed_tritonserver_is_restarted_and_serves_again(deployment):
     inp = httpclient.InferInput("INPUT", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     np.testing.assert_allclose(http.infer("lenet", [inp]).as_numpy("OUTPUT"), _reference("lenet", x), rtol=1e-4, atol=1e-5)
+
+
+def test_killed_stub_is_noticed_and_its_model_serves_again(deployment):
+    """kill -9 of lenet's python-backend stub: Triton still says ready but cannot run lenet. Every
+    request meanwhile gets an answer (a 503 naming the dead stub, or success), none hangs, and the
+    controller restarts the gpu-let: lenet answers correctly again within 30 s."""
+    import psutil
+
+    path, _, _ = deployment
+    state = json.loads((path.parent / "run" / "state.json").read_text())
+    server = psutil.Process(state["gpulets"]["cpu0-a"]["pid"])
+    stubs = [c for c in server.children(recursive=True) if c.name().startswith("triton_python_b")]
+    assert len(stubs) == 1
+    restarts = state["gpulets"]["cpu0-a"]["restarts"]
+    stubs[0].kill()
+    http = httpclient.InferenceServerClient(f"127.0.0.1:{state['router']['http_port']}", network_timeout=20)
+    x = zoo.example_input("lenet", 1, seed=4).numpy()
+    inp = httpclient.InferInput("INPUT", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    refused, deadline = [], time.monotonic() + 30
+    while True:
+        try:
+            out = http.infer("lenet", [inp]).as_numpy("OUTPUT")
+            if refused:          # answered again after the outage
+                break
+        except InferenceServerException as e:
+            # the dead stub named, or, while the controller restarts the server, no gpu-let reachable
+            assert e.status() == "503" and "lenet" in str(e), str(e)
+            refused.append(e)
+        assert time.monotonic() < deadline, f"lenet not back within 30 s ({len(refused)} refused)"
+        time.sleep(0.2)
+    np.testing.assert_allclose(out, _reference("lenet", x), rtol=1e-4, atol=1e-5)
+    state = json.loads((path.parent / "run" / "state.json").read_text())
+    assert state["gpulets"]["cpu0-a"]["restarts"] == restarts + 1
 
 
 def _children(pid: int, fragment: str) -> list[int]:

@@ -23,7 +23,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 
-from .errors import RouterError, is_deadline_reject, is_parse_error
+from .errors import GpuletUnhealthy, RouterError, is_deadline_reject, is_parse_error, is_stub_dead
 
 #: request headers a client may send that Triton's infer endpoint reads; all others stay at the router
 FORWARD_HEADERS = frozenset({b"content-type", b"inference-header-content-length", b"content-encoding",
@@ -221,6 +221,8 @@ class GrpcPassClient:
             code, details = e.code(), e.details() or ""
             if code == grpc.StatusCode.UNAVAILABLE and not is_deadline_reject(details):
                 raise ConnectionResetError(f"tritonserver unreachable: {details}") from None
+            if is_stub_dead(details):
+                raise GpuletUnhealthy(details) from None
             if code == grpc.StatusCode.INTERNAL and is_parse_error(details):
                 code = grpc.StatusCode.INVALID_ARGUMENT
             raise RouterError.from_grpc(code, details or str(code)) from None

@@ -46,7 +46,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .clients import GrpcPassClient, HttpAnswer, HttpPassClient
-from .errors import Dropped, RouterError, is_deadline_reject, is_parse_error
+from .errors import Dropped, GpuletUnhealthy, RouterError, is_deadline_reject, is_parse_error, is_stub_dead
 from .table import GpuletRoute, ModelRoute, RoutingTable
 
 log = logging.getLogger("controlplane.router")
@@ -256,6 +256,8 @@ def _infer_path(model: str, version: str) -> str:
 async def _post(be: GpuletServer, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> HttpAnswer:
     """An infer request to a gpu-let over HTTP; Triton's 500 for a request it cannot parse becomes 400."""
     ans = await be.http.post(path, headers, body)
+    if ans.status != 200 and is_stub_dead(ans.error_message()):
+        raise GpuletUnhealthy(ans.error_message())
     if ans.status == 500 and is_parse_error(ans.error_message()):
         return HttpAnswer(400, ans.headers, ans.body)
     return ans
@@ -417,6 +419,11 @@ class Router:
             be._m_inflight.set(be.inflight)
             try:
                 return await call(be)
+            except GpuletUnhealthy as e:
+                # the server is up but cannot run the model (the controller restarts it): not this one again
+                last = e
+                be._m_errors.inc()
+                tried += (be,)
             except (OSError, asyncio.TimeoutError) as e:
                 # a broken connection: the gpu-let leaves the rotation unless it still answers its health check
                 # (a transient error of one connection must not take a whole gpu-let out)

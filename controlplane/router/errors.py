@@ -43,3 +43,15 @@ def is_parse_error(message: str) -> bool:
     members for non-object"). The router answers them 400 / INVALID_ARGUMENT."""
     m = message.lower()
     return "parse" in m or "attempt to " in m
+
+
+class GpuletUnhealthy(ConnectionError):
+    """A gpu-let answered that it cannot run the model (its python-backend stub is gone): the request
+    is sent to another gpu-let of the model, and this one is skipped for it (its readiness still says yes)."""
+
+
+def is_stub_dead(message: str) -> bool:
+    """Whether a gpu-let's error says the model's python-backend stub died ("Stub process ... is not
+    healthy"): Triton keeps answering ready, so only the controller's restart brings it back."""
+    m = message.lower()
+    return "stub process" in m and "not healthy" in m

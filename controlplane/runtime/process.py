@@ -63,6 +63,19 @@ class _Replica:
     log_file: object | None = field(default=None, repr=False)
 
 
+def _stubs_missing(r: "_Replica") -> int:
+    """How many of the gpu-let's python-backend stubs (one per model instance) are gone from its
+    tritonserver's process tree; 0 when they cannot be counted."""
+    import psutil
+
+    try:
+        kids = psutil.Process(r.proc.pid).children(recursive=True)
+        alive = sum(1 for k in kids if k.name().startswith("triton_python_b") and k.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return 0
+    return max(0, len(r.launch.gpulet.models) - alive)
+
+
 class ProcessRuntime(Runtime):
     """tritonserver subprocesses on this machine."""
 
@@ -190,13 +203,19 @@ class ProcessRuntime(Runtime):
             for gid, r in self.replicas.items():
                 if r.state not in (ReplicaState.READY, ReplicaState.RESTARTING) or r.proc is None:
                     continue
-                if r.state is ReplicaState.READY and r.proc.poll() is None:
+                why = None
+                if r.proc.poll() is not None:
+                    why = f"exited with code {r.proc.returncode}"
+                elif r.state is ReplicaState.READY and (lost := _stubs_missing(r)):
+                    # Triton keeps saying ready and answers "Stub process ... is not healthy" for ever
+                    why = f"{lost} python-backend stub(s) died"
+                if why is None:
                     continue
                 if not self.restart:
-                    r.state, r.message = ReplicaState.FAILED, f"exited with code {r.proc.returncode}"
+                    r.state, r.message = ReplicaState.FAILED, why
                     continue
                 r.state = ReplicaState.RESTARTING
-                r.message = f"exited with code {r.proc.returncode}; restarting"
+                r.message = f"{why}; restarting"
                 self._kill(r)
                 r.restarts += 1
                 self._spawn(r)
