@@ -256,6 +256,19 @@ class Controller:
         self._write_state("ready")
         return plan
 
+    def _route_to_restarted(self) -> None:
+        """A restarted server may listen on new ports: route to where each gpu-let is now."""
+        now = {gid: st.endpoint for gid, st in self.runtime.status().items() if st.endpoint is not None}
+        if all(now.get(gid) == ep for gid, ep in self.endpoints.items()):
+            return
+        self.endpoints.update({gid: ep for gid, ep in now.items() if gid in self.endpoints})
+        from .router import RoutingTable
+
+        try:
+            self.router.update(RoutingTable.from_plan(self.plan, self.endpoints, self.repo, self.dep))
+        except Exception as e:  # noqa: BLE001 - logged; the next restart or apply tries again
+            self.log(f"router: could not take the restarted gpu-lets' new ports: {e}")
+
     def _epoch(self, window) -> None:
         """One re-planning epoch: read the router's arrival counts and each gpu-let's batch times;
         apply a new plan when the measured peaks no longer fit the running one
@@ -374,6 +387,7 @@ class Controller:
             for gid in restarted:
                 self.log(f"gpu-let {gid}: restarted")
             if restarted:
+                self._route_to_restarted()
                 self._write_state("ready")
 
     def shutdown(self) -> None:

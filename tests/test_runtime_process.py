@@ -68,7 +68,7 @@ def test_serves_restarts_and_stops(tmp_path):
         st = rt.status()["gpu0-a"]
         assert st.state is ReplicaState.READY and st.pid in tritonserver_pids(str(tmp_path))
 
-        # Kill the server outright: supervise() brings it back on the same ports.
+        # Kill the server outright: supervise() brings it back, on fresh ports (the old may be taken).
         os.kill(st.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         restarted: list[str] = []
@@ -78,7 +78,8 @@ def test_serves_restarts_and_stops(tmp_path):
         assert restarted == ["gpu0-a"]
         st2 = rt.status()["gpu0-a"]
         assert st2.state is ReplicaState.READY and st2.restarts == 1 and st2.pid != st.pid
-        got, ref = _infer(addr, "lenet", 1)
+        assert st2.endpoint != st.endpoint
+        got, ref = _infer(st2.endpoint.http, "lenet", 1)
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
     finally:
         rt.stop()

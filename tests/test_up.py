@@ -187,9 +187,22 @@ def test_status_lists_gpulets_ready(deployment):
 
 
 def test_killed_tritonserver_is_restarted_and_serves_again(deployment):
+    """kill -9 of a gpu-let's server while its port is held by someone else: it comes back on fresh
+    ports, and the router routes there."""
+    import socket
+
     path, state, _ = deployment
     victim = state["gpulets"]["cpu0-a"]["pid"]
+    old_port = int(state["gpulets"]["cpu0-a"]["http"].rsplit(":", 1)[1])
     os.kill(victim, signal.SIGKILL)
+    squatter = socket.socket()
+    for _ in range(50):                          # the port frees once the killed server is gone
+        try:
+            squatter.bind(("127.0.0.1", old_port))
+            squatter.listen(1)
+            break
+        except OSError:
+            time.sleep(0.1)
     http = httpclient.InferenceServerClient(f"127.0.0.1:{state['router']['http_port']}")
     x = zoo.example_input("lenet", 1, seed=3).numpy()
     deadline = time.monotonic() + 120
@@ -200,10 +213,19 @@ def test_killed_tritonserver_is_restarted_and_serves_again(deployment):
             break
         assert time.monotonic() < deadline, f"cpu0-a not back: {doc}"
         time.sleep(1)
-    assert g["pid"] != victim
+    assert g["pid"] != victim and g["http"] != f"127.0.0.1:{old_port}"
     inp = httpclient.InferInput("INPUT", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
-    np.testing.assert_allclose(http.infer("lenet", [inp]).as_numpy("OUTPUT"), _reference("lenet", x), rtol=1e-4, atol=1e-5)
+    deadline = time.monotonic() + 10             # the router takes the new ports within a supervision tick
+    while True:
+        try:
+            out = http.infer("lenet", [inp]).as_numpy("OUTPUT")
+            break
+        except InferenceServerException:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    squatter.close()
+    np.testing.assert_allclose(out, _reference("lenet", x), rtol=1e-4, atol=1e-5)
 
 
 def test_killed_stub_is_noticed_and_its_model_serves_again(deployment):

@@ -61,6 +61,8 @@ class _Replica:
     restarts: int = 0
     message: str = ""
     log_file: object | None = field(default=None, repr=False)
+    retry_at: float = 0.0          # monotonic time of the next restart attempt (backoff after a failed one)
+    failures: int = 0              # restart attempts failed in a row
 
 
 def _stubs_missing(r: "_Replica") -> int:
@@ -197,7 +199,9 @@ class ProcessRuntime(Runtime):
             return {r.launch.gpulet.id: r.endpoint for r in reps}
 
     def supervise(self) -> list[str]:
-        """Restart servers that exited; a replica that cannot come back is FAILED."""
+        """Restart servers that exited or lost a stub, on fresh ports (the old ones may be taken by
+        now), with backoff (1, 2, 4 ... 30 s) and no limit on attempts; FAILED only when restarting is off.
+        Returns the gpu-lets restarted (their endpoints changed: see ``status``)."""
         restarted = []
         with self._lock:
             for gid, r in self.replicas.items():
@@ -209,23 +213,28 @@ class ProcessRuntime(Runtime):
                 elif r.state is ReplicaState.READY and (lost := _stubs_missing(r)):
                     # Triton keeps saying ready and answers "Stub process ... is not healthy" for ever
                     why = f"{lost} python-backend stub(s) died"
-                if why is None:
+                if why is None or time.monotonic() < r.retry_at:
                     continue
                 if not self.restart:
                     r.state, r.message = ReplicaState.FAILED, why
                     continue
+                if r.state is ReplicaState.READY:
+                    r.message = f"{why}; restarting"
                 r.state = ReplicaState.RESTARTING
-                r.message = f"{why}; restarting"
                 self._kill(r)
                 r.restarts += 1
+                r.endpoint = Endpoint(self.host, free_port(self.host), free_port(self.host), free_port(self.host))
                 self._spawn(r)
                 try:
                     self._wait_ready([r])
-                    r.message = ""
+                    r.message, r.retry_at, r.failures = "", 0.0, 0
                     restarted.append(gid)
                 except StartError as e:
-                    r.state, r.message = ReplicaState.FAILED, str(e)
                     self._kill(r)
+                    r.failures += 1
+                    r.state = ReplicaState.RESTARTING
+                    r.retry_at = time.monotonic() + min(30.0, 2.0 ** (min(r.failures, 6) - 1))
+                    r.message = f"restart {r.restarts} failed, next try in {r.retry_at - time.monotonic():.0f} s: {e}"
         return restarted
 
     def status(self) -> dict[str, ReplicaStatus]:
