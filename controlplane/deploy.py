@@ -95,6 +95,7 @@ class Controller:
         self.endpoints: dict[str, Endpoint] = {}
         self._stopped = False
         self._generation = 0        # plans tried since start; names the gpu-lets each adds
+        self._state = "starting"
         self.replans = 0
         self.last_replan: str | None = None
         self.calibration: dict[str, float] = {}     # source model -> measured over profile, the running plan's
@@ -180,6 +181,9 @@ class Controller:
                 self.mps = Daemon(self._mps_pipe_dir(), self.paths.mps(self.dep.name) / "log")
                 self.mps.start()
             self.runtime = self._make_runtime()
+            # pids are in the state file from the moment each server is spawned, so that a controller
+            # killed while the servers start leaves `down` what to stop
+            self.runtime.on_spawn = lambda: self._write_state(self._state)
             launches = self.launches()
             self.log(f"starting {len(launches)} gpu-let(s) with the {self.dep.runtime.kind} runtime ...")
             self.endpoints = self.runtime.start(launches)
@@ -402,6 +406,7 @@ class Controller:
                 self.log(f"router stop: {e}")
         if self.runtime is not None:
             self.runtime.stop()
+            remove_orphan_shm()
         if self.mps is not None:
             self.mps.stop()
         try:
@@ -412,6 +417,7 @@ class Controller:
     # ------------------------------------------------------------------ state file
 
     def _write_state(self, state: str) -> None:
+        self._state = state
         if self.plan is None:
             return
         statuses = self.runtime.status() if self.runtime is not None else {}
@@ -441,6 +447,69 @@ def _gpulet_key(g, slo_ms: dict) -> tuple:
                                          for a in g.models)))
 
 
+def _kill_group(pgid: int | None, started: float | None) -> int:
+    """SIGKILL what is left of a server's process group (the server runs in a session of its own, its
+    python-backend stubs with it), the leader alive or not. A live leader must be the recorded server
+    (same start time); without one, only tritonservers and stubs started after the server are
+    taken: a pid or group id reused by someone else since is left alone. Returns how many were killed."""
+    import psutil
+
+    if not pgid or started is None:
+        return 0
+    if psutil.pid_exists(pgid) and not pid_alive(pgid, started):
+        return 0                       # the leader's pid belongs to another process now
+    n = 0
+    for p in psutil.process_iter(["pid", "create_time", "name"]):
+        try:
+            if p.pid == os.getpid() or os.getpgid(p.pid) != pgid:
+                continue
+            if p.info["create_time"] < started - 1.0 or not p.info["name"].startswith(("tritonserver", "triton_python_b")):
+                continue
+            p.kill()
+            n += 1
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return n
+
+
+#: the python backend's shared-memory regions; a stub killed with SIGKILL leaves its region behind
+SHM_GLOB = "triton_python_backend_shm_region_*"
+
+
+def remove_orphan_shm(root: Path = Path("/dev/shm"), min_age_s: float = 1.0) -> int:
+    """Remove this user's python-backend shared-memory regions that no running process has mapped
+    (older than ``min_age_s``, so a region a server is creating right now is left alone)."""
+    import psutil
+
+    regions = [f for f in root.glob(SHM_GLOB) if f.is_file()]
+    try:
+        regions = [f for f in regions if f.stat().st_uid == os.getuid() and time.time() - f.stat().st_mtime > min_age_s]
+    except OSError:
+        return 0
+    if not regions:
+        return 0
+    mapped = set()
+    for p in psutil.process_iter(["pid"]):
+        try:
+            with open(f"/proc/{p.pid}/maps") as f:
+                mapped.update(ln.split(None, 5)[5].strip() for ln in f if "/dev/shm/" in ln and len(ln.split(None, 5)) == 6)
+            for fd in Path(f"/proc/{p.pid}/fd").iterdir():
+                t = os.readlink(fd)
+                if t.startswith("/dev/shm/"):
+                    mapped.add(t)
+        except (OSError, psutil.Error):
+            continue
+    n = 0
+    for f in regions:
+        if str(f) not in mapped:
+            try:
+                f.unlink()
+                n += 1
+            except OSError:
+                pass
+    return n
+
+
 def stop_deployment(paths: RunPaths, timeout_s: float = 60.0) -> list[str]:
     """Stop a running deployment through its state file; return what was stopped.
 
@@ -461,13 +530,12 @@ def stop_deployment(paths: RunPaths, timeout_s: float = 60.0) -> list[str]:
             os.kill(pid, signal.SIGKILL)
         done.append(f"controller (pid {pid})")
     for gid, g in state.gpulets.items():
-        gpid = g.pid
-        if pid_alive(gpid, g.started):
-            try:
-                os.killpg(gpid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            done.append(f"gpu-let {gid} (pid {gpid})")
+        killed = _kill_group(g.pid, g.started)
+        if killed:
+            done.append(f"gpu-let {gid} (pid {g.pid}" + (f" and {killed - 1} more)" if killed > 1 else ")"))
+    removed = remove_orphan_shm()
+    if removed:
+        done.append(f"{removed} shared-memory region(s) of dead python-backend stubs")
     if state.runtime == "docker":
         try:
             from .runtime.docker import remove_deployment_containers

@@ -369,3 +369,39 @@ def test_ctrl_c_while_starting_stops_what_was_started(tmp_path):
     assert "ready:" not in out
     assert not tritonserver_pids(str(tmp_path))
     assert not (tmp_path / "run" / "state.json").exists()
+
+
+def _ours(fragment: str) -> list[int]:
+    """Pids of tritonservers and python-backend stubs whose command line names ``fragment``."""
+    return [p for p in _processes_named(fragment)
+            if Path(f"/proc/{p}/comm").exists() and Path(f"/proc/{p}/comm").read_text().strip()
+            in ("tritonserver", "triton_python_b")]
+
+
+def test_controller_killed_while_starting_down_leaves_nothing(tmp_path):
+    """SIGKILL of `up` while its servers start: their pids are already in the state file, so `down`
+    stops the servers and their python-backend stubs, and removes the stubs' shared memory."""
+    import subprocess
+    import sys
+
+    from controlplane.deploy import SHM_GLOB
+
+    shm_before = set(Path("/dev/shm").glob(SHM_GLOB))
+    path = _write(tmp_path, "killed")
+    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "up", "-f", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = tmp_path / "run" / "state.json"
+    deadline = time.monotonic() + 120
+    # wait until a stub runs (the servers are loading models), then kill the controller outright
+    while not [p for p in _ours(str(tmp_path)) if Path(f"/proc/{p}/comm").read_text().strip() == "triton_python_b"]:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(10)
+    recorded = {g["pid"] for g in json.loads(state_file.read_text())["gpulets"].values()}
+    assert recorded and all(recorded)
+    time.sleep(1.5)                                   # regions younger than 1 s are left alone
+    out = run_cli("down", "-f", str(path))
+    assert out.returncode == 0 and "gpu-let" in out.stdout, out.stdout + out.stderr
+    assert _ours(str(tmp_path)) == []
+    assert set(Path("/dev/shm").glob(SHM_GLOB)) <= shm_before, out.stdout

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,6 +139,9 @@ def cpu_cores_for(gpulets: list[GpuLet], available: list[int] | None = None) -> 
 
 class Runtime(ABC):
     """One tritonserver per gpu-let, behind one interface (process or docker)."""
+
+    #: called after each server process is spawned, before it is ready (the controller records its pid)
+    on_spawn: Callable[[], None] | None = None
 
     @abstractmethod
     def start(self, launches: list[Launch]) -> dict[str, Endpoint]:

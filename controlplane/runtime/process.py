@@ -122,6 +122,11 @@ class ProcessRuntime(Runtime):
             self._command(r), env=self._env(r.launch), stdout=r.log_file, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
+        if self.on_spawn is not None:
+            try:
+                self.on_spawn()
+            except Exception:  # noqa: BLE001 - bookkeeping must not stop a start
+                pass
 
     def _ready(self, r: _Replica) -> bool:
         return server_ready(r.endpoint.http)
