@@ -88,6 +88,8 @@ class RouterSpec(_Strict):
     http_port: int = Field(default=8000, ge=0, le=65535)
     grpc_port: int = Field(default=8001, ge=0, le=65535)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0, description="a request body that stalls this long between "
+                                  "reads is answered 408 and its connection closed (slow or stalled clients)")
     workers: int = Field(default=0, ge=0, description="router processes sharing the ports (SO_REUSEPORT); "
                                                       "0: one per 4 CPU cores, 1 to 8")
 

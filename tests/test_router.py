@@ -736,3 +736,30 @@ def test_inflight_limit_leaves_room_for_a_random_spread():
     assert inflight_limit(200, TINY_SLO_MS) == 1
     assert inflight_limit(0, 22) is None and inflight_limit(100, None) is None
     assert inflight_limit(1000, 50, processes=4) < inflight_limit(1000, 50, processes=1)
+
+
+def test_stalled_bodies_time_out_and_others_keep_being_served(backend, repo):
+    """Connections that send part of a body and stall get 408 once body_timeout_s passes with nothing
+    received, and are closed; a correct client is answered meanwhile."""
+    from router_helpers import deployment
+
+    plan, eps, _ = backend
+    table = RoutingTable.from_plan(plan, eps, repo, deployment())
+    with RouterServer(table, RouterSpec(http_port=0, grpc_port=0, workers=1, body_timeout_s=1.0)) as srv:
+        stalled = []
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", srv.http_port))
+            s.sendall(b"POST /v2/models/lenet/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"inputs\": [")
+            stalled.append(s)
+        client = th.InferenceServerClient(srv.http_url)
+        x = np.zeros((1, 1, 28, 28), np.float32)
+        inp = th.InferInput("INPUT", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        assert client.infer("lenet", [inp]).as_numpy("OUTPUT").shape == (1, 10)   # not starved
+        for s in stalled:
+            s.settimeout(10)
+            head = s.recv(4096)
+            assert head.startswith(b"HTTP/1.1 408"), head[:200]
+            assert b"stalled" in head or b"stalled" in s.recv(4096)
+            s.close()

@@ -11,7 +11,8 @@ class RouterError(Exception):
     _GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
              413: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
              503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
-             502: grpc.StatusCode.INTERNAL, 500: grpc.StatusCode.INTERNAL}
+             502: grpc.StatusCode.INTERNAL, 500: grpc.StatusCode.INTERNAL,
+             408: grpc.StatusCode.DEADLINE_EXCEEDED}     # last: DEADLINE_EXCEEDED maps back to 504
     _HTTP = {v: k for k, v in reversed(_GRPC.items())}
 
     def __init__(self, status: int, message: str, grpc_code: grpc.StatusCode | None = None) -> None:

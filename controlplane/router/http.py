@@ -9,6 +9,7 @@ requests; Triton 2.51's 500s for requests it cannot parse become 400).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -167,6 +168,7 @@ class RouterApp(FastAPI):
 
     infer_router: Router
     infer_max_body: int
+    body_timeout_s: float = 30.0
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -186,7 +188,10 @@ class RouterApp(FastAPI):
         async def chunks():
             nonlocal gone
             while True:
-                msg = await receive()
+                try:
+                    msg = await asyncio.wait_for(receive(), self.body_timeout_s)
+                except asyncio.TimeoutError:
+                    raise RouterError(408, f"request body stalled: nothing received for {self.body_timeout_s:g} s") from None
                 if msg["type"] == "http.disconnect":
                     gone = True
                     raise RouterError(400, "client disconnected")
@@ -280,6 +285,8 @@ def create_app(table: RoutingTable | None = None, spec=None, *, router: Router |
     app.state.router = router
     app.infer_router = router
     app.infer_max_body = max_body
+    if spec is not None:
+        app.body_timeout_s = spec.body_timeout_s
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_exc(request: Request, exc: StarletteHTTPException):
