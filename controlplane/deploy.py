@@ -178,7 +178,8 @@ class Controller:
             if self.devices.on_gpu:
                 from .runtime.mps import Daemon
 
-                self.mps = Daemon(self._mps_pipe_dir(), self.paths.mps(self.dep.name) / "log")
+                self.mps = Daemon(self._mps_pipe_dir(), self.paths.mps(self.dep.name) / "log",
+                                  private=not self.dep.runtime.mps_pipe_dir)
                 self.mps.start()
             self.runtime = self._make_runtime()
             # pids are in the state file from the moment each server is spawned, so that a controller

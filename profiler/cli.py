@@ -95,7 +95,9 @@ def profile(
     pipe_dir = None
     if on_gpu:
         pipe, log = default_dirs(mps_dir)
-        daemon = Daemon(pipe, log)
+        import os
+
+        daemon = Daemon(pipe, log, private=mps_dir is None and not os.environ.get("CONTROLPLANE_MPS_DIR"))
         if start_mps:
             daemon.start()
         pipe_dir = daemon.pipe_dir

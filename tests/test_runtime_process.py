@@ -103,3 +103,18 @@ def test_failed_start_reports_log_tail_and_leaves_nothing(tmp_path):
     assert "failed to load" in msg  # the server's own words, from its log tail
     assert all(s.state in (ReplicaState.STOPPED, ReplicaState.FAILED) for s in rt.status().values())
     assert not tritonserver_pids(str(tmp_path))
+
+
+def test_mps_dirs_must_be_private(tmp_path):
+    """The MPS dirs have predictable names under /tmp: one left open to others (or made by someone else)
+    is refused before any daemon there is used; a new one is made 0700."""
+    from controlplane.runtime.mps import Daemon, MPSNotActive, private_dir
+
+    open_dir = tmp_path / "open" / "pipe"
+    open_dir.mkdir(parents=True)
+    open_dir.chmod(0o777)
+    with pytest.raises(MPSNotActive, match="not a private directory"):
+        Daemon(open_dir, tmp_path / "open" / "log").start()
+    fresh = tmp_path / "fresh" / "pipe"
+    private_dir(fresh)
+    assert fresh.stat().st_mode & 0o777 == 0o700

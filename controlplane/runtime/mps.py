@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -124,22 +125,44 @@ def require_client(share: int, pipe_dir: str | Path | None, pid: int | None = No
         time.sleep(0.2)
 
 
+def private_dir(path: Path) -> None:
+    """Make ``path`` (mode 0700), or check that the one there is this user's and closed to others."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise MPSNotActive(f"{path} is not a private directory of this user (owner uid {st.st_uid}, mode "
+                           f"{stat.S_IMODE(st.st_mode):o}): remove it, or set runtime.mps_pipe_dir")
+
+
 class Daemon:
     """The MPS control daemon on the project's pipe/log dirs; stops it only if it started it."""
 
-    def __init__(self, pipe_dir: str | Path | None = None, log_dir: str | Path | None = None) -> None:
+    def __init__(self, pipe_dir: str | Path | None = None, log_dir: str | Path | None = None,
+                 private: bool = True) -> None:
+        """private: the dirs must be this user's and closed to others (made so when new); off for a
+        pipe directory the user named (a daemon they run, e.g. the system's)."""
         p, l = default_dirs()
         self.pipe_dir = Path(pipe_dir) if pipe_dir else p
         self.log_dir = Path(log_dir) if log_dir else l
+        self.private = private
         self.started = False
 
     def start(self) -> "Daemon":
+        # The dirs sit under /tmp with predictable names: one made by another user could hold a
+        # daemon of theirs that our servers would join. They must be ours and closed to others.
+        if self.private:
+            for d in (self.pipe_dir, self.log_dir):
+                private_dir(d)
+        else:
+            self.pipe_dir.mkdir(parents=True, exist_ok=True)
+            self.log_dir.mkdir(parents=True, exist_ok=True)
         if status(self.pipe_dir).active:
             return self
         if shutil.which(CONTROL) is None:
             raise MPSNotActive(f"{CONTROL} not found: MPS shares cannot be enforced on this host")
-        self.pipe_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         r = subprocess.run([CONTROL, "-d"], env=_env(self.pipe_dir, self.log_dir), capture_output=True,
                            text=True, timeout=30)
         if r.returncode != 0:
