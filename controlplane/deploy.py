@@ -384,6 +384,14 @@ class Controller:
         window = LoadWindow(self.dep.scheduler.window_s)
         next_epoch = time.monotonic()
         while not stop.wait(min(interval_s, epoch or interval_s)):
+            if not self.router.alive():
+                # The router's first process is this one: it cannot be restarted apart from the
+                # controller, so the controller stops everything (`status` then says so) rather than
+                # leave servers nobody can reach. Its other processes are restarted below.
+                self.log(f"the router stopped ({self.router._error or 'its thread exited'}); stopping the deployment")
+                return
+            for pid in self.router.supervise():
+                self.log(f"router: a process died; started another (pid {pid})")
             self._take_apply_request()
             if epoch and time.monotonic() >= next_epoch:
                 next_epoch = time.monotonic() + epoch
@@ -477,37 +485,45 @@ def _kill_group(pgid: int | None, started: float | None) -> int:
 SHM_GLOB = "triton_python_backend_shm_region_*"
 
 
-def remove_orphan_shm(root: Path = Path("/dev/shm"), min_age_s: float = 1.0) -> int:
-    """Remove this user's python-backend shared-memory regions that no running process has mapped
-    (older than ``min_age_s``, so a region a server is creating right now is left alone)."""
+def orphan_shm(root: Path = Path("/dev/shm"), min_age_s: float = 1.0) -> list[Path]:
+    """This user's python-backend shared-memory regions that no running process has mapped or open,
+    older than ``min_age_s`` (a region a server is creating right now is left alone)."""
     import psutil
 
-    regions = [f for f in root.glob(SHM_GLOB) if f.is_file()]
-    try:
-        regions = [f for f in regions if f.stat().st_uid == os.getuid() and time.time() - f.stat().st_mtime > min_age_s]
-    except OSError:
-        return 0
+    now = time.time()
+    regions = []
+    for f in root.glob(SHM_GLOB):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        if st.st_uid == os.getuid() and now - st.st_mtime >= min_age_s:
+            regions.append(f)
     if not regions:
-        return 0
-    mapped = set()
+        return []
+    used = set()
     for p in psutil.process_iter(["pid"]):
         try:
-            with open(f"/proc/{p.pid}/maps") as f:
-                mapped.update(ln.split(None, 5)[5].strip() for ln in f if "/dev/shm/" in ln and len(ln.split(None, 5)) == 6)
+            with open(f"/proc/{p.pid}/maps") as fh:
+                used.update(ln.split(None, 5)[5].strip() for ln in fh if "/dev/shm/" in ln and len(ln.split(None, 5)) == 6)
             for fd in Path(f"/proc/{p.pid}/fd").iterdir():
                 t = os.readlink(fd)
                 if t.startswith("/dev/shm/"):
-                    mapped.add(t)
+                    used.add(t)
         except (OSError, psutil.Error):
             continue
+    return [f for f in regions if str(f) not in used]
+
+
+def remove_orphan_shm(root: Path = Path("/dev/shm"), min_age_s: float = 1.0) -> int:
+    """Remove :func:`orphan_shm`'s regions (a stub killed with SIGKILL leaves its region behind)."""
     n = 0
-    for f in regions:
-        if str(f) not in mapped:
-            try:
-                f.unlink()
-                n += 1
-            except OSError:
-                pass
+    for f in orphan_shm(root, min_age_s):
+        try:
+            f.unlink()
+            n += 1
+        except OSError:
+            pass
     return n
 
 

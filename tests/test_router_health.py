@@ -101,8 +101,11 @@ def test_dead_gpulet_leaves_and_rejoins_rotation(tmp_path):
             assert all(isinstance(o, np.ndarray) for o in outs), [o for o in outs if not isinstance(o, np.ndarray)]
             assert _sent(server, "cpu0-b") == before_b
 
-            # the runtime restarts it (same ports): it rejoins
+            # the runtime restarts it on fresh ports and the router is told (as the controller does): it rejoins
             assert rt.supervise() == ["cpu0-b"]
+            now = {g: st.endpoint for g, st in rt.status().items()}
+            assert now["cpu0-b"] != eps["cpu0-b"] and now["cpu0-a"] == eps["cpu0-a"]
+            server.update(RoutingTable.from_plan(plan, now, repo, deployment({"lenet": 2000.0})))
             assert _wait(lambda: _ready(server) == 200), "gpu-let b should rejoin the rotation"
             outs = _burst(server, 40, x)
             assert all(isinstance(o, np.ndarray) for o in outs)

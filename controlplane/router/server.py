@@ -279,16 +279,30 @@ class RouterServer:
 
     def _start_children(self) -> None:
         """The other router processes, on the ports this one bound (known only now when 0 was asked)."""
-        if self.workers <= 1:
-            return
-        spec = self.spec.model_copy(update={"http_port": self.http_port, "grpc_port": self.grpc_port, "workers": 1})
-        ctx = multiprocessing.get_context("spawn")
         for i in range(self.workers - 1):
-            p = ctx.Process(target=_worker_main, args=(self.table, spec, self.options, self._metrics_dir,
-                                                       self._table_dir),
-                            name=f"router-{i + 1}", daemon=True)
-            p.start()
-            self._children.append(p)
+            self._children.append(self._child(i))
+
+    def _child(self, i: int) -> multiprocessing.Process:
+        spec = self.spec.model_copy(update={"http_port": self.http_port, "grpc_port": self.grpc_port, "workers": 1})
+        p = multiprocessing.get_context("spawn").Process(
+            target=_worker_main, args=(self.table, spec, self.options, self._metrics_dir, self._table_dir),
+            name=f"router-{i + 1}", daemon=True)
+        p.start()
+        return p
+
+    def alive(self) -> bool:
+        """Whether the router (its first process, in this one) still serves."""
+        return self._thread is not None and self._thread.is_alive() and self._error is None
+
+    def supervise(self) -> list[int]:
+        """Start a new router process for each one that died (same ports, the current table); their pids."""
+        out = []
+        for i, p in enumerate(self._children):
+            if not p.is_alive() and self._stop is not None and not self._stop.is_set():
+                log.warning("router process %s (pid %s) exited with %s; starting another", p.name, p.pid, p.exitcode)
+                self._children[i] = self._child(i)
+                out.append(self._children[i].pid)
+        return out
 
     def _stop_children(self) -> None:
         for p in self._children:
