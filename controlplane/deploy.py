@@ -467,7 +467,7 @@ def _kill_group(pgid: int | None, started: float | None) -> int:
         return 0
     if psutil.pid_exists(pgid) and not pid_alive(pgid, started):
         return 0                       # the leader's pid belongs to another process now
-    n = 0
+    killed = []
     for p in psutil.process_iter(["pid", "create_time", "name"]):
         try:
             if p.pid == os.getpid() or os.getpgid(p.pid) != pgid:
@@ -475,10 +475,11 @@ def _kill_group(pgid: int | None, started: float | None) -> int:
             if p.info["create_time"] < started - 1.0 or not p.info["name"].startswith(("tritonserver", "triton_python_b")):
                 continue
             p.kill()
-            n += 1
+            killed.append(p)
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue
-    return n
+    psutil.wait_procs(killed, timeout=10)     # gone before their shared memory is looked at
+    return len(killed)
 
 
 #: the python backend's shared-memory regions; a stub killed with SIGKILL leaves its region behind

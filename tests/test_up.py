@@ -440,7 +440,9 @@ def test_controller_killed_while_starting_down_leaves_nothing(tmp_path):
     recorded = {g["pid"] for g in json.loads(state_file.read_text())["gpulets"].values()}
     assert recorded and all(recorded)
     time.sleep(1.5)                                   # regions younger than 1 s are left alone
+    left = _ours(str(tmp_path))
     out = run_cli("down", "-f", str(path))
-    assert out.returncode == 0 and "gpu-let" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and ("gpu-let" in out.stdout or not left), (out.stdout + out.stderr, left,
+                                                                        state_file.read_text()[:800] if state_file.exists() else None)
     assert _ours(str(tmp_path)) == []
     assert not set(orphan_shm(min_age_s=0)) - shm_before, out.stdout       # none of ours left unmapped
