@@ -48,6 +48,11 @@ def up(
     if lock is None:
         fail(f"deployment {dep.name!r}: another `controlplane up` is starting or running it (it holds "
              f"{paths.lock}); nothing was changed", 1)
+    if state is not None:        # left by a controller that was killed: stop what it left running first
+        from .deploy import stop_deployment
+
+        for what in stop_deployment(paths):
+            console.print(f"cleaned up after a previous run: stopped {what}")
     if detach:
         lock.close()
         _detach(file, paths, plan_file)

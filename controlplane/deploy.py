@@ -465,8 +465,13 @@ def _kill_group(pgid: int | None, started: float | None) -> int:
 
     if not pgid or started is None:
         return 0
-    if psutil.pid_exists(pgid) and not pid_alive(pgid, started):
-        return 0                       # the leader's pid belongs to another process now
+    try:
+        if abs(psutil.Process(pgid).create_time() - started) > 0.05:
+            return 0                   # the leader's pid belongs to another process now
+    except psutil.NoSuchProcess:
+        pass                           # gone (a zombie is still the recorded server: its stubs are taken)
+    except psutil.AccessDenied:
+        return 0
     killed = []
     for p in psutil.process_iter(["pid", "create_time", "name"]):
         try:

@@ -417,9 +417,11 @@ def _ours(fragment: str) -> list[int]:
             in ("tritonserver", "triton_python_b")]
 
 
-def test_controller_killed_while_starting_down_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("cleanup", ["down", "up"])
+def test_controller_killed_while_starting_down_leaves_nothing(tmp_path, cleanup):
     """SIGKILL of `up` while its servers start: their pids are already in the state file, so `down`
-    stops the servers and their python-backend stubs, and removes the stubs' shared memory."""
+    (or the next `up`, before it starts anything) stops the servers and their python-backend stubs,
+    and removes the stubs' shared memory."""
     import subprocess
     import sys
 
@@ -427,8 +429,9 @@ def test_controller_killed_while_starting_down_leaves_nothing(tmp_path):
 
     shm_before = set(Path("/dev/shm").glob(SHM_GLOB))
     path = _write(tmp_path, "killed")
+    log = open(tmp_path / "up.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "controlplane", "up", "-f", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
     state_file = tmp_path / "run" / "state.json"
     deadline = time.monotonic() + 120
     # wait until a stub runs (the servers are loading models), then kill the controller outright
@@ -441,8 +444,15 @@ def test_controller_killed_while_starting_down_leaves_nothing(tmp_path):
     assert recorded and all(recorded)
     time.sleep(1.5)                                   # regions younger than 1 s are left alone
     left = _ours(str(tmp_path))
+    assert state_file.exists()
+    if cleanup == "up":
+        again = run_cli("up", "-f", str(path), "--detach", timeout=400)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "cleaned up after a previous run" in again.stdout or not left, (again.stdout, left)
+        assert not set(left) & set(_ours(str(tmp_path)))          # the old ones are gone, new ones serve
     out = run_cli("down", "-f", str(path))
-    assert out.returncode == 0 and ("gpu-let" in out.stdout or not left), (out.stdout + out.stderr, left,
-                                                                        state_file.read_text()[:800] if state_file.exists() else None)
+    assert out.returncode == 0, out.stdout + out.stderr
+    if cleanup == "down":
+        assert "gpu-let" in out.stdout or not left, (out.stdout, left)
     assert _ours(str(tmp_path)) == []
     assert not set(orphan_shm(min_age_s=0)) - shm_before, out.stdout       # none of ours left unmapped
