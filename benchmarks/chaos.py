@@ -60,6 +60,7 @@ class Load:
     def __init__(self, url: str) -> None:
         self.url = url
         self.log: dict[str, list[tuple[float, float, bool]]] = {m: [] for m in MODELS}
+        self.errors: dict[str, list[tuple[float, str]]] = {m: [] for m in MODELS}
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(m, r), daemon=True) for m, r in MODELS.items()]
 
@@ -77,17 +78,19 @@ class Load:
             t0 = time.monotonic()
             try:
                 ok = client.infer(model, [inp]).as_numpy("OUTPUT").shape[0] == 1
-            except Exception:  # noqa: BLE001 - a failed request is what is measured
+            except Exception as e:  # noqa: BLE001 - a failed request is what is measured
                 ok = False
+                self.errors[model].append((t0, str(e)[:160]))
                 client = http.InferenceServerClient(self.url, connection_timeout=10, network_timeout=10)
             self.log[model].append((t0, time.monotonic() - t0, ok))
             nxt += 1.0 / rate
             time.sleep(max(0.0, nxt - time.monotonic()))
 
 
-def recovery(log: list[tuple[float, float, bool]], t_fault: float) -> float | None:
-    """Seconds from the fault to the first success after which no request failed; 0 if none failed."""
-    after = [(t, ok) for t, _, ok in log if t >= t_fault]
+def recovery(log: list[tuple[float, float, bool]], t_fault: float, t_next: float) -> float | None:
+    """Seconds from the fault to the first success after which no request failed before the next
+    fault (``t_next``); 0 if none failed, None if it never recovered."""
+    after = [(t, ok) for t, _, ok in log if t_fault <= t < t_next]
     if all(ok for _, ok in after):
         return 0.0
     last_fail = max(t for t, ok in after if not ok)
@@ -180,14 +183,26 @@ def main() -> None:
         cli("down", "-f", str(dep), env=env)
 
     rows = []
-    for f in faults:
+    t_end = time.monotonic()
+    for i, f in enumerate(faults):
         models = list(MODELS) if f["model"] == "all" else [f["model"]]
-        rec = [recovery(load.log[m], f["t"]) for m in models]
+        t_next = faults[i + 1]["t"] if i + 1 < len(faults) else t_end
+        rec = [recovery(load.log[m], f["t"], t_next) for m in models]
         worst = None if any(r is None for r in rec) else max(rec)
-        end = f["t"] + (worst if worst is not None else 1e9) + 5.0
+        end = min(t_next, f["t"] + (worst if worst is not None else 1e9) + 5.0)
         win = [(lat, ok) for m in models for t, lat, ok in load.log[m] if f["t"] <= t <= end]
         lats = [lat for lat, ok in win if ok]
-        rows.append({"fault": f["fault"], "model": f["model"], "sent": len(win), "ok": sum(ok for _, ok in win),
+        errs: dict[str, int] = {}
+        for m in models:
+            for t, e in load.errors[m]:
+                if f["t"] <= t < t_next:
+                    key = e.split(":")[0][:80] if "]" not in e else e[:e.index("]") + 1] + " " + e[e.index("]") + 1:][:70]
+                    errs[key] = errs.get(key, 0) + 1
+        last_fail = max((t for m in models for t, e in load.errors[m] if f["t"] <= t < t_next), default=None)
+        rows.append({"fault": f["fault"], "model": f["model"], "errors": errs,
+                     "last_failure_s": None if last_fail is None else round(last_fail - f["t"], 1),
+                     "window_s": round(t_next - f["t"], 1),
+                     "sent": len(win), "ok": sum(ok for _, ok in win),
                      "failed": sum(not ok for _, ok in win),
                      "p99_ms": round(1000 * float(np.percentile(lats, 99)), 1) if lats else None,
                      "recovery_s": None if worst is None else round(worst, 1)})
@@ -216,7 +231,7 @@ def render(doc: dict) -> str:
     lines = [f"Run {doc['date']} on {doc['machine']}; `{doc['command']}`; {doc['duration_s']:g} s of load at "
              + ", ".join(f"{m} {r:g}/s" for m, r in doc["rates"].items()) + " (SLO 2 s; a request fails on an error "
              "or after 10 s).", "",
-             "| fault | model | sent (fault to recovery + 5 s) | succeeded | failed | p99 of successes (ms) | recovered after (s) |",
+             "| fault | model | sent (fault to recovery + 5 s, or the next fault) | succeeded | failed | p99 of successes (ms) | recovered after (s) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in doc["faults"]:
         lines.append(f"| {r['fault']} | {r['model']} | {r['sent']} | {r['ok']} | {r['failed']} | {r['p99_ms']} | "
