@@ -47,13 +47,9 @@ def batch_stats(url: str, model: str) -> dict[int, tuple[int, int]]:
     """Triton's executions per batch size of a model: {batch size: (executions, instance ns)}."""
     import httpx
 
-    st = httpx.get(f"http://{url}/v2/models/{model}/stats", timeout=30).json()["model_stats"][0]
-    out: dict[int, tuple[int, int]] = {}
-    for b in st.get("batch_stats", []):
-        n = int(b["compute_infer"]["count"])
-        ns = sum(int(b[k]["ns"]) for k in ("compute_input", "compute_infer", "compute_output"))
-        out[int(b["batch_size"])] = (n, ns)
-    return out
+    from controlplane.live import batch_stats as parse
+
+    return parse(httpx.get(f"http://{url}/v2/models/{model}/stats", timeout=30).json()["model_stats"][0])
 
 
 async def _closed_loop(url: str, model: str, info, clients: int, seconds: float, min_batches: int) -> None:

@@ -285,16 +285,7 @@ class Router:
         if self._started:
             return
         self._started = True
-        for m in self.table.models.values():
-            ts = []
-            for g in m.gpulets:
-                be = self.servers.get(g.id)
-                if be is None:
-                    be = self.servers[g.id] = GpuletServer(g, self.metrics)
-                    self.metrics.ready.labels(g.id).set(0)
-                ts.append(_Target(be, g, m, self.metrics, self.options.processes))
-            self.targets[m.name] = ts
-        await asyncio.gather(*(b.check() for b in self.servers.values()))
+        await self.set_table(self.table)          # every gpu-let new: made and health-checked
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="router-health")
 
     async def set_table(self, table: RoutingTable) -> None:
