@@ -100,6 +100,7 @@ class Controller:
         self.last_replan: str | None = None
         self.calibration: dict[str, float] = {}     # source model -> measured over profile, the running plan's
         self._batch_stats: dict[tuple[str, str], dict] = {}
+        self._profiles = None               # the unscaled profile store recalibration compares with
 
     # ------------------------------------------------------------------ prepare
 
@@ -254,6 +255,7 @@ class Controller:
             self.runtime.remove(removed)
         self.endpoints = endpoints
         self.calibration = dict(calibration)
+        self._profiles = None              # apply may have measured models the profile lacked
         self.replans += 1
         self.last_replan = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {reason}"
         self.log(f"re-planned ({reason}): {len(plan.gpulets)} gpu-let(s), "
@@ -317,7 +319,9 @@ class Controller:
 
         if self.plan.algorithm == "trivial":
             return {}          # planned without latencies
-        store = load_profiles(self.dep, self.devices.name)
+        if self._profiles is None:          # read once per plan, not every epoch
+            self._profiles = load_profiles(self.dep, self.devices.name)
+        store = self._profiles
         out: dict[str, tuple[int, float, float]] = {}
         for g in self.plan.gpulets:
             ep = self.endpoints.get(g.id)
