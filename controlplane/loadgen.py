@@ -10,9 +10,12 @@ throughput, latency percentiles, SLO attainment and drops; ``render_table``,
 One asyncio loop in one process tops out at some hundreds of requests/s (or
 ~150 MB/s of tensors); past that the numbers measure the client, not the
 server. So the load is spread over ``workers`` independent processes, each an
-open-loop stream at 1/N of every model's rate (merged independent Poisson
-streams are Poisson; constant streams are phase-shifted so their merge is
-constant again), and their raw samples are merged. Every model's result also
+open-loop stream at 1/k of a model's rate (merged independent Poisson streams
+are Poisson; constant streams are phase-shifted so their merge is constant
+again), and their raw samples are merged. With at least one worker per model,
+each worker sends one model only, and a model gets workers in proportion to
+the load it offers: as with real clients, a tight-SLO model's requests never
+wait in a process that is busy sending another model's 600 KB images. Every model's result also
 says whether the client kept its schedule (``behind``): how late requests left
 against their scheduled time, the rate actually sent against the offered one,
 and how many arrivals had to wait for the cap on outstanding requests.
@@ -182,11 +185,32 @@ async def _describe(url: str, protocol: str, models: list[str], batch: int,
         await c.close()
 
 
+Slices = dict[str, tuple[int, int]]   # model -> (part, parts): which part of the model's stream one worker sends
+
+
+def _assign(n: int, rates: dict[str, float], weights: dict[str, float]) -> list[Slices]:
+    """What each of ``n`` workers sends. With a worker per model or more, each sends one model and a model gets
+    workers in proportion to its ``weights`` (at least one); with fewer, each sends 1/n of every model."""
+    active = [m for m, r in rates.items() if r > 0]
+    if n < len(active) or not active:
+        return [{m: (i, n) for m in rates} for i in range(n)]
+    total = sum(weights[m] for m in active) or 1.0
+    k = {m: max(1, math.floor(n * weights[m] / total)) for m in active}
+    while sum(k.values()) > n:                      # the at-least-one rule overshot: take from the best served
+        m = max((m for m in active if k[m] > 1), key=lambda m: k[m] / max(weights[m], 1e-12))
+        k[m] -= 1
+    while sum(k.values()) < n:                      # then give the rest to the least served
+        m = max(active, key=lambda m: weights[m] / k[m])
+        k[m] += 1
+    return [{m: (i, k[m])} for m in active for i in range(k[m])]
+
+
 async def _stream(url: str, protocol: str, specs: dict[str, list[_Spec]], rates: dict[str, float],
-                  duration_s: float, arrival: str, rng: np.random.Generator, part: int, parts: int,
+                  duration_s: float, arrival: str, rng: np.random.Generator, slices: Slices,
                   timeout_s: float, max_outstanding: int,
                   gate: Callable[[], None] | None = None) -> dict[str, _Tally]:
-    """One open-loop stream (part ``part`` of ``parts``); ``gate`` blocks until every stream is ready to start."""
+    """One open-loop stream: of each model in ``slices``, part ``part`` of ``parts``; ``gate`` blocks until
+    every stream is ready to start."""
     client = _client(protocol)
     from tritonclient.utils import InferenceServerException
 
@@ -201,6 +225,8 @@ async def _stream(url: str, protocol: str, specs: dict[str, list[_Spec]], rates:
     try:
         inputs: dict[str, list] = {}
         for model, spec in specs.items():
+            if model not in slices:
+                continue
             ins = []
             for name, shape, datatype in spec:
                 dt = _np_dtype(datatype)
@@ -209,9 +235,9 @@ async def _stream(url: str, protocol: str, specs: dict[str, list[_Spec]], rates:
                 i.set_data_from_numpy(arr)
                 ins.append(i)
             inputs[model] = ins
-        tallies = {m: _Tally() for m in rates}
-        schedule = sorted((float(t), m) for m, r in rates.items()
-                          for t in _arrivals(r, duration_s, arrival, rng, part, parts))
+        tallies = {m: _Tally() for m in rates if m in slices}
+        schedule = sorted((float(t), m) for m, (part, parts) in slices.items()
+                          for t in _arrivals(rates[m], duration_s, arrival, rng, part, parts))
         sem = asyncio.Semaphore(max_outstanding)
         timeout_msg = f"timeout: no answer within {timeout_s:g} s"
 
@@ -272,13 +298,13 @@ async def _stream(url: str, protocol: str, specs: dict[str, list[_Spec]], rates:
             await cl.close()
 
 
-def _worker(part: int, parts: int, seed: np.random.SeedSequence, barrier, results, url: str, protocol: str,
+def _worker(part: int, slices: Slices, seed: np.random.SeedSequence, barrier, results, url: str, protocol: str,
             specs: dict[str, list[_Spec]], rates: dict[str, float], duration_s: float, arrival: str,
             timeout_s: float, max_outstanding: int) -> None:
-    """A worker process: one stream; puts (part, tallies) or (part, error message) on ``results``."""
+    """Worker ``part``: one stream; puts (part, tallies) or (part, error message) on ``results``."""
     try:
         out: dict[str, _Tally] | str = asyncio.run(_stream(
-            url, protocol, specs, rates, duration_s, arrival, np.random.default_rng(seed), part, parts,
+            url, protocol, specs, rates, duration_s, arrival, np.random.default_rng(seed), slices,
             timeout_s, max_outstanding, gate=lambda: barrier.wait(timeout=_SETUP_S)))
     except BaseException as e:  # noqa: BLE001 - the parent must hear of any failure
         barrier.abort()
@@ -288,12 +314,14 @@ def _worker(part: int, parts: int, seed: np.random.SeedSequence, barrier, result
 
 def _spawn(n: int, seed: int, url: str, protocol: str, specs: dict[str, list[_Spec]], rates: dict[str, float],
            duration_s: float, arrival: str, timeout_s: float, max_outstanding: int) -> list[dict[str, _Tally]]:
-    """Run ``n`` streams in ``n`` spawned processes that start together; return their tallies."""
+    """Run ``n`` streams in ``n`` spawned processes that start together (:func:`_assign` says what each
+    sends); return their tallies."""
     ctx = mp.get_context("spawn")          # no fork: the caller may hold threads (the router in tests) and event loops
     barrier, results = ctx.Barrier(n), ctx.Queue()
     cap = max(1, math.ceil(max_outstanding / n))
+    plan = _assign(n, rates, _weights(rates, specs))
     procs = [ctx.Process(target=_worker, name=f"loadgen-{i}", daemon=True,
-                         args=(i, n, s, barrier, results, url, protocol, specs, rates, duration_s, arrival,
+                         args=(i, plan[i], s, barrier, results, url, protocol, specs, rates, duration_s, arrival,
                                timeout_s, cap))
              for i, s in enumerate(np.random.SeedSequence(seed).spawn(n))]
     for p in procs:
@@ -328,7 +356,7 @@ def _merge(rates: dict[str, float], slo_ms: dict[str, float], duration_s: float,
     """Per model: counts summed, percentiles from the merged raw samples (never averaged percentiles)."""
     results = {}
     for model, rate in rates.items():
-        ts = [p[model] for p in parts]
+        ts = [p[model] for p in parts if model in p] or [_Tally()]
         r = ModelResult(model, rate, slo_ms.get(model))
         r.sent, r.ok, r.dropped, r.errors, r.cap_waits = (
             sum(getattr(t, k) for t in ts) for k in ("sent", "ok", "dropped", "errors", "cap_waits"))
@@ -372,11 +400,26 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _load(rate: float, nbytes: int) -> float:
+    """Workers one model's stream needs: at most WORKER_REQ_PER_S requests and WORKER_BYTES_PER_S bytes each."""
+    return max(max(rate, 0.0) / WORKER_REQ_PER_S, max(rate, 0.0) * nbytes / WORKER_BYTES_PER_S)
+
+
+def _request_bytes(specs: dict[str, list[_Spec]]) -> dict[str, int]:
+    return {m: sum(int(np.prod(shape)) * np.dtype(_np_dtype(dt)).itemsize for _, shape, dt in s)
+            for m, s in specs.items()}
+
+
+def _weights(rates: dict[str, float], specs: dict[str, list[_Spec]]) -> dict[str, float]:
+    nbytes = _request_bytes(specs)
+    return {m: _load(r, nbytes.get(m, 0)) for m, r in rates.items()}
+
+
 def default_workers(rates: dict[str, float], bytes_per_request: dict[str, int]) -> int:
-    """Enough processes that none sends more than WORKER_REQ_PER_S or WORKER_BYTES_PER_S; 1 to the CPU count."""
-    req = sum(max(r, 0.0) for r in rates.values())
-    byt = sum(max(r, 0.0) * bytes_per_request.get(m, 0) for m, r in rates.items())
-    return max(1, min(_cpus(), max(math.ceil(req / WORKER_REQ_PER_S), math.ceil(byt / WORKER_BYTES_PER_S))))
+    """Enough processes that none sends more than WORKER_REQ_PER_S or WORKER_BYTES_PER_S, and one per model
+    where the CPUs allow (see :func:`_assign`); 1 to the CPU count."""
+    need = sum(math.ceil(_load(r, bytes_per_request.get(m, 0))) for m, r in rates.items() if r > 0)
+    return max(1, min(_cpus(), need))
 
 
 def run(url: str, rates: dict[str, float], duration_s: float = 10.0, *, protocol: str = "http",
@@ -401,12 +444,10 @@ def run(url: str, rates: dict[str, float], duration_s: float = 10.0, *, protocol
         raise ValueError("workers must be at least 1")
     rates, slo_ms = dict(rates), dict(slo_ms or {})
     specs = asyncio.run(_describe(url, protocol, list(rates), batch, slo_ms))
-    n = workers or default_workers(
-        rates, {m: sum(int(np.prod(shape)) * np.dtype(_np_dtype(dt)).itemsize for _, shape, dt in s)
-                for m, s in specs.items()})
+    n = workers or default_workers(rates, _request_bytes(specs))
     if n == 1:
         parts = [asyncio.run(_stream(url, protocol, specs, rates, duration_s, arrival, np.random.default_rng(seed),
-                                     0, 1, timeout_s, max_outstanding))]
+                                     {m: (0, 1) for m in rates}, timeout_s, max_outstanding))]
     else:
         parts = _spawn(n, seed, url, protocol, specs, rates, duration_s, arrival, timeout_s, max_outstanding)
     return LoadResult(url, protocol, arrival, duration_s, _merge(rates, slo_ms, duration_s, arrival, parts), n)

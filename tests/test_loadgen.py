@@ -37,6 +37,15 @@ def test_arrivals_split_over_workers():
     assert loadgen.default_workers({"a": 1e6}, {"a": 4}) == loadgen._cpus()
 
 
+def test_workers_assigned_per_model_by_load():
+    a = loadgen._assign(6, {"img": 1000.0, "txt": 400.0, "off": 0.0}, {"img": 4.0, "txt": 1.0, "off": 0.0})
+    assert sorted(a, key=str) == sorted([{"img": (i, 5)} for i in range(5)] + [{"txt": (0, 1)}], key=str)
+    a = loadgen._assign(3, {"x": 1.0, "y": 1.0, "z": 1.0}, {"x": 100.0, "y": 0.01, "z": 0.01})
+    assert sorted(a, key=str) == [{"x": (0, 1)}, {"y": (0, 1)}, {"z": (0, 1)}]      # each model at least one
+    a = loadgen._assign(2, {"x": 1.0, "y": 1.0, "z": 1.0}, {"x": 1.0, "y": 1.0, "z": 1.0})
+    assert a == [{m: (i, 2) for m in "xyz"} for i in range(2)]                    # fewer workers than models
+
+
 def test_two_workers_merge(server):
     res = loadgen.run(server.http_url, {"lenet": 40.0}, duration_s=2.0, slo_ms={"lenet": 2000.0}, seed=3, workers=2)
     assert res.workers == 2
@@ -61,10 +70,12 @@ def test_worker_tallies_sum_to_merged(server):
     for m, r in merged.items():
         _adds_up(r)
         for k in ("sent", "ok", "dropped", "errors", "cap_waits"):
-            assert getattr(r, k) == sum(getattr(p[m], k) for p in parts), (m, k)
-        assert sorted(r.latencies_ms) == sorted(x for p in parts for x in p[m].latencies_ms)
-        assert all(p[m].sent > 0 for p in parts)                  # both workers sent their half
+            assert getattr(r, k) == sum(getattr(p[m], k) for p in parts if m in p), (m, k)
+        assert sorted(r.latencies_ms) == sorted(x for p in parts if m in p for x in p[m].latencies_ms)
+    assert [set(p) for p in parts] == [{"lenet"}, {"mobilenet_v2"}]   # a worker per model: each sends its own
     assert merged["lenet"].sent == 45 and merged["mobilenet_v2"].sent == 6   # constant: exactly rate x duration
+    parts = loadgen._spawn(2, 7, server.http_url, "http", specs, {"lenet": 30.0}, 1.5, "constant", 30.0, 1000)
+    assert [p["lenet"].sent for p in parts] in ([23, 22], [22, 23])       # one model, two workers: half each
 
 
 def test_client_timeout_and_cap_count(server):
