@@ -91,7 +91,7 @@ class RouterSpec(_Strict):
     body_timeout_s: float = Field(default=30.0, gt=0, description="a request body that stalls this long between "
                                   "reads is answered 408 and its connection closed (slow or stalled clients)")
     workers: int = Field(default=0, ge=0, description="router processes sharing the ports (SO_REUSEPORT); "
-                                                      "0: one per 4 CPU cores, 1 to 8")
+                                                      "0: one per 2 CPU cores, 1 to 8")
 
 
 class SchedulerSpec(_Strict):
@@ -101,6 +101,16 @@ class SchedulerSpec(_Strict):
     shares: list[int] = Field(default_factory=lambda: [20, 40, 50, 60, 80, 100])
     max_batch: int = Field(default=32, ge=1)
     latency_margin: float = Field(default=1.1, ge=1.0)
+    max_load: float = Field(
+        default=0.85, gt=0, le=1,
+        description="most of a gpu-let's throughput a plan may use: each model is planned for rate / max_load. "
+                    "Triton's batcher needs room for Poisson bursts: a gpu-let planned at its full throughput "
+                    "(1.0) has a queue that only grows (docs/benchmarks.md 'Serving')")
+    overhead_ms: float = Field(
+        default=2.0, ge=0,
+        description="time a request spends outside its batch (client to router to tritonserver and back, HTTP "
+                    "parsing, waiting in the router's event loop); planned: duty cycle + batch latency + "
+                    "overhead_ms <= SLO. The profile times batches inside Triton only")
     interference: bool = True
     gpulets_per_gpu: int = Field(
         default=2, ge=1, le=16,

@@ -29,7 +29,10 @@ from controlplane.spec import Deployment, Plan
 
 
 def dep(models, **sched):
+    """A deployment planned as the hand-computed expectations are: no margin, headroom, overhead or interference."""
     sched.setdefault("latency_margin", 1.0)
+    sched.setdefault("max_load", 1.0)
+    sched.setdefault("overhead_ms", 0.0)
     sched.setdefault("interference", False)
     return Deployment.model_validate({"name": "t", "models": models, "scheduler": sched})
 
@@ -446,3 +449,23 @@ def test_exact_optimum_matches_brute_force_on_a_non_monotone_profile(seed):
     assert validate_plan(p, d, BUMPY) == []
     g = plan(d, BUMPY, algorithm="gpulet", max_models=2)
     assert validate_plan(g, d, BUMPY) == []
+
+
+def test_max_load_plans_for_headroom_and_overhead_comes_off_the_slo():
+    """max_load: each model planned for rate / max_load (a gpu-let at full throughput has a queue that only
+    grows); overhead_ms: the time outside the batch counts against the SLO, in the plan and in its check."""
+    models = [{"name": "a", "rate": 100, "slo_ms": 40}]
+    full = plan(dep(models), TINY, algorithm="gpulet")
+    room = plan(dep(models, max_load=0.5), TINY, algorithm="gpulet")
+    assert room.models["a"].rate == pytest.approx(200.0)
+    assert room.models["a"].throughput >= 200.0 - 1e-6 > full.models["a"].rate
+    slow = dep(models, overhead_ms=25.0)
+    p = plan(slow, TINY, algorithm="gpulet")
+    assert p.models["a"].slo_ms == 40
+    assert p.models["a"].worst_latency_ms <= 40 + 1e-6
+    assert p.models["a"].worst_latency_ms == pytest.approx(
+        max(g.duty_cycle_ms + g.assignment("a").latency_ms for g in p.gpulets_for("a")) + 25.0)
+    assert validate_plan(p, slow, TINY, margin=1.0) == []
+    assert validate_plan(full, slow, TINY, margin=1.0) != []      # planned without the overhead: too slow
+    with pytest.raises(SchedulingError, match="overhead_ms"):
+        plan(dep(models, overhead_ms=40.0), TINY, algorithm="gpulet")

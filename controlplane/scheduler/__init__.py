@@ -113,10 +113,15 @@ def make_ctx(deployment: Deployment, profiles: ProfileStore, *, interference: In
             f"no profile on {profiles.device} for model(s) {', '.join(missing)}; "
             f"profiled: {', '.join(profiles.models()) or 'none'} (run `controlplane profile`)"
         )
-    rates = {m.name: (poisson_pad(m.rate) if pad_rates else m.rate) for m in deployment.models}
+    rates = {m.name: (poisson_pad(m.rate) if pad_rates else m.rate) / sch.max_load for m in deployment.models}
+    tight = [m.name for m in deployment.models if m.slo_ms <= sch.overhead_ms]
+    if tight:
+        raise SchedulingError(f"scheduler.overhead_ms ({sch.overhead_ms:g}) leaves no time within the SLO of "
+                              f"{', '.join(tight)}")
     mb = {m.name: min(m.max_batch or sch.max_batch, sch.max_batch if m.max_batch is None else m.max_batch)
           for m in deployment.models}
-    return Ctx(rates=rates, slos={m.name: m.slo_ms for m in deployment.models}, max_batch=mb, profiles=profiles,
+    return Ctx(rates=rates, slos={m.name: m.slo_ms - sch.overhead_ms for m in deployment.models}, max_batch=mb,
+               profiles=profiles, overhead_ms=sch.overhead_ms,
                shares=sorted(sch.shares), margin=sch.latency_margin,
                interference=resolve_interference(deployment, profiles, interference),
                max_models=max_models,

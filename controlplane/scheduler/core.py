@@ -39,8 +39,8 @@ class SchedulingError(ValueError):
 class Ctx:
     """Everything a planner needs, resolved from the deployment and options."""
 
-    rates: dict[str, float]
-    slos: dict[str, float]
+    rates: dict[str, float]      # what the plan must serve: the deployment's rates / scheduler.max_load
+    slos: dict[str, float]       # what a request's batching may take: the SLO less scheduler.overhead_ms
     max_batch: dict[str, int]
     profiles: ProfileStore
     shares: list[int]
@@ -51,6 +51,7 @@ class Ctx:
     memory_check: bool = True
     pct: str = "p99"
     trivial_batch: dict[str, int] = field(default_factory=dict)
+    overhead_ms: float = 0.0
 
     def __post_init__(self) -> None:
         self._lat: dict[tuple[str, int, int], float] = {}
@@ -383,8 +384,8 @@ def to_plan(ctx: Ctx, gpus: Sequence[Gpu], deployment: str, algorithm: str) -> P
             out.append(GpuLet(id=gpulet_id(ctx.profiles.device, n, j), gpu=n, share=let.share,
                               duty_cycle_ms=round(let.duty, 6), models=assigns))
         n += 1
-    summaries = {m: ModelSummary(rate=ctx.rates[m], slo_ms=ctx.slos[m], throughput=round(thr[m], 6),
-                                 worst_latency_ms=round(worst[m], 6)) for m in ctx.rates}
+    summaries = {m: ModelSummary(rate=ctx.rates[m], slo_ms=ctx.slos[m] + ctx.overhead_ms, throughput=round(thr[m], 6),
+                                 worst_latency_ms=round(worst[m] + ctx.overhead_ms, 6)) for m in ctx.rates}
     return Plan(deployment=deployment, device=ctx.profiles.device, algorithm=algorithm, gpus=n,
                 gpulets=out, models=summaries)
 
@@ -397,6 +398,7 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
     co-located gpu-lets' batches), then checks shares per GPU <= 100, each
     model's throughput >= its rate, duty cycles and worst latency within SLO."""
     margin = deployment.scheduler.latency_margin if margin is None else margin
+    overhead = deployment.scheduler.overhead_ms
     im = interference or NoInterference()
     errs: list[str] = []
     used: dict[int, int] = {}
@@ -426,8 +428,9 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
                 thr[a.model] = thr.get(a.model, 0.0) + t
                 if t < a.rate - 1e-6 * max(1.0, a.rate):
                     errs.append(f"{g.id}: {a.model} throughput {t:.3f} < assigned rate {a.rate:.3f}")
-                if g.duty_cycle_ms + L > spec.slo_ms * (1 + 1e-6) + 1e-6:
-                    errs.append(f"{g.id}: {a.model} worst latency {g.duty_cycle_ms + L:.3f} ms > SLO {spec.slo_ms} ms")
+                if g.duty_cycle_ms + L + overhead > spec.slo_ms * (1 + 1e-6) + 1e-6:
+                    errs.append(f"{g.id}: {a.model} worst latency {g.duty_cycle_ms + L + overhead:.3f} ms "
+                                f"> SLO {spec.slo_ms} ms")
             if total > g.duty_cycle_ms * (1 + 1e-6) + 1e-6:
                 errs.append(f"{g.id}: batches take {total:.3f} ms > duty cycle {g.duty_cycle_ms:.3f} ms")
     for m in deployment.models:
