@@ -1,9 +1,9 @@
 """Router CPU per request, HTTP and gRPC, against the same tritonserver addressed directly.
 
-    python benchmarks/router_cpu.py [--rate 300] [--duration 6]
+    python benchmarks/router_cpu.py [--model lenet] [--rate 300] [--duration 6]
 
 Starts one CPU gpu-let (lenet, mobilenet_v2) and a router in this process (one router process),
-sends Poisson load to lenet from `controlplane loadgen` worker processes, and reads this
+sends Poisson load to one of them (lenet: 3 KB requests; mobilenet_v2: 600 KB, an ImageNet image) from `controlplane loadgen` worker processes, and reads this
 process's CPU time: with the load going to the router, that is the router's cost; going
 direct, it is the baseline (near zero). Prints ms of router CPU per request and latencies.
 """
@@ -22,6 +22,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="lenet", choices=["lenet", "mobilenet_v2"])
     ap.add_argument("--rate", type=float, default=300.0)
     ap.add_argument("--duration", type=float, default=6.0)
     args = ap.parse_args()
@@ -41,9 +42,9 @@ def main() -> None:
             print("| --- | --- | --- | --- | --- | --- | --- |")
             for path, proto, url in (("direct", "http", ep.http), ("router", "http", srv.http_url),
                                      ("direct", "grpc", ep.grpc), ("router", "grpc", srv.grpc_url)):
-                lg.run(url, {"lenet": 50.0}, 2.0, protocol=proto, workers=2)          # warm-up
+                lg.run(url, {args.model: min(50.0, args.rate)}, 2.0, protocol=proto, workers=2)          # warm-up
                 t0 = time.process_time()
-                r = lg.run(url, {"lenet": args.rate}, args.duration, protocol=proto, workers=2).models["lenet"]
+                r = lg.run(url, {args.model: args.rate}, args.duration, protocol=proto, workers=2).models[args.model]
                 cpu = (time.process_time() - t0) * 1000 / max(r.sent, 1)
                 print(f"| {path} | {proto} | {r.sent} | {r.ok} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {cpu:.3f} |")
     finally:
