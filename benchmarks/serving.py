@@ -48,8 +48,8 @@ from controlplane.spec import Deployment, Plan, load_deployment  # noqa: E402
 
 MIXES = {
     "gpu-run": ROOT / "deployments" / "gpu-run.yaml",
-    "scen1": ROOT / "deployments" / "scen1.yaml",
     "bert-heavy": ROOT / "deployments" / "bert-heavy.yaml",
+    "vision-bert": ROOT / "deployments" / "vision-bert.yaml",
 }
 SYSTEMS = ["gpulet", "direct", "temporal", "triton1", "triton2", "triton4"]
 ATTAIN = 0.99
@@ -365,11 +365,17 @@ def measure(system, dep: Deployment, scale: float, duration: float, direct: bool
     return {"scale": round(scale, 4), "pass": ok, "models": models, "cpu": cpu.result}
 
 
-def search(system, dep: Deployment, guess: float, duration: float, points: int, record, direct: bool = False) -> dict:
-    """Max scale with >= 99 % attainment for every model: from `guess`, x1.5 steps to a bracket, then bisection."""
+def search(system, dep: Deployment, guess: float, duration: float, points: int, record, direct: bool = False,
+           below: bool = False) -> dict:
+    """Max scale with >= 99 % attainment for every model: from `guess`, x1.5 steps to a bracket, then bisection.
+
+    below: `guess` is a better system's max scale; when this one fails there, one more point (/1.5) says
+    where it stands and the search stops (its max is below the other's; device time goes elsewhere)."""
     lo, hi, s = 0.0, math.inf, guess
     tried = []
-    for _ in range(points):
+    for i in range(points):
+        if below and i == 2 and not tried[0]["pass"]:
+            break
         p = measure(system, dep, s, duration, direct)
         tried.append(p)
         record(p)
@@ -398,6 +404,7 @@ def run(args) -> dict:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "gpu": gpu_name(),
+           "commit": _commit(),
            "command": " ".join(sys.argv), "protocol": PROTOCOL, "cpus": os.cpu_count(), "profile": str(args.profile), "profile_device": store.device,
            "duration_s": args.duration, "attainment": ATTAIN, "mixes": {}}
     jpath = out / "serving.json"
@@ -405,6 +412,8 @@ def run(args) -> dict:
         prev = json.loads(jpath.read_text())
         doc["mixes"] = prev.get("mixes", {})
         doc["command"] = f"{prev['command']} && {doc['command']}"    # one run over several calls
+        if prev.get("commit", doc["commit"]) != doc["commit"]:
+            doc["commit"] = f"{prev['commit']} then {doc['commit']}"
     deadline = time.monotonic() + args.budget_s
 
     def save() -> None:
@@ -432,6 +441,7 @@ def run(args) -> dict:
             if sysname == "direct":
                 continue   # measured with gpulet's servers, below
             entry = mdoc["systems"][sysname] = {"points": []}
+            best = None        # plain Triton with more instances starts at triton1's max scale
             if sysname in ("gpulet", "temporal"):
                 plan = plans[sysname]
                 if plan is None:
@@ -443,7 +453,8 @@ def run(args) -> dict:
                 guess = pred[sysname]
             else:
                 system = PlainTriton(dep, int(sysname.removeprefix("triton")), args.work / mix / sysname, on_gpu)
-                guess = mdoc["systems"].get("triton1", {}).get("max_scale") or args.triton_guess
+                best = mdoc["systems"].get("triton1", {}).get("max_scale")
+                guess = best or args.triton_guess
             log(f"{mix}/{sysname}: starting")
             try:
                 system.start()
@@ -451,7 +462,8 @@ def run(args) -> dict:
                 # warm-up, results discarded: the batch sizes the load will make (CUDA kernels, allocator)
                 measure(system, dep, guess * 0.5, 3.0, seed=7)
                 measure(system, dep, guess, 4.0, seed=8)
-                entry.update(search(system, dep, guess, args.duration, args.points, entry["points"].append))
+                entry.update(search(system, dep, guess, args.duration, args.points, entry["points"].append,
+                                    below=sysname not in ("gpulet", "temporal", "triton1") and bool(best)))
                 save()
                 log(f"{mix}/{sysname}: max scale {entry['max_scale']:.3g}")
                 if sysname == "gpulet" and "direct" in args.systems:
@@ -471,6 +483,21 @@ def run(args) -> dict:
                 save()
     save()
     return doc
+
+
+def _commit() -> str:
+    """The source tree's commit (with "+" when it has changes); $BENCH_COMMIT where the tree is a copy
+    without .git (the GPU machine), else ""."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def gpu_name() -> str:

@@ -96,9 +96,9 @@ def test_gpulets_per_gpu_lets_a_host_bound_model_use_several_servers():
     doc = dep.model_dump(mode="json", exclude_none=True)
     for m in doc["models"]:
         m["rate"] *= 2.5
-    four = type(dep).model_validate(doc)
-    assert four.scheduler.gpulets_per_gpu == 4
-    plan = make_plan(four, profile=SHIPPED_PROFILES / "h200", gpus=1)
+    many = type(dep).model_validate(doc)
+    assert many.scheduler.gpulets_per_gpu == 5
+    plan = make_plan(many, profile=SHIPPED_PROFILES / "h200", gpus=1)
     assert len(plan.gpulets) > 2 and sum(g.share for g in plan.gpulets) <= 100
     assert sum(1 for g in plan.gpulets for a in g.models if a.model == "resnet50") >= 2
     doc["scheduler"]["gpulets_per_gpu"] = 2
