@@ -31,7 +31,7 @@ from controlplane.spec import Deployment, Plan
 def dep(models, **sched):
     """A deployment planned as the hand-computed expectations are: no margin, headroom, overhead or interference."""
     sched.setdefault("latency_margin", 1.0)
-    sched.setdefault("max_load", 1.0)
+    sched.setdefault("burst_pct", 0.0)
     sched.setdefault("overhead_ms", 0.0)
     sched.setdefault("interference", False)
     return Deployment.model_validate({"name": "t", "models": models, "scheduler": sched})
@@ -451,14 +451,22 @@ def test_exact_optimum_matches_brute_force_on_a_non_monotone_profile(seed):
     assert validate_plan(g, d, BUMPY) == []
 
 
-def test_max_load_plans_for_headroom_and_overhead_comes_off_the_slo():
-    """max_load: each model planned for rate / max_load (a gpu-let at full throughput has a queue that only
-    grows); overhead_ms: the time outside the batch counts against the SLO, in the plan and in its check."""
+def test_bursts_padded_within_half_the_slo_and_overhead_comes_off_the_slo():
+    """burst_pct: each model planned for the quantile of its Poisson arrivals within half its SLO (a tight
+    SLO gets relatively more room); overhead_ms: the time outside the batch counts against the SLO, in the
+    plan and in its check."""
+    from scipy.stats import poisson
+
+    from controlplane.scheduler import burst_pad
+
+    assert burst_pad(100.0, 40.0, 0.99) == pytest.approx(poisson.ppf(0.99, 2.0) / 0.02)      # 6 in 20 ms
+    assert burst_pad(100.0, 40.0, 0.0) == 100.0 and burst_pad(0.0, 40.0, 0.99) == 0.0
+    assert burst_pad(1000.0, 20.0, 0.99) / 1000 > burst_pad(1000.0, 200.0, 0.99) / 1000 > 1.0
     models = [{"name": "a", "rate": 100, "slo_ms": 40}]
     full = plan(dep(models), TINY, algorithm="gpulet")
-    room = plan(dep(models, max_load=0.5), TINY, algorithm="gpulet")
-    assert room.models["a"].rate == pytest.approx(200.0)
-    assert room.models["a"].throughput >= 200.0 - 1e-6 > full.models["a"].rate
+    room = plan(dep(models, burst_pct=0.99), TINY, algorithm="gpulet")
+    assert room.models["a"].rate == pytest.approx(300.0)
+    assert room.models["a"].throughput >= 300.0 - 1e-6 > full.models["a"].rate
     slow = dep(models, overhead_ms=25.0)
     p = plan(slow, TINY, algorithm="gpulet")
     assert p.models["a"].slo_ms == 40

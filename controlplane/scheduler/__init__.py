@@ -77,6 +77,20 @@ def register(name: str, fn: Algorithm) -> None:
     ALGORITHMS[name] = fn
 
 
+def burst_pad(rate: float, slo_ms: float, pct: float) -> float:
+    """``rate`` padded to the ``pct`` quantile of Poisson arrivals within half of ``slo_ms``, per second.
+
+    In a gpu-let a request waits for the batch in flight and then runs in the next one (duty cycle +
+    batch latency <= SLO), so each batch must hold what arrives in about half an SLO; arrivals over
+    that window are Poisson(rate x window), whose spread is relatively largest for short windows."""
+    if rate <= 0 or pct <= 0 or slo_ms <= 0:
+        return rate
+    from scipy.stats import poisson
+
+    window = slo_ms / 2000.0
+    return max(rate, float(poisson.ppf(pct, rate * window)) / window)
+
+
 def poisson_pad(rate: float, pct: float = 0.99) -> float:
     """Rate padded to the Poisson ``pct`` quantile of arrivals in one second (the prototype's
     hard-wired padding, 100 -> ~124, 200 -> ~234; here an explicit option)."""
@@ -113,11 +127,12 @@ def make_ctx(deployment: Deployment, profiles: ProfileStore, *, interference: In
             f"no profile on {profiles.device} for model(s) {', '.join(missing)}; "
             f"profiled: {', '.join(profiles.models()) or 'none'} (run `controlplane profile`)"
         )
-    rates = {m.name: (poisson_pad(m.rate) if pad_rates else m.rate) / sch.max_load for m in deployment.models}
     tight = [m.name for m in deployment.models if m.slo_ms <= sch.overhead_ms]
     if tight:
         raise SchedulingError(f"scheduler.overhead_ms ({sch.overhead_ms:g}) leaves no time within the SLO of "
                               f"{', '.join(tight)}")
+    rates = {m.name: burst_pad(poisson_pad(m.rate) if pad_rates else m.rate, m.slo_ms - sch.overhead_ms,
+                               sch.burst_pct) for m in deployment.models}
     mb = {m.name: min(m.max_batch or sch.max_batch, sch.max_batch if m.max_batch is None else m.max_batch)
           for m in deployment.models}
     return Ctx(rates=rates, slos={m.name: m.slo_ms - sch.overhead_ms for m in deployment.models}, max_batch=mb,

@@ -39,7 +39,7 @@ class SchedulingError(ValueError):
 class Ctx:
     """Everything a planner needs, resolved from the deployment and options."""
 
-    rates: dict[str, float]      # what the plan must serve: the deployment's rates / scheduler.max_load
+    rates: dict[str, float]      # what the plan must serve: the deployment's rates, padded for bursts (burst_pad)
     slos: dict[str, float]       # what a request's batching may take: the SLO less scheduler.overhead_ms
     max_batch: dict[str, int]
     profiles: ProfileStore
