@@ -451,6 +451,8 @@ def run(args) -> dict:
                 entry["plan"] = json.loads(plan.model_dump_json())
                 system = Deployed(scaled(dep, pred[sysname]), plan, args.work / mix / sysname)
                 guess = pred[sysname]
+                if sysname == "temporal":   # its ratio to the gpu-let's max is what is asked: start there
+                    guess = mdoc["systems"].get("gpulet", {}).get("max_scale") or guess
             else:
                 system = PlainTriton(dep, int(sysname.removeprefix("triton")), args.work / mix / sysname, on_gpu)
                 best = mdoc["systems"].get("triton1", {}).get("max_scale")
