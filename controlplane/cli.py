@@ -23,7 +23,7 @@ from .cli_base import FileOpt, console, err, fail, read_deployment
 from .spec import SpecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-repo_app = typer.Typer(no_args_is_help=True, help="The source model repository (the zoo).")
+repo_app = typer.Typer(no_args_is_help=True, help="Model repositories: the zoo, or yours (`repository:` in a deployment).")
 app.add_typer(repo_app, name="repo")
 
 # --------------------------------------------------------------------------- up / down / status
@@ -359,6 +359,93 @@ def repo_build(
         fail(str(e))
     for p in built:
         console.print(f"{p.parent.name}: {p}")
+
+
+def _user_repository(path: Optional[Path], file: Optional[str]) -> Path:
+    """The repository ``repo add`` / ``rm`` change: --repository, else the deployment's ``repository:``."""
+    if path is not None:
+        return path
+    if file is None:
+        fail("name the repository to change: --repository DIR, or -f FILE whose deployment has `repository:`")
+    from .spec import load_deployment
+
+    try:
+        dep = load_deployment(file)
+    except SpecError as e:
+        fail(str(e))
+    if not dep.repository:
+        fail(f"{file}: the deployment serves the zoo (no `repository:`); add `repository: DIR` or use --repository")
+    return Path(dep.repository)
+
+
+@repo_app.command("add")
+def repo_add(
+    name: str = typer.Argument(..., help="the model's name in the repository (and in requests)"),
+    torchscript: Path = typer.Option(..., "--torchscript", help="TorchScript file (torch.jit.save), batch first"),
+    inputs: list[str] = typer.Option(..., "--input", help="NAME:DTYPE:SHAPE without the batch, e.g. "
+                                     "INPUT:FP32:3x224x224 (DTYPE: FP32, FP16, INT64, INT32); one per input, in order"),
+    outputs: Optional[list[str]] = typer.Option(None, "--output", help="output names, in order (default: "
+                                                "OUTPUT, or OUTPUT0, OUTPUT1, ...); dtypes and shapes come from running one batch"),
+    max_batch: int = typer.Option(32, "--max-batch", help="largest batch a client may send and the batcher may form"),
+    slo_ms: Optional[float] = typer.Option(None, "--slo-ms", help="default SLO (a deployment's slo_ms wins)"),
+    replace: bool = typer.Option(False, "--replace", help="replace a model of that name"),
+    path: Optional[Path] = typer.Option(None, "--repository", help="the repository to add to"),
+    file: Optional[str] = typer.Option(None, "-f", "--file", help="deployment file whose `repository:` to add to"),
+) -> None:
+    """Add a TorchScript model to a repository, after loading it and running one batch."""
+    from .model_add import add_torchscript, parse_tensor
+    from .repository import RepositoryError
+
+    root = _user_repository(path, file)
+    try:
+        added = add_torchscript(root, name, torchscript, [parse_tensor(i) for i in inputs], outputs or None,
+                                max_batch=max_batch, slo_ms=slo_ms, replace=replace)
+    except RepositoryError as e:
+        fail(str(e))
+    io = lambda ts: ", ".join(f"{x.name} {x.datatype}{list(x.shape)}" for x in ts)  # noqa: E731
+    console.print(f"added {name} to {root}: inputs {io(added.inputs)}; outputs {io(added.outputs)}")
+    console.print(f"serve it: list it under `models:` of a deployment with `repository: {root}`, then `controlplane up -f FILE`")
+
+
+@repo_app.command("show")
+def repo_show(
+    name: str = typer.Argument(...),
+    path: Optional[Path] = typer.Option(None, "--repository", help="source repository (default: the zoo)"),
+) -> None:
+    """One model: where it is, its artifact, inputs, outputs, max batch, SLO and config."""
+    from google.protobuf import text_format
+
+    from .repository import RepositoryError, SourceRepository
+
+    try:
+        info = SourceRepository(path)[name]
+    except RepositoryError as e:
+        fail(str(e))
+    console.print(f"model {info.name}: {info.path}")
+    console.print(f"artifact: {info.artifact()} ({'present' if info.is_built() else 'not built: controlplane repo build'})")
+    for kind, ts in (("input", info.inputs), ("output", info.outputs)):
+        for t in ts:
+            console.print(f"{kind} {t.name}: {t.datatype} {list(t.shape)} (batch first, up to {info.max_batch_size})")
+    console.print(f"SLO: {f'{info.slo_ms:g} ms' if info.slo_ms else 'none'}")
+    console.print(text_format.MessageToString(info.config), highlight=False, markup=False)
+
+
+@repo_app.command("rm")
+def repo_rm(
+    name: str = typer.Argument(...),
+    path: Optional[Path] = typer.Option(None, "--repository", help="the repository to remove from"),
+    file: Optional[str] = typer.Option(None, "-f", "--file", help="deployment file whose `repository:` to change"),
+) -> None:
+    """Remove a model from a repository (a deployment serving it keeps running until `down` or `apply`)."""
+    from .model_add import remove
+    from .repository import RepositoryError
+
+    root = _user_repository(path, file)
+    try:
+        gone = remove(root, name)
+    except RepositoryError as e:
+        fail(str(e))
+    console.print(f"removed {name} ({gone})")
 
 
 # --------------------------------------------------------------------------- optional parts

@@ -78,7 +78,7 @@ def measure(dep: Deployment, devices: DeviceSet, models: list[str]) -> None:
     kw = dict(profiles_root=measured_profiles(dep), shares=dep.scheduler.shares,
               batches=[b for b in (1, 2, 4, 8, 16, 32) if b <= dep.scheduler.max_batch])
     if not devices.on_gpu:
-        ensure_profile(models, device="cpu", **kw)
+        ensure_profile(models, device="cpu", repository=dep.repository, **kw)
         return
     import tempfile
 

@@ -31,12 +31,14 @@ def ensure_profile(models: Sequence[str], device: str = "cpu", shares: Sequence[
                    batches: Sequence[int] = DEFAULT_BATCHES, progress: bool = True, *,
                    profiles_root: str | Path = "profiles", precisions: Sequence[str] = ("fp32",),
                    runs: int = 50, min_runs: int = 10, point_budget_s: float = 0.5,
-                   mps_pipe_dir: str | Path | None = None, gpu_index: int = 0, console=None) -> Path:
+                   mps_pipe_dir: str | Path | None = None, gpu_index: int = 0, console=None,
+                   repository: str | None = None) -> Path:
     """Make sure ``profiles/<device>/latency.csv`` has every (model, share, batch); return its path.
 
     ``device``: 'cpu' or 'gpu'. ``progress``: show a rich progress bar with a time estimate
     (or pass a callable taking the profiler's event dicts). GPU shares < 100 need a running MPS
     daemon on ``mps_pipe_dir`` (see :class:`controlplane.runtime.mps.Daemon`); without one MPSNotActive is raised.
+    ``repository``: where models the zoo cannot build live (``repo add``; CPU in-process profiling only).
     """
     from .common import device_name
     from .latency import profile_latency
@@ -57,7 +59,7 @@ def ensure_profile(models: Sequence[str], device: str = "cpu", shares: Sequence[
     if on_gpu:
         profile = profile_serving
     else:
-        profile, kw["precisions"] = profile_latency, precs
+        profile, kw["precisions"], kw["repository"] = profile_latency, precs, repository
     if callable(progress):
         profile(models, progress=progress, **kw)
         return csv_path

@@ -141,7 +141,7 @@ def profile_latency(models: Sequence[str], device: str = "cpu", shares: Sequence
                     out_csv: str | Path | None = None, profiles_root: str | Path = "profiles",
                     runs: int = 100, min_runs: int = 20, warmup: int = 5, point_budget_s: float = 1.0,
                     source: str = "zoo", mps_pipe_dir: str | Path | None = None, gpu_index: int = 0,
-                    progress: Progress | None = None, python: str = sys.executable,
+                    progress: Progress | None = None, python: str = sys.executable, repository: str | None = None,
                     device_label: str | None = None, parallel_start: bool = True) -> LatencyResult:
     """Measure what is missing of the (model x share x batch x precision) table; return what was measured.
 
@@ -179,7 +179,7 @@ def profile_latency(models: Sequence[str], device: str = "cpu", shares: Sequence
             job = {"mode": "table", "device": "gpu" if on_gpu else "cpu", "share": s, "models": list(models),
                    "batches": batches, "precisions": precisions, "skip": skip, "runs": runs,
                    "min_runs": min_runs, "warmup": warmup, "point_budget_s": point_budget_s, "source": source,
-                   "cores": cores, "gate": parallel_start, "preload_all": on_gpu}
+                   "repository": repository, "cores": cores, "gate": parallel_start, "preload_all": on_gpu}
             workers[s] = Worker(job, worker_env(s, on_gpu, gpu_index, mps_pipe_dir, cores), python=python,
                                 interactive=parallel_start)
             if not parallel_start:

@@ -63,10 +63,8 @@ class Bench:
         if key in self.models:
             return self.models[key]
         torch = self.torch
-        if self.job.get("source", "zoo") == "torchscript":
-            from controlplane.repository import SourceRepository
-
-            m = torch.jit.load(str(SourceRepository(self.job.get("repository"))[name].artifact()), map_location="cpu").eval()
+        if self._from_repository(name):
+            m = torch.jit.load(str(self._info(name).artifact()), map_location="cpu").eval()
         else:
             from controlplane import zoo
 
@@ -92,13 +90,39 @@ class Bench:
         if x is None:
             from controlplane import zoo
 
-            x = zoo.example_input(name, batch)
+            x = self._repository_input(name, batch) if self._from_repository(name) else zoo.example_input(name, batch)
             if precision == "fp16" and x.is_floating_point():
                 x = x.half()
             if self.on_gpu:
                 x = x.pin_memory()
             self.inputs[key] = x
         return x
+
+    def _from_repository(self, name: str) -> bool:
+        """A model served from the repository's own model.pt: asked for, or not one the zoo can build."""
+        from controlplane import zoo
+
+        return self.job.get("source", "zoo") == "torchscript" or name not in zoo.names()
+
+    def _info(self, name: str):
+        from controlplane.repository import SourceRepository
+
+        return SourceRepository(self.job.get("repository"))[name]
+
+    def _repository_input(self, name: str, batch: int):
+        """Random rows shaped by the model's config (one input: this profiler calls the model with one tensor)."""
+        torch = self.torch
+        info = self._info(name)
+        if len(info.inputs) != 1:
+            raise ValueError(f"{name}: in-process profiling takes models of one input; it has {len(info.inputs)}")
+        t = info.inputs[0]
+        dt = {"FP32": torch.float32, "FP16": torch.float16, "INT64": torch.int64, "INT32": torch.int32}.get(t.datatype)
+        if dt is None:
+            raise ValueError(f"{name}: input {t.name} has datatype {t.datatype}, not FP32, FP16, INT64 or INT32")
+        g = torch.Generator().manual_seed(0)
+        if dt.is_floating_point:
+            return torch.rand((batch, *t.shape), generator=g, dtype=dt)
+        return torch.randint(0, 2, (batch, *t.shape), generator=g, dtype=dt)
 
     def _forward(self, m, name: str, precision: str, batch: int):
         torch = self.torch

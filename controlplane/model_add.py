@@ -1,0 +1,146 @@
+"""``controlplane repo add``: a user's TorchScript file into a model repository, as a Triton model.
+
+The model is loaded and one batch of two rows is run before anything is written: what it outputs
+(names given or ``OUTPUT``, ``OUTPUT1``, ...; dtypes and shapes as run) goes into the model's
+``config.pbtxt`` beside the inputs the user named. The model is written to a temporary folder
+beside its destination and renamed into place, so a refused or failed add leaves the repository as
+it was. Served by the same python-backend ``model.py`` as the zoo (``1/model.pt``).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from .repository import RepositoryError, TensorInfo
+from .spec import MODEL_NAME
+
+#: KServe v2 dtypes a TorchScript model may take or give here (what the python-backend model.py maps)
+TORCH_DTYPES = {"FP32": "float32", "FP16": "float16", "INT64": "int64", "INT32": "int32"}
+TENSOR_SPEC = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):([A-Z0-9]+):(\d+(?:x\d+)*)$")
+
+
+def parse_tensor(spec: str, what: str = "input") -> TensorInfo:
+    """``NAME:DTYPE:SHAPE`` (shape without the batch dimension, e.g. ``INPUT:FP32:3x224x224``)."""
+    m = TENSOR_SPEC.match(spec)
+    if not m:
+        raise RepositoryError(f"{what} {spec!r}: expected NAME:DTYPE:SHAPE, e.g. INPUT:FP32:3x224x224")
+    name, dtype, shape = m.groups()
+    if dtype not in TORCH_DTYPES:
+        raise RepositoryError(f"{what} {spec!r}: dtype {dtype} is not one of {', '.join(TORCH_DTYPES)}")
+    dims = tuple(int(d) for d in shape.split("x"))
+    if any(d <= 0 for d in dims):
+        raise RepositoryError(f"{what} {spec!r}: every dimension must be positive")
+    return TensorInfo(name, dtype, dims)
+
+
+@dataclass
+class Added:
+    path: Path
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+
+
+def _run_one_batch(artifact: Path, inputs: list[TensorInfo], batch: int = 2) -> list[TensorInfo]:
+    """Load the TorchScript file and run one batch; the outputs' (default) names, dtypes and row shapes."""
+    import torch
+
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)    # TorchScript is deprecated upstream; Triton loads it
+            model = torch.jit.load(str(artifact), map_location="cpu").eval()
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, ... for a bad file
+        raise RepositoryError(f"{artifact}: not a TorchScript file torch can load ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    g = torch.Generator().manual_seed(0)
+    xs = []
+    for t in inputs:
+        dt = getattr(torch, TORCH_DTYPES[t.datatype])
+        xs.append(torch.randint(0, 2, (batch, *t.shape), generator=g, dtype=dt) if not dt.is_floating_point
+                  else torch.rand((batch, *t.shape), generator=g, dtype=dt))
+    try:
+        with torch.inference_mode():
+            out = model(*xs)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()
+        raise RepositoryError(f"{artifact}: running one batch of {batch} with inputs "
+                              f"{', '.join(f'{t.name} {t.datatype}{list(t.shape)}' for t in inputs)} failed: "
+                              f"{type(e).__name__}: {first[-1] if first else ''}") from None
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    found = []
+    for i, o in enumerate(outs):
+        if not isinstance(o, torch.Tensor):
+            raise RepositoryError(f"{artifact}: output {i} is a {type(o).__name__}, not a tensor")
+        if o.dim() < 1 or o.shape[0] != batch:
+            raise RepositoryError(f"{artifact}: output {i} has shape {list(o.shape)}; its first dimension must "
+                                  f"be the batch ({batch})")
+        dtype = next((k for k, v in TORCH_DTYPES.items() if getattr(torch, v) == o.dtype), None)
+        if dtype is None:
+            raise RepositoryError(f"{artifact}: output {i} has dtype {o.dtype}, not one of {', '.join(TORCH_DTYPES)}")
+        found.append(TensorInfo("OUTPUT" if len(outs) == 1 else f"OUTPUT{i}", dtype, tuple(o.shape[1:]) or (1,)))
+    return found
+
+
+def add_torchscript(root: Path, name: str, artifact: Path, inputs: list[TensorInfo],
+                    output_names: list[str] | None = None, max_batch: int = 32, slo_ms: float | None = None,
+                    replace: bool = False) -> Added:
+    """Write ``root/name`` (``config.pbtxt``, ``1/model.pt``) after one batch ran; raise RepositoryError."""
+    if not re.match(MODEL_NAME, name) or len(name) > 128:
+        raise RepositoryError(f"model name {name!r}: letters, digits, '_', '-' and '.', starting with a letter or digit")
+    if not inputs:
+        raise RepositoryError("give the model's inputs: --input NAME:DTYPE:SHAPE (shape without the batch)")
+    if len({t.name for t in inputs}) != len(inputs):
+        raise RepositoryError("two inputs have the same name")
+    if max_batch < 1:
+        raise RepositoryError(f"max batch {max_batch}: must be at least 1")
+    if slo_ms is not None and slo_ms <= 0:
+        raise RepositoryError(f"SLO {slo_ms} ms: must be positive")
+    if not artifact.is_file():
+        raise RepositoryError(f"{artifact}: no such file")
+    dest = root / name
+    if dest.exists() and not replace:
+        raise RepositoryError(f"{dest}: model {name!r} is already in the repository (repo rm it first)")
+    outputs = _run_one_batch(artifact, inputs)
+    if output_names:
+        if len(output_names) != len(outputs):
+            raise RepositoryError(f"{len(output_names)} output name(s) given, the model gives {len(outputs)} output(s)")
+        if len(set(output_names)) != len(output_names) or set(output_names) & {t.name for t in inputs}:
+            raise RepositoryError("output names must differ from each other and from the inputs")
+        outputs = [TensorInfo(n, t.datatype, t.shape) for n, t in zip(output_names, outputs)]
+    cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=max_batch)
+    for t, field in [(t, cfg.input) for t in inputs] + [(t, cfg.output) for t in outputs]:
+        field.add(name=t.name, data_type=mc.DataType.Value(f"TYPE_{t.datatype}"), dims=list(t.shape))
+    cfg.parameters["source"].string_value = f"torchscript:{artifact.name}"
+    if slo_ms is not None:
+        cfg.parameters["slo_ms"].string_value = f"{slo_ms:g}"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        (tmp / "1").mkdir()
+        shutil.copyfile(artifact, tmp / "1" / "model.pt")
+        (tmp / "config.pbtxt").write_text(f"# added by `controlplane repo add` from {artifact.name}\n"
+                                          + text_format.MessageToString(cfg))
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Added(dest, inputs, outputs)
+
+
+def remove(root: Path, name: str) -> Path:
+    """Delete ``root/name`` (a model the repository holds); raise RepositoryError naming what is there."""
+    from .repository import SourceRepository
+
+    repo = SourceRepository(root)
+    info = repo[name]                      # unknown: the error lists the known models
+    shutil.rmtree(info.path)
+    return info.path

@@ -1,0 +1,122 @@
+"""`controlplane repo add/show/rm`: a user's TorchScript model into their own repository, profiled,
+planned and served by `up` through the router; bad input refused with the problem named, the
+repository left as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from helpers import run_cli
+
+
+class Scorer(torch.nn.Module):
+    """A small user model: 12 features in, 4 class probabilities out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+    def forward(self, x):
+        return torch.softmax(self.body(x), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("user-model")
+    torch.manual_seed(3)
+    path = tmp / "scorer.pt"
+    torch.jit.save(torch.jit.trace(Scorer().eval(), torch.rand(2, 12)), str(path))
+    (tmp / "broken.pt").write_bytes(b"not a model")
+    return path
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_bad_input_is_refused_with_the_problem_named_and_the_repository_unchanged(user_model, tmp_path):
+    repo = tmp_path / "repo"
+    ok = run_cli("repo", "add", "scorer", "--torchscript", str(user_model), "--input", "X:FP32:12",
+                 "--repository", str(repo), timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    before = _digest(repo)
+    cases = [
+        (["scorer", "--torchscript", str(user_model), "--input", "X:FP32:12"], "already in the repository"),
+        (["other", "--torchscript", str(user_model), "--input", "X:FP32:13"], "running one batch of 2"),
+        (["other", "--torchscript", str(user_model.parent / "broken.pt"), "--input", "X:FP32:12"],
+         "not a TorchScript file"),
+        (["other", "--torchscript", str(user_model.parent / "missing.pt"), "--input", "X:FP32:12"], "no such file"),
+        (["other", "--torchscript", str(user_model), "--input", "X:FP99:12"], "dtype FP99"),
+        (["other", "--torchscript", str(user_model), "--input", "X:FP32:12x0"], "positive"),
+        (["other", "--torchscript", str(user_model), "--input", "X"], "NAME:DTYPE:SHAPE"),
+        (["other", "--torchscript", str(user_model), "--input", "X:FP32:12", "--output", "A", "--output", "B"],
+         "the model gives 1 output"),
+        (["../evil", "--torchscript", str(user_model), "--input", "X:FP32:12"], "model name"),
+        (["other", "--torchscript", str(user_model), "--input", "X:FP32:12", "--max-batch", "0"], "max batch"),
+    ]
+    for args, needle in cases:
+        p = run_cli("repo", "add", *args, "--repository", str(repo), timeout=120)
+        assert p.returncode == 2 and needle in p.stderr, (args, p.stdout, p.stderr)
+    p = run_cli("repo", "add", "other", "--torchscript", str(user_model), "--input", "X:FP32:12", timeout=60)
+    assert p.returncode == 2 and "--repository" in p.stderr, p.stderr
+    p = run_cli("repo", "rm", "nosuch", "--repository", str(repo), timeout=60)
+    assert p.returncode == 2 and "unknown model 'nosuch'" in p.stderr and "scorer" in p.stderr, p.stderr
+    assert _digest(repo) == before
+    assert sorted(x.name for x in repo.iterdir()) == ["scorer"]          # no temporary folder left behind
+
+
+def test_added_model_is_profiled_planned_and_served_through_the_router(user_model, tmp_path):
+    repo = tmp_path / "repo"
+    dep = tmp_path / "mine.yaml"
+    dep.write_text(f"""\
+name: mine
+models:
+  - {{name: scorer, rate: 20, slo_ms: 500}}
+devices: cpu
+router: {{http_port: 0, grpc_port: 0}}
+scheduler: {{shares: [50, 100], max_batch: 4}}
+repository: {repo}
+run_dir: {tmp_path / "run"}
+""")
+    add = run_cli("repo", "add", "scorer", "--torchscript", str(user_model), "--input", "FEATURES:FP32:12",
+                  "--output", "PROBS", "--max-batch", "8", "--slo-ms", "500", "-f", str(dep), timeout=120)
+    assert add.returncode == 0, add.stdout + add.stderr
+    assert "outputs PROBS FP32[4]" in add.stdout, add.stdout
+    show = run_cli("repo", "show", "scorer", "--repository", str(repo), timeout=60)
+    assert show.returncode == 0 and "input FEATURES: FP32 [12]" in show.stdout and "SLO: 500 ms" in show.stdout
+    up = run_cli("up", "-f", str(dep), "--detach", timeout=600)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = json.loads((tmp_path / "run" / "state.json").read_text())
+        r = state["router"]
+        x = np.random.default_rng(5).random((3, 12), dtype=np.float32)
+        with torch.no_grad():
+            ref = torch.jit.load(str(user_model))(torch.from_numpy(x)).numpy()
+        http = httpclient.InferenceServerClient(f"127.0.0.1:{r['http_port']}")
+        meta = http.get_model_metadata("scorer")
+        assert [i["name"] for i in meta["inputs"]] == ["FEATURES"] and meta["outputs"][0]["name"] == "PROBS"
+        hi = httpclient.InferInput("FEATURES", [3, 12], "FP32")
+        hi.set_data_from_numpy(x)
+        np.testing.assert_allclose(http.infer("scorer", [hi]).as_numpy("PROBS"), ref, rtol=1e-4, atol=1e-6)
+        grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{r['grpc_port']}")
+        gi = grpcclient.InferInput("FEATURES", [3, 12], "FP32")
+        gi.set_data_from_numpy(x)
+        np.testing.assert_allclose(grpc.infer("scorer", [gi]).as_numpy("PROBS"), ref, rtol=1e-4, atol=1e-6)
+    finally:
+        down = run_cli("down", "-f", str(dep), timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    rm = run_cli("repo", "rm", "scorer", "-f", str(dep), timeout=60)
+    assert rm.returncode == 0 and not (repo / "scorer").exists(), rm.stdout + rm.stderr
