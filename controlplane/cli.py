@@ -274,7 +274,7 @@ def router_cmd(
 
 
 def _print_plan(plan) -> None:
-    t = Table("gpu-let", "GPU", "share %", "duty cycle ms", "model", "batch", "rate req/s", "throughput req/s",
+    t = Table("gpu-let", "GPU", "share %", "duty cycle ms", "model", "batch", "planned for req/s", "throughput req/s",
               "latency ms", title=f"plan: {plan.gpus} GPU(s), {len(plan.gpulets)} gpu-let(s), algorithm {plan.algorithm}")
     for g in plan.gpulets:
         for i, a in enumerate(g.models):
@@ -283,7 +283,9 @@ def _print_plan(plan) -> None:
                       f"{a.throughput:.1f}", f"{a.latency_ms:.2f}")
     console.print(t)
     if any(m.throughput for m in plan.models.values()):
-        s = Table("model", "rate req/s", "planned throughput", "worst latency ms", "SLO ms", "meets SLO")
+        s = Table("model", "planned for req/s", "planned throughput", "worst latency ms", "SLO ms", "meets SLO",
+                  caption="planned for: the deployment's rate padded for Poisson bursts within half the SLO "
+                          "(scheduler.burst_pct); worst latency includes scheduler.overhead_ms")
         for name, m in plan.models.items():
             s.add_row(name, f"{m.rate:.1f}", f"{m.throughput:.1f}", f"{m.worst_latency_ms:.1f}", f"{m.slo_ms:g}",
                       "yes" if m.worst_latency_ms <= m.slo_ms and m.throughput >= m.rate * (1 - 1e-9) else "[red]no[/]")
