@@ -40,6 +40,19 @@ def parse_tensor(spec: str, what: str = "input") -> TensorInfo:
     return TensorInfo(name, dtype, dims)
 
 
+def example_inputs(inputs: list[TensorInfo], batch: int, seed: int = 0) -> list:
+    """Random torch rows for the inputs (floats in [0, 1), integers 0 or 1), ``batch`` of each."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for t in inputs:
+        dt = getattr(torch, TORCH_DTYPES[t.datatype])
+        xs.append(torch.rand((batch, *t.shape), generator=g, dtype=dt) if dt.is_floating_point
+                  else torch.randint(0, 2, (batch, *t.shape), generator=g, dtype=dt))
+    return xs
+
+
 @dataclass
 class Added:
     path: Path
@@ -60,12 +73,7 @@ def _run_one_batch(artifact: Path, inputs: list[TensorInfo], batch: int = 2) -> 
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, ... for a bad file
         raise RepositoryError(f"{artifact}: not a TorchScript file torch can load ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    g = torch.Generator().manual_seed(0)
-    xs = []
-    for t in inputs:
-        dt = getattr(torch, TORCH_DTYPES[t.datatype])
-        xs.append(torch.randint(0, 2, (batch, *t.shape), generator=g, dtype=dt) if not dt.is_floating_point
-                  else torch.rand((batch, *t.shape), generator=g, dtype=dt))
+    xs = example_inputs(inputs, batch)
     try:
         with torch.inference_mode():
             out = model(*xs)

@@ -105,24 +105,25 @@ class Bench:
         return self.job.get("source", "zoo") == "torchscript" or name not in zoo.names()
 
     def _info(self, name: str):
-        from controlplane.repository import SourceRepository
+        """The model's entry in the job's repository (read once per worker)."""
+        repo = self.__dict__.get("_repo")
+        if repo is None:
+            from controlplane.repository import SourceRepository
 
-        return SourceRepository(self.job.get("repository"))[name]
+            repo = self._repo = SourceRepository(self.job.get("repository"))
+        return repo[name]
 
     def _repository_input(self, name: str, batch: int):
         """Random rows shaped by the model's config (one input: this profiler calls the model with one tensor)."""
-        torch = self.torch
+        from controlplane.model_add import TORCH_DTYPES, example_inputs
+
         info = self._info(name)
         if len(info.inputs) != 1:
             raise ValueError(f"{name}: in-process profiling takes models of one input; it has {len(info.inputs)}")
-        t = info.inputs[0]
-        dt = {"FP32": torch.float32, "FP16": torch.float16, "INT64": torch.int64, "INT32": torch.int32}.get(t.datatype)
-        if dt is None:
-            raise ValueError(f"{name}: input {t.name} has datatype {t.datatype}, not FP32, FP16, INT64 or INT32")
-        g = torch.Generator().manual_seed(0)
-        if dt.is_floating_point:
-            return torch.rand((batch, *t.shape), generator=g, dtype=dt)
-        return torch.randint(0, 2, (batch, *t.shape), generator=g, dtype=dt)
+        if info.inputs[0].datatype not in TORCH_DTYPES:
+            raise ValueError(f"{name}: input {info.inputs[0].name} has datatype {info.inputs[0].datatype}, "
+                             f"not one of {', '.join(TORCH_DTYPES)}")
+        return example_inputs(info.inputs, batch)[0]
 
     def _forward(self, m, name: str, precision: str, batch: int):
         torch = self.torch
