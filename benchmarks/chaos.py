@@ -39,14 +39,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from controlplane.runtime.base import free_ports  # noqa: E402
+
 MODELS = {"lenet": 20.0, "mobilenet_v2": 4.0, "mnasnet1_0": 4.0}     # req/s each
 BEGIN, END = "<!-- chaos:begin -->", "<!-- chaos:end -->"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -107,7 +103,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="gpulet-chaos-"))
     env = {**os.environ, "CONTROLPLANE_STATE": str(work / "state"), "COLUMNS": "200"}
-    hport, gport = free_port(), free_port()
+    hport, gport = free_ports(2)
     dep = work / "chaos.yaml"
     dep.write_text("name: chaos\nmodels:\n" + "".join(
         f"  - {{name: {m}, rate: {r}, slo_ms: 2000}}\n" for m, r in MODELS.items()) +

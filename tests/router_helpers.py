@@ -69,6 +69,6 @@ def example(model: str, batch: int = 1, seed: int = 0) -> np.ndarray:
 
 
 def free_endpoint() -> Endpoint:
-    from controlplane.runtime.process import free_port
+    from controlplane.runtime.base import free_ports
 
-    return Endpoint("127.0.0.1", free_port(), free_port(), free_port())
+    return Endpoint("127.0.0.1", *free_ports(3))

@@ -27,6 +27,26 @@ from pathlib import Path
 from ..spec import GpuLet
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free TCP ports on host (held open together, so they differ).
+
+    Asked for one at a time, the kernel may hand the port it just gave back again: a tritonserver
+    then got one port for HTTP and metrics and exited ("cannot listen to HTTP requests and metrics
+    requests at the same address and port"), once in a full CI run."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def server_ready(http: str | None, timeout: float = 1.0) -> bool:
     """Whether the KServe v2 server at host:port (a tritonserver, or the router) answers
     ``/v2/health/ready`` with 200: the one readiness probe of runtimes and ``status``."""

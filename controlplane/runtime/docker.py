@@ -31,12 +31,11 @@ container is removed, so they outlive it.
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, server_ready
+from .base import Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports, server_ready
 
 LABEL_MANAGED = "gpulet.managed-by"
 MANAGED_VALUE = "controlplane"
@@ -128,20 +127,6 @@ def remove_containers(deployment: str | None = None, client=None,
         if own:
             client.close()
     return removed
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct free TCP ports on host (held open together, so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass

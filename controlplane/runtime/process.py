@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -21,14 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from .base import Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, server_ready
+from .base import Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports, server_ready
 from .triton import TritonInstall, find_tritonserver, python_env
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
 
 def log_tail(path: Path, lines: int = 30) -> str:
     try:
@@ -188,9 +181,9 @@ class ProcessRuntime(Runtime):
             taken = [ln.gpulet.id for ln in launches if ln.gpulet.id in self.replicas]
             if taken:
                 raise StartError(f"gpu-let(s) {', '.join(taken)} already running")
-            for launch in launches:
-                ep = Endpoint(self.host, free_port(self.host), free_port(self.host), free_port(self.host))
-                r = _Replica(launch, ep)
+            ports = free_ports(3 * len(launches), self.host)
+            for i, launch in enumerate(launches):
+                r = _Replica(launch, Endpoint(self.host, *ports[3 * i:3 * i + 3]))
                 self.replicas[launch.gpulet.id] = r
                 reps.append(r)
             try:
@@ -228,7 +221,7 @@ class ProcessRuntime(Runtime):
                 r.state = ReplicaState.RESTARTING
                 self._kill(r)
                 r.restarts += 1
-                r.endpoint = Endpoint(self.host, free_port(self.host), free_port(self.host), free_port(self.host))
+                r.endpoint = Endpoint(self.host, *free_ports(3, self.host))
                 self._spawn(r)
                 try:
                     self._wait_ready([r])
