@@ -354,7 +354,7 @@ class Controller:
         req.replace(taken)
         result: dict = {"request": taken.read_text()}
         try:
-            plan = self.apply(load_deployment(taken), reason=f"controlplane apply")
+            plan = self.apply(load_deployment(taken), reason="controlplane apply")
             result.update(ok=True, plan=json.loads(plan.model_dump_json()))
             self.log(f"apply: now serving {', '.join(plan.model_names())} on {len(plan.gpulets)} gpu-let(s)")
         except Exception as e:  # noqa: BLE001 - reported to the caller of `apply`; the old plan keeps serving
