@@ -1,10 +1,12 @@
-"""``controlplane repo add``: a user's TorchScript file into a model repository, as a Triton model.
+"""``controlplane repo add``: a user's TorchScript or ONNX file into a model repository, as a Triton model.
 
 The model is loaded and one batch of two rows is run before anything is written: what it outputs
-(names given or ``OUTPUT``, ``OUTPUT1``, ...; dtypes and shapes as run) goes into the model's
-``config.pbtxt`` beside the inputs the user named. The model is written to a temporary folder
+(TorchScript: names given or ``OUTPUT``, ``OUTPUT1``, ...; ONNX: the graph's names; dtypes and shapes
+as run) goes into the model's ``config.pbtxt`` beside the inputs (TorchScript: as the user named them;
+ONNX: as the graph does). The model is written to a temporary folder
 beside its destination and renamed into place, so a refused or failed add leaves the repository as
-it was. Served by the same python-backend ``model.py`` as the zoo (``1/model.pt``).
+it was. Served by the same python-backend ``model.py`` as the zoo (``1/model.pt``; ``1/model.onnx``
+through onnxruntime, :mod:`controlplane.onnx_model`).
 """
 
 from __future__ import annotations
@@ -60,19 +62,59 @@ class Added:
     outputs: list[TensorInfo]
 
 
-def _run_one_batch(artifact: Path, inputs: list[TensorInfo], batch: int = 2) -> list[TensorInfo]:
-    """Load the TorchScript file and run one batch; the outputs' (default) names, dtypes and row shapes."""
-    import torch
+#: what ``repo add`` takes: the option's name -> the file it becomes in the model's version folder
+KINDS = {"torchscript": "model.pt", "onnx": "model.onnx"}
 
+
+def _load(artifact: Path, kind: str):
+    """The model, callable on torch tensors; RepositoryError when the file is not what it says."""
     import warnings
 
     try:
+        if kind == "onnx":
+            from .onnx_model import OnnxModel
+
+            return OnnxModel(artifact)
+        import torch
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)    # TorchScript is deprecated upstream; Triton loads it
-            model = torch.jit.load(str(artifact), map_location="cpu").eval()
-    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, ... for a bad file
-        raise RepositoryError(f"{artifact}: not a TorchScript file torch can load ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            return torch.jit.load(str(artifact), map_location="cpu").eval()
+    except ImportError as e:
+        raise RepositoryError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - torch and onnxruntime raise many kinds for a bad file
+        what = "an ONNX file onnxruntime can load" if kind == "onnx" else "a TorchScript file torch can load"
+        raise RepositoryError(f"{artifact}: not {what} ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+
+def onnx_inputs(artifact: Path) -> list[TensorInfo]:
+    """The inputs an ONNX graph names, batch first (its first dimension: dynamic, or fixed and then any)."""
+    from .onnx_model import ONNX_DTYPES, graph_inputs
+
+    try:
+        found = graph_inputs(artifact)
+    except ImportError as e:
+        raise RepositoryError(str(e)) from None
+    except Exception as e:  # noqa: BLE001
+        raise RepositoryError(f"{artifact}: not an ONNX file onnxruntime can load ({type(e).__name__})") from None
+    out = []
+    for name, typ, shape in found:
+        if typ not in ONNX_DTYPES:
+            raise RepositoryError(f"{artifact}: input {name} is a {typ}, not one of {', '.join(ONNX_DTYPES)}")
+        rows = shape[1:]
+        if not shape or not all(isinstance(d, int) and d > 0 for d in rows):
+            raise RepositoryError(f"{artifact}: input {name} has shape {list(shape)}; after the batch dimension "
+                                  f"every dimension must be fixed")
+        out.append(TensorInfo(name, ONNX_DTYPES[typ], tuple(rows)))
+    return out
+
+
+def _run_one_batch(artifact: Path, kind: str, inputs: list[TensorInfo], batch: int = 2) -> list[TensorInfo]:
+    """Load the model and run one batch; the outputs' (default) names, dtypes and row shapes."""
+    import torch
+
+    model = _load(artifact, kind)
     xs = example_inputs(inputs, batch)
     try:
         with torch.inference_mode():
@@ -83,6 +125,8 @@ def _run_one_batch(artifact: Path, inputs: list[TensorInfo], batch: int = 2) -> 
                               f"{', '.join(f'{t.name} {t.datatype}{list(t.shape)}' for t in inputs)} failed: "
                               f"{type(e).__name__}: {first[-1] if first else ''}") from None
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    names = ([o.name for o in model.session.get_outputs()] if kind == "onnx"
+             else ["OUTPUT"] if len(outs) == 1 else [f"OUTPUT{i}" for i in range(len(outs))])
     found = []
     for i, o in enumerate(outs):
         if not isinstance(o, torch.Tensor):
@@ -93,20 +137,25 @@ def _run_one_batch(artifact: Path, inputs: list[TensorInfo], batch: int = 2) -> 
         dtype = next((k for k, v in TORCH_DTYPES.items() if getattr(torch, v) == o.dtype), None)
         if dtype is None:
             raise RepositoryError(f"{artifact}: output {i} has dtype {o.dtype}, not one of {', '.join(TORCH_DTYPES)}")
-        found.append(TensorInfo("OUTPUT" if len(outs) == 1 else f"OUTPUT{i}", dtype, tuple(o.shape[1:]) or (1,)))
+        found.append(TensorInfo(names[i], dtype, tuple(o.shape[1:]) or (1,)))
     return found
 
 
-def add_torchscript(root: Path, name: str, artifact: Path, inputs: list[TensorInfo],
-                    output_names: list[str] | None = None, max_batch: int = 32, slo_ms: float | None = None,
-                    replace: bool = False) -> Added:
-    """Write ``root/name`` (``config.pbtxt``, ``1/model.pt``) after one batch ran; raise RepositoryError."""
+def add_model(root: Path, name: str, artifact: Path, kind: str = "torchscript",
+              inputs: list[TensorInfo] | None = None, output_names: list[str] | None = None, max_batch: int = 32,
+              slo_ms: float | None = None, replace: bool = False) -> Added:
+    """Write ``root/name`` (``config.pbtxt``, ``1/model.pt`` or ``1/model.onnx``) after one batch ran.
+
+    ``kind``: 'torchscript' (``inputs`` required: TorchScript does not say them) or 'onnx' (inputs and
+    output names from the graph, which the session needs as they are). Raises RepositoryError."""
+    if kind not in KINDS:
+        raise RepositoryError(f"model kind {kind!r}: one of {', '.join(KINDS)}")
     if not re.match(MODEL_NAME, name) or len(name) > 128:
         raise RepositoryError(f"model name {name!r}: letters, digits, '_', '-' and '.', starting with a letter or digit")
-    if not inputs:
+    if kind == "onnx" and (inputs or output_names):
+        raise RepositoryError("an ONNX file names its inputs and outputs: leave out --input and --output")
+    if kind == "torchscript" and not inputs:
         raise RepositoryError("give the model's inputs: --input NAME:DTYPE:SHAPE (shape without the batch)")
-    if len({t.name for t in inputs}) != len(inputs):
-        raise RepositoryError("two inputs have the same name")
     if max_batch < 1:
         raise RepositoryError(f"max batch {max_batch}: must be at least 1")
     if slo_ms is not None and slo_ms <= 0:
@@ -116,7 +165,11 @@ def add_torchscript(root: Path, name: str, artifact: Path, inputs: list[TensorIn
     dest = root / name
     if dest.exists() and not replace:
         raise RepositoryError(f"{dest}: model {name!r} is already in the repository (repo rm it first)")
-    outputs = _run_one_batch(artifact, inputs)
+    if kind == "onnx":
+        inputs = onnx_inputs(artifact)
+    if len({t.name for t in inputs}) != len(inputs):
+        raise RepositoryError("two inputs have the same name")
+    outputs = _run_one_batch(artifact, kind, inputs)
     if output_names:
         if len(output_names) != len(outputs):
             raise RepositoryError(f"{len(output_names)} output name(s) given, the model gives {len(outputs)} output(s)")
@@ -126,14 +179,14 @@ def add_torchscript(root: Path, name: str, artifact: Path, inputs: list[TensorIn
     cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=max_batch)
     for t, field in [(t, cfg.input) for t in inputs] + [(t, cfg.output) for t in outputs]:
         field.add(name=t.name, data_type=mc.DataType.Value(f"TYPE_{t.datatype}"), dims=list(t.shape))
-    cfg.parameters["source"].string_value = f"torchscript:{artifact.name}"
+    cfg.parameters["source"].string_value = f"{kind}:{artifact.name}"
     if slo_ms is not None:
         cfg.parameters["slo_ms"].string_value = f"{slo_ms:g}"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
         (tmp / "1").mkdir()
-        shutil.copyfile(artifact, tmp / "1" / "model.pt")
+        shutil.copyfile(artifact, tmp / "1" / KINDS[kind])
         (tmp / "config.pbtxt").write_text(f"# added by `controlplane repo add` from {artifact.name}\n"
                                           + text_format.MessageToString(cfg))
         if dest.exists():

@@ -68,9 +68,12 @@ class ModelInfo:
     source: str = ""  # the repository model whose artifact this one serves (itself unless aliased)
 
     def artifact(self) -> Path:
-        """The TorchScript file: committed in the repository, else the built one in the cache."""
-        local = self.path / "1" / "model.pt"
-        return local if local.exists() else cache_dir() / "zoo" / (self.source or self.name) / "model.pt"
+        """The model file in the repository (``1/model.pt``, TorchScript, or ``1/model.onnx``), else the
+        built one in the cache (zoo models: TorchScript)."""
+        for local in (self.path / "1" / "model.pt", self.path / "1" / "model.onnx"):
+            if local.exists():
+                return local
+        return cache_dir() / "zoo" / (self.source or self.name) / "model.pt"
 
     def is_built(self) -> bool:
         return self.artifact().exists()
@@ -280,7 +283,7 @@ def write_gpulet_repository(repo: SourceRepository, gpulet: GpuLet, dest: Path, 
         cfg = gpulet_config(info, a, on_gpu, (slo_ms or {}).get(a.model))
         (mdir / "config.pbtxt").write_text(text_format.MessageToString(cfg))
         shutil.copy2(MODEL_TEMPLATE, mdir / "1" / "model.py")
-        _link_or_copy(info.artifact(), mdir / "1" / "model.pt")
+        _link_or_copy(info.artifact(), mdir / "1" / info.artifact().name)   # model.pt or model.onnx
     return dest
 
 

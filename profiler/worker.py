@@ -64,7 +64,13 @@ class Bench:
             return self.models[key]
         torch = self.torch
         if self._from_repository(name):
-            m = torch.jit.load(str(self._info(name).artifact()), map_location="cpu").eval()
+            path = self._info(name).artifact()
+            if path.suffix == ".onnx":
+                from controlplane.onnx_model import OnnxModel
+
+                m = OnnxModel(path, self.dev, torch.get_num_threads())
+            else:
+                m = torch.jit.load(str(path), map_location="cpu").eval()
         else:
             from controlplane import zoo
 

@@ -1,6 +1,6 @@
-"""`controlplane repo add/show/rm`: a user's TorchScript model into their own repository, profiled,
-planned and served by `up` through the router; bad input refused with the problem named, the
-repository left as it was."""
+"""`controlplane repo add/show/rm`: a user's TorchScript and ONNX models into their own repository,
+profiled, planned and served by `up` through the router; bad input refused with the problem named,
+the repository left as it was."""
 
 from __future__ import annotations
 
@@ -38,6 +38,34 @@ def user_model(tmp_path_factory) -> Path:
     return path
 
 
+class Tagger(torch.nn.Module):
+    """A small user model exported to ONNX: 3x8x8 images in, 5 scores and a mean out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.head = torch.nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, image):
+        y = self.head(torch.relu(self.conv(image)).flatten(1))
+        return y, y.mean(dim=1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory) -> Path:
+    import warnings
+
+    tmp = tmp_path_factory.mktemp("user-onnx")
+    torch.manual_seed(4)
+    path = tmp / "tagger.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Tagger().eval(), (torch.rand(2, 3, 8, 8),), str(path), input_names=["IMAGE"],
+                          output_names=["SCORES", "MEAN"], dynamic_axes={n: {0: "batch"} for n in ("IMAGE", "SCORES", "MEAN")},
+                          dynamo=False)
+    return path
+
+
 def _digest(root: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
@@ -66,6 +94,11 @@ def test_bad_input_is_refused_with_the_problem_named_and_the_repository_unchange
          "the model gives 1 output"),
         (["../evil", "--torchscript", str(user_model), "--input", "X:FP32:12"], "model name"),
         (["other", "--torchscript", str(user_model), "--input", "X:FP32:12", "--max-batch", "0"], "max batch"),
+        (["other", "--input", "X:FP32:12"], "--torchscript FILE or --onnx FILE"),
+        (["other", "--torchscript", str(user_model), "--onnx", str(user_model)], "--torchscript FILE or --onnx FILE"),
+        (["other", "--torchscript", str(user_model)], "give the model's inputs"),
+        (["other", "--onnx", str(user_model.parent / "broken.pt")], "not an ONNX file"),
+        (["other", "--onnx", str(user_model), "--input", "X:FP32:12"], "leave out --input"),
     ]
     for args, needle in cases:
         p = run_cli("repo", "add", *args, "--repository", str(repo), timeout=120)
@@ -78,13 +111,14 @@ def test_bad_input_is_refused_with_the_problem_named_and_the_repository_unchange
     assert sorted(x.name for x in repo.iterdir()) == ["scorer"]          # no temporary folder left behind
 
 
-def test_added_model_is_profiled_planned_and_served_through_the_router(user_model, tmp_path):
+def test_added_models_are_profiled_planned_and_served_through_the_router(user_model, onnx_model, tmp_path):
     repo = tmp_path / "repo"
     dep = tmp_path / "mine.yaml"
     dep.write_text(f"""\
 name: mine
 models:
   - {{name: scorer, rate: 20, slo_ms: 500}}
+  - {{name: tagger, rate: 10, slo_ms: 500}}
 devices: cpu
 router: {{http_port: 0, grpc_port: 0}}
 scheduler: {{shares: [50, 100], max_batch: 4}}
@@ -97,6 +131,10 @@ run_dir: {tmp_path / "run"}
     assert "outputs PROBS FP32[4]" in add.stdout, add.stdout
     show = run_cli("repo", "show", "scorer", "--repository", str(repo), timeout=60)
     assert show.returncode == 0 and "input FEATURES: FP32 [12]" in show.stdout and "SLO: 500 ms" in show.stdout
+    add = run_cli("repo", "add", "tagger", "--onnx", str(onnx_model), "--max-batch", "4", "-f", str(dep), timeout=120)
+    assert add.returncode == 0, add.stdout + add.stderr
+    assert "inputs IMAGE FP32[3, 8, 8]; outputs SCORES FP32[5], MEAN FP32[1]" in add.stdout, add.stdout
+    assert (repo / "tagger" / "1" / "model.onnx").read_bytes() == onnx_model.read_bytes()
     up = run_cli("up", "-f", str(dep), "--detach", timeout=600)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -115,6 +153,21 @@ run_dir: {tmp_path / "run"}
         gi = grpcclient.InferInput("FEATURES", [3, 12], "FP32")
         gi.set_data_from_numpy(x)
         np.testing.assert_allclose(grpc.infer("scorer", [gi]).as_numpy("PROBS"), ref, rtol=1e-4, atol=1e-6)
+
+        import onnxruntime
+
+        img = np.random.default_rng(6).random((2, 3, 8, 8), dtype=np.float32)
+        scores, mean = onnxruntime.InferenceSession(str(onnx_model)).run(None, {"IMAGE": img})
+        hi = httpclient.InferInput("IMAGE", [2, 3, 8, 8], "FP32")
+        hi.set_data_from_numpy(img)
+        res = http.infer("tagger", [hi])
+        np.testing.assert_allclose(res.as_numpy("SCORES"), scores, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(res.as_numpy("MEAN"), mean, rtol=1e-4, atol=1e-6)
+        gi = grpcclient.InferInput("IMAGE", [2, 3, 8, 8], "FP32")
+        gi.set_data_from_numpy(img)
+        res = grpc.infer("tagger", [gi])
+        np.testing.assert_allclose(res.as_numpy("SCORES"), scores, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(res.as_numpy("MEAN"), mean, rtol=1e-4, atol=1e-6)
     finally:
         down = run_cli("down", "-f", str(dep), timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr

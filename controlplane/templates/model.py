@@ -88,8 +88,14 @@ class TritonPythonModel:
         for off in ("_jit_set_profiling_executor", "_jit_set_profiling_mode"):
             if hasattr(torch._C, off):
                 getattr(torch._C, off)(False)
-        path = os.path.join(args["model_repository"], args["model_version"], "model.pt")
-        self.model = torch.jit.load(path, map_location=self.device).eval()
+        folder = os.path.join(args["model_repository"], args["model_version"])
+        onnx = os.path.exists(os.path.join(folder, "model.onnx"))
+        if onnx:     # a user's ONNX file (`repo add --onnx`), run by onnxruntime; no CUDA graphs of it
+            from controlplane.onnx_model import OnnxModel
+
+            self.model = OnnxModel(os.path.join(folder, "model.onnx"), self.device, torch.get_num_threads())
+        else:
+            self.model = torch.jit.load(os.path.join(folder, "model.pt"), map_location=self.device).eval()
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
         self._pinned = {}   # input name -> reusable page-locked host buffer (GPU instances)
@@ -97,7 +103,7 @@ class TritonPythonModel:
                   for i in config["input"]]
         max_batch = int(config.get("max_batch_size", 0))
         self.graphs = None
-        if self.device.type == "cuda" and max_batch > 0 and all(d > 0 for sh, _ in shapes for d in sh):
+        if not onnx and self.device.type == "cuda" and max_batch > 0 and all(d > 0 for sh, _ in shapes for d in sh):
             try:
                 self.graphs = CudaGraphs(self.model, shapes, max_batch, self.device)
             except Exception as e:  # noqa: BLE001 - a forward that cannot be captured runs eagerly
