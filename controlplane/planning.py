@@ -78,7 +78,9 @@ def measure(dep: Deployment, devices: DeviceSet, models: list[str]) -> None:
     kw = dict(profiles_root=measured_profiles(dep), shares=dep.scheduler.shares,
               batches=[b for b in (1, 2, 4, 8, 16, 32) if b <= dep.scheduler.max_batch])
     if not devices.on_gpu:
-        ensure_profile(models, device="cpu", repository=dep.repository, **kw)
+        # absolute: the profiler's workers run elsewhere, and a relative `repository:` means this directory
+        repo = str(Path(dep.repository).absolute()) if dep.repository else None
+        ensure_profile(models, device="cpu", repository=repo, **kw)
         return
     import tempfile
 

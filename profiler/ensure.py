@@ -89,6 +89,8 @@ def ensure_profile(models: Sequence[str], device: str = "cpu", shares: Sequence[
                 bar.update(task, advance=1, description=f"share {r.share:>3}% {r.model} b{r.batch}")
             elif t == "skipped":
                 bar.update(task, advance=ev.get("n", 0))
+                bar.console.print(f"[yellow]skipped[/] {ev.get('n', 0)} point(s) of {ev.get('model')} at share "
+                                  f"{ev.get('share')}%: {ev.get('reason')}", highlight=False)
 
         profile(models, progress=on_event, **kw)
     return csv_path

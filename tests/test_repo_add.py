@@ -122,20 +122,22 @@ models:
 devices: cpu
 router: {{http_port: 0, grpc_port: 0}}
 scheduler: {{shares: [50, 100], max_batch: 4}}
-repository: {repo}
+repository: repo
 run_dir: {tmp_path / "run"}
 """)
+    # `repository: repo` is relative: to the directory the commands run in
     add = run_cli("repo", "add", "scorer", "--torchscript", str(user_model), "--input", "FEATURES:FP32:12",
-                  "--output", "PROBS", "--max-batch", "8", "--slo-ms", "500", "-f", str(dep), timeout=120)
+                  "--output", "PROBS", "--max-batch", "8", "--slo-ms", "500", "-f", str(dep), cwd=tmp_path, timeout=120)
     assert add.returncode == 0, add.stdout + add.stderr
     assert "outputs PROBS FP32[4]" in add.stdout, add.stdout
     show = run_cli("repo", "show", "scorer", "--repository", str(repo), timeout=60)
     assert show.returncode == 0 and "input FEATURES: FP32 [12]" in show.stdout and "SLO: 500 ms" in show.stdout
-    add = run_cli("repo", "add", "tagger", "--onnx", str(onnx_model), "--max-batch", "4", "-f", str(dep), timeout=120)
+    add = run_cli("repo", "add", "tagger", "--onnx", str(onnx_model), "--max-batch", "4", "-f", str(dep), cwd=tmp_path,
+                  timeout=120)
     assert add.returncode == 0, add.stdout + add.stderr
     assert "inputs IMAGE FP32[3, 8, 8]; outputs SCORES FP32[5], MEAN FP32[1]" in add.stdout, add.stdout
     assert (repo / "tagger" / "1" / "model.onnx").read_bytes() == onnx_model.read_bytes()
-    up = run_cli("up", "-f", str(dep), "--detach", timeout=600)
+    up = run_cli("up", "-f", str(dep), "--detach", cwd=tmp_path, timeout=600)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads((tmp_path / "run" / "state.json").read_text())
@@ -169,7 +171,7 @@ run_dir: {tmp_path / "run"}
         np.testing.assert_allclose(res.as_numpy("SCORES"), scores, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(res.as_numpy("MEAN"), mean, rtol=1e-4, atol=1e-6)
     finally:
-        down = run_cli("down", "-f", str(dep), timeout=120)
+        down = run_cli("down", "-f", str(dep), cwd=tmp_path, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
-    rm = run_cli("repo", "rm", "scorer", "-f", str(dep), timeout=60)
+    rm = run_cli("repo", "rm", "scorer", "-f", str(dep), cwd=tmp_path, timeout=60)
     assert rm.returncode == 0 and not (repo / "scorer").exists(), rm.stdout + rm.stderr
