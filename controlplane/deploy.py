@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -79,6 +80,19 @@ def started_at(pid: int | None) -> float | None:
         return psutil.Process(pid).create_time() if pid else None
     except psutil.Error:
         return None
+
+
+#: the rate (req/s) a model loaded through the repository API is planned for until the measured load
+#: says more (scheduler.epoch_s); the request carries none
+LOADED_RATE = 1.0
+
+
+class RepositoryRefused(Exception):
+    """A repository API request the controller will not do: its HTTP status and why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Controller:
@@ -193,12 +207,87 @@ class Controller:
             from .router import RouterServer, RoutingTable
 
             table = RoutingTable.from_plan(self.plan, self.endpoints, self.repo, self.dep)
-            self.router = RouterServer(table, self.dep.router)
+            self.router = RouterServer(table, self.dep.router, self._router_options())
             self.router.start_in_thread()
+            self._write_repository_index()
             self._write_state("ready")
         except BaseException:
             self.shutdown()
             raise
+
+    def _router_options(self):
+        from .router import RouterOptions
+
+        control = None
+        if self.dep.router.repository_api:
+            shutil.rmtree(self.paths.control, ignore_errors=True)     # requests left by an earlier run
+            self.paths.control.mkdir(parents=True)
+            control = str(self.paths.control)
+        return RouterOptions(max_body_bytes=self.dep.router.max_body_bytes, control_dir=control)
+
+    # ------------------------------------------------------------------ repository API: load / unload
+
+    def _write_repository_index(self) -> None:
+        """Every model of the repository and whether this deployment serves it, for the router's
+        /v2/repository/index (only with the repository API on)."""
+        if not self.dep.router.repository_api:
+            return
+        from .router.control import INDEX_FILE, write_json
+
+        served = {m.name for m in self.dep.models}
+        write_json(self.paths.control / INDEX_FILE,
+                   [{"name": n, "state": "READY" if n in served else "UNAVAILABLE",
+                     **({} if n in served else {"reason": "not loaded"})} for n in self.repo.names()])
+
+    def repository_target(self, action: str, model: str) -> tuple[Deployment | None, str]:
+        """The deployment a repository API request asks for (None: nothing to change) and what to say.
+
+        Raises RepositoryRefused (with an HTTP status) for a request that cannot be done."""
+        served = [m.name for m in self.dep.models]
+        if action == "load":
+            if model in served:
+                return None, f"{model!r} is already served"
+            if model not in self.repo.names():
+                raise RepositoryRefused(404, f"no model {model!r} in the repository "
+                                             f"({self.dep.repository or 'the zoo'}); it has: {', '.join(self.repo.names())}")
+            info = self.repo[model]
+            if not info.slo_ms:
+                raise RepositoryRefused(400, f"model {model!r} has no SLO: give it one with `controlplane repo add "
+                                             f"{model} ... --slo-ms MS --replace` (the 'slo_ms' parameter of its config.pbtxt)")
+            doc = self.dep.model_dump(mode="json", exclude_none=True)
+            doc["models"].append({"name": model, "rate": LOADED_RATE, "slo_ms": info.slo_ms})
+            return Deployment.model_validate(doc), f"{model!r} loaded"
+        if action == "unload":
+            if model not in served:
+                return None, f"{model!r} is not served"
+            if served == [model]:
+                raise RepositoryRefused(400, f"{model!r} is the deployment's only model; `controlplane down` stops "
+                                             "the deployment")
+            doc = self.dep.model_dump(mode="json", exclude_none=True)
+            doc["models"] = [m for m in doc["models"] if m["name"] != model]
+            return Deployment.model_validate(doc), f"{model!r} unloaded"
+        raise RepositoryRefused(400, f"unknown repository action {action!r}")
+
+    def _take_repository_requests(self) -> None:
+        """Load or unload what the router's repository API was asked for, one request at a time."""
+        if not self.dep.router.repository_api:
+            return
+        from .router.control import answer, take_requests
+
+        for req, doc in take_requests(self.paths.control):
+            action, model = str(doc.get("action")), str(doc.get("model"))
+            try:
+                dep, message = self.repository_target(action, model)
+                if dep is not None:
+                    self.apply(dep, reason=f"repository API: {action} {model}")
+                    self.log(f"repository API: {message}")
+                answer(req, True, message=message)
+            except RepositoryRefused as e:
+                answer(req, False, e.status, error=str(e))
+            except Exception as e:  # noqa: BLE001 - reported to the client; the previous plan keeps serving
+                msg = f"{action} of {model!r} failed, the previous plan keeps serving: {type(e).__name__}: {e}"
+                self.log(f"repository API: {msg}")
+                answer(req, False, 400, error=msg)
 
     # ------------------------------------------------------------------ apply: a new target
 
@@ -261,6 +350,7 @@ class Controller:
         self.log(f"re-planned ({reason}): {len(plan.gpulets)} gpu-let(s), "
                  f"{len(added)} started, {len(removed)} stopped, {len(kept)} kept")
         self._write_state("ready")
+        self._write_repository_index()
         return plan
 
     def _route_to_restarted(self) -> None:
@@ -397,6 +487,7 @@ class Controller:
             for pid in self.router.supervise():
                 self.log(f"router: a process died; started another (pid {pid})")
             self._take_apply_request()
+            self._take_repository_requests()
             if epoch and time.monotonic() >= next_epoch:
                 next_epoch = time.monotonic() + epoch
                 self._epoch(window)

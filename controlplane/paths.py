@@ -90,6 +90,12 @@ class RunPaths:
         return self.root / "apply.json"
 
     @property
+    def control(self) -> Path:
+        """The router's repository API requests to the running `up`, and the repository index it keeps
+        (controlplane.router.control)."""
+        return self.root / "control"
+
+    @property
     def lock(self) -> Path:
         """Held (flock) by the one `up` that runs this deployment, from before it plans until it exits."""
         return self.root / "up.lock"

@@ -92,6 +92,10 @@ class RouterSpec(_Strict):
                                   "reads is answered 408 and its connection closed (slow or stalled clients)")
     workers: int = Field(default=0, ge=0, description="router processes sharing the ports (SO_REUSEPORT); "
                                                       "0: one per 2 CPU cores, 1 to 8")
+    repository_api: bool = Field(
+        default=False, description="serve the repository API's load and unload (HTTP /v2/repository/models/{m}/load "
+        "and /unload, gRPC RepositoryModelLoad/Unload): they change what runs (the controller re-plans and starts or "
+        "stops gpu-lets), so they are off unless set; /v2/repository/index is always served")
 
 
 class SchedulerSpec(_Strict):

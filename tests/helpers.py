@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 
@@ -53,3 +54,51 @@ def check_lenet(repo, url: str, n: int = 3, seed: int = 0) -> None:
         want = ref(torch.from_numpy(x)).numpy()
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+class Traffic:
+    """lenet requests one after another over HTTP and over gRPC until stopped; every answer checked
+    against lenet's TorchScript run in this process."""
+
+    def __init__(self, http_url: str, grpc_url: str) -> None:
+        import numpy as np
+        import torch
+        import tritonclient.grpc as grpcclient
+        import tritonclient.http as httpclient
+
+        from controlplane import zoo
+        from controlplane.repository import SourceRepository
+
+        self._np = np
+        self.x = zoo.example_input("lenet", 2, seed=3).numpy()
+        ts = torch.jit.load(str(SourceRepository()["lenet"].artifact()))
+        with torch.no_grad():
+            self.ref = ts(torch.from_numpy(self.x)).numpy()
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(m, url), daemon=True)
+                         for m, url in ((httpclient, http_url), (grpcclient, grpc_url))]
+
+    def _run(self, mod, url: str) -> None:
+        np = self._np
+        client = mod.InferenceServerClient(url)
+        inp = mod.InferInput("INPUT", list(self.x.shape), "FP32")
+        inp.set_data_from_numpy(self.x)
+        while not self._stop.is_set():
+            try:
+                out = client.infer("lenet", [inp]).as_numpy("OUTPUT")
+                np.testing.assert_allclose(out, self.ref, rtol=1e-4, atol=1e-5)
+                self.ok += 1
+            except Exception as e:  # noqa: BLE001 - every failure is recorded and fails the test
+                self.failures.append(f"{mod.__name__}: {type(e).__name__}: {e}")
+
+    def __enter__(self) -> "Traffic":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)

@@ -7,19 +7,14 @@ gpu-lets are added, replaced and removed; every answer is checked against TorchS
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from controlplane import zoo
-from controlplane.repository import SourceRepository
 
-from helpers import run_cli, tritonserver_pids
+from helpers import Traffic, run_cli, tritonserver_pids
 
 DEPLOYMENT = """\
 name: live
@@ -37,43 +32,6 @@ MOBILENET = "  - {name: mobilenet_v2, rate: 2, slo_ms: 5000}"
 def _write(path: Path, *models: str) -> Path:
     path.write_text(DEPLOYMENT.format(models="\n".join(models), run_dir=path.parent / "run"))
     return path
-
-
-class Traffic:
-    """lenet requests one after another over HTTP and over gRPC until stopped; every answer checked."""
-
-    def __init__(self, http_url: str, grpc_url: str) -> None:
-        self.x = zoo.example_input("lenet", 2, seed=3).numpy()
-        ts = torch.jit.load(str(SourceRepository()["lenet"].artifact()))
-        with torch.no_grad():
-            self.ref = ts(torch.from_numpy(self.x)).numpy()
-        self.ok = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(m, url), daemon=True)
-                         for m, url in ((httpclient, http_url), (grpcclient, grpc_url))]
-
-    def _run(self, mod, url: str) -> None:
-        client = mod.InferenceServerClient(url)
-        inp = mod.InferInput("INPUT", list(self.x.shape), "FP32")
-        inp.set_data_from_numpy(self.x)
-        while not self._stop.is_set():
-            try:
-                out = client.infer("lenet", [inp]).as_numpy("OUTPUT")
-                np.testing.assert_allclose(out, self.ref, rtol=1e-4, atol=1e-5)
-                self.ok += 1
-            except Exception as e:  # noqa: BLE001 - every failure is recorded and fails the test
-                self.failures.append(f"{mod.__name__}: {type(e).__name__}: {e}")
-
-    def __enter__(self) -> "Traffic":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
 
 
 def _state(path: Path) -> dict:

@@ -763,3 +763,19 @@ def test_stalled_bodies_time_out_and_others_keep_being_served(backend, repo):
             assert head.startswith(b"HTTP/1.1 408"), head[:200]
             assert b"stalled" in head or b"stalled" in s.recv(4096)
             s.close()
+
+
+def test_repository_load_is_refused_while_the_api_is_off(server):
+    """load / unload change what runs: without `router.repository_api` they answer 403 /
+    PERMISSION_DENIED with how to turn them on; the index still lists what is served."""
+    c = th.InferenceServerClient(server.http_url)
+    with pytest.raises(InferenceServerException, match="repository API is off"):
+        c.load_model("mobilenet_v2")
+    g = tg.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException, match="repository API is off") as e:
+        g.unload_model("lenet")
+    assert e.value.status() == "StatusCode.PERMISSION_DENIED"
+    assert [m["name"] for m in c.get_model_repository_index()] == sorted(server.table.models)
+    assert "model_repository(index)" in c.get_server_metadata()["extensions"]
+    r = httpx.post(f"http://{server.http_url}/v2/repository/models/lenet/load", content=b"[1")
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]

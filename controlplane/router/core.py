@@ -46,6 +46,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .clients import GrpcPassClient, HttpAnswer, HttpPassClient
+from .control import RepositoryControl
 from .errors import Dropped, GpuletUnhealthy, RouterError, is_deadline_reject, is_parse_error, is_stub_dead
 from .table import GpuletRoute, ModelRoute, RoutingTable
 
@@ -62,6 +63,7 @@ class RouterOptions:
     max_body_bytes: int = 64 * 1024 * 1024
     attempts: int = 3                     # gpu-lets tried per request when connections break
     processes: int = 1                    # router processes sharing the load: each holds its share of the limit
+    control_dir: str | None = None        # the repository API's requests to the controller (None: the API is off)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -280,6 +282,7 @@ class Router:
         self._health_task: asyncio.Task | None = None
         self._retiring: set[asyncio.Task] = set()
         self._started = False
+        self.control = None if self.options.control_dir is None else RepositoryControl(self.options.control_dir)
 
     async def start(self) -> None:
         if self._started:
@@ -366,6 +369,32 @@ class Router:
         if version not in ("", m.version):
             raise RouterError(404, f"model {name!r} has no version {version!r} (only {m.version!r})")
         return m
+
+    # ------------------------------------------------------------------ repository API
+
+    def repository_index(self, ready_only: bool = False) -> list[dict]:
+        """``/v2/repository/index``: the models served (state from their gpu-lets' readiness) and, with
+        the repository API on, every other model of the repository as UNAVAILABLE with the reason."""
+        rows = [{"name": n, "version": m.version, "state": "READY" if self.model_ready(n) else "UNAVAILABLE"}
+                for n, m in self.table.models.items()]
+        if self.control is not None:
+            rows += [r for r in self.control.index() if r.get("name") not in self.table.models]
+        rows.sort(key=lambda r: r["name"])
+        return [r for r in rows if r["state"] == "READY"] if ready_only else rows
+
+    async def repository_change(self, action: str, model: str, parameters: Any = None) -> str:
+        """Load or unload a model of the deployment's repository: the controller re-plans and starts or
+        stops gpu-lets (as ``controlplane apply`` does); returns when the change serves."""
+        if self.control is None:
+            raise RouterError(403, "the repository API is off: set `router: {repository_api: true}` in the "
+                                   "deployment to load and unload models through the router",
+                              grpc.StatusCode.PERMISSION_DENIED)
+        odd = [k for k in (parameters or {}) if k == "config" or str(k).startswith("file:")]
+        if odd:
+            raise RouterError(400, f"{action} of {model!r}: {', '.join(sorted(odd))} in the request is not "
+                                   "supported; add or replace the model in the deployment's repository with "
+                                   "`controlplane repo add`, then load it")
+        return await self.control.request(action, model)
 
     def pick(self, model: str, tried: tuple[GpuletServer, ...] = ()) -> _Target:
         """The ready gpu-let of the model with the fewest requests in flight per unit of planned throughput,

@@ -8,7 +8,8 @@ import grpc
 class RouterError(Exception):
     """An error to return to the client: HTTP status, gRPC code and a message."""
 
-    _GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+    _GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 403: grpc.StatusCode.PERMISSION_DENIED,
+             404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.FAILED_PRECONDITION,
              413: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
              503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
              502: grpc.StatusCode.INTERNAL, 500: grpc.StatusCode.INTERNAL,

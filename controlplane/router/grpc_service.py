@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from .core import Router
 from .errors import RouterError
-from .http import EXTENSIONS, SERVER_NAME, SERVER_VERSION
+from .http import SERVER_NAME, SERVER_VERSION, extensions
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -91,7 +91,7 @@ class InferenceService:
         return pb.ModelReadyResponse(ready=self.router.model_ready(request.name))
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=extensions(self.router))
 
     async def ModelMetadata(self, request, context):
         try:
@@ -123,9 +123,23 @@ class InferenceService:
 
     async def RepositoryIndex(self, request, context):
         return pb.RepositoryIndexResponse(models=[
-            pb.RepositoryIndexResponse.ModelIndex(name=n, version=m.version,
-                                                  state="READY" if self.router.model_ready(n) else "UNAVAILABLE")
-            for n, m in self.router.table.models.items()])
+            pb.RepositoryIndexResponse.ModelIndex(name=r["name"], version=r.get("version", ""),
+                                                  state=r.get("state", ""), reason=r.get("reason", ""))
+            for r in self.router.repository_index(ready_only=request.ready)])
+
+    async def _repository_change(self, action: str, request, context) -> None:
+        try:
+            await self.router.repository_change(action, request.model_name, dict(request.parameters))
+        except RouterError as e:
+            await context.abort(e.grpc_code, e.message)
+
+    async def RepositoryModelLoad(self, request, context):
+        await self._repository_change("load", request, context)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self._repository_change("unload", request, context)
+        return pb.RepositoryModelUnloadResponse()
 
     async def _infer(self, request: bytes) -> bytes:
         model, version = model_of(request)
@@ -189,6 +203,7 @@ def add_to_server(server: grpc.aio.Server, router: Router) -> InferenceService:
         "ModelReady": pb.ModelReadyRequest, "ServerMetadata": pb.ServerMetadataRequest,
         "ModelMetadata": pb.ModelMetadataRequest, "ModelConfig": pb.ModelConfigRequest,
         "ModelStatistics": pb.ModelStatisticsRequest, "RepositoryIndex": pb.RepositoryIndexRequest,
+        "RepositoryModelLoad": pb.RepositoryModelLoadRequest, "RepositoryModelUnload": pb.RepositoryModelUnloadRequest,
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(getattr(svc, name), request_deserializer=req.FromString,

@@ -31,6 +31,11 @@ from .table import ModelRoute, RoutingTable
 SERVER_NAME = "gpulet-router"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["classification_unsupported", "binary_tensor_data", "statistics", "model_repository(index)"]
+
+
+def extensions(router: Router) -> list[str]:
+    """The KServe extensions this router speaks: the whole repository API where the deployment enables it."""
+    return EXTENSIONS if router.control is None else [*EXTENSIONS[:-1], "model_repository"]
 HEADER_LEN = "Inference-Header-Content-Length"
 log = logging.getLogger("controlplane.router")
 
@@ -82,6 +87,20 @@ OFF_LOOP_BYTES = 256 * 1024
 async def _off_loop(size: int, fn, *args):
     """fn(*args), in a worker thread when the body is large (the event loop keeps serving others)."""
     return await asyncio.to_thread(fn, *args) if size > OFF_LOOP_BYTES else fn(*args)
+
+
+async def _json_body(request: Request) -> dict:
+    """A small JSON object body (repository requests); empty: {}; anything else: 400."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise RouterError(400, "the request body is not JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("parameters", {}), dict):
+        raise RouterError(400, "the request body must be a JSON object, its 'parameters' an object")
+    return body
 
 
 def _scalar_params(p) -> bool:
@@ -321,16 +340,28 @@ def create_app(table: RoutingTable | None = None, spec=None, *, router: Router |
 
     @app.get("/v2", summary="server metadata")
     async def server_metadata():
-        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": extensions(router)}
 
     @app.get("/v2/models/stats", summary="statistics of every model")
     async def all_stats():
         return {"model_stats": [await router.model_stats(n) for n in router.table.models]}
 
-    @app.post("/v2/repository/index", summary="models served")
-    async def repo_index():
-        return [{"name": n, "version": m.version, "state": "READY" if router.model_ready(n) else "UNAVAILABLE"}
-                for n, m in router.table.models.items()]
+    @app.post("/v2/repository/index", summary="models of the repository: served ones READY")
+    async def repo_index(request: Request):
+        body = await _json_body(request)
+        return router.repository_index(ready_only=bool(body.get("ready", False)))
+
+    @app.post("/v2/repository/models/{model}/load", summary="serve a model of the repository (repository_api)")
+    async def repo_load(model: str, request: Request):
+        body = await _json_body(request)
+        await router.repository_change("load", model, body.get("parameters"))
+        return Response(status_code=200)
+
+    @app.post("/v2/repository/models/{model}/unload", summary="stop serving a model (repository_api)")
+    async def repo_unload(model: str, request: Request):
+        body = await _json_body(request)
+        await router.repository_change("unload", model, body.get("parameters"))
+        return Response(status_code=200)
 
     @app.get("/v2/models/{model}", summary="model metadata")
     @app.get("/v2/models/{model}/versions/{version}", summary="model metadata (version)")
