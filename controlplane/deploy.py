@@ -209,7 +209,6 @@ class Controller:
             table = RoutingTable.from_plan(self.plan, self.endpoints, self.repo, self.dep)
             self.router = RouterServer(table, self.dep.router, self._router_options())
             self.router.start_in_thread()
-            self._write_repository_index()
             self._write_state("ready")
         except BaseException:
             self.shutdown()
@@ -223,34 +222,26 @@ class Controller:
             shutil.rmtree(self.paths.control, ignore_errors=True)     # requests left by an earlier run
             self.paths.control.mkdir(parents=True)
             control = str(self.paths.control)
-        return RouterOptions(max_body_bytes=self.dep.router.max_body_bytes, control_dir=control)
+        return RouterOptions(max_body_bytes=self.dep.router.max_body_bytes, control_dir=control,
+                             repository_dir=str(self.repo.root.resolve()))
 
     # ------------------------------------------------------------------ repository API: load / unload
 
-    def _write_repository_index(self) -> None:
-        """Every model of the repository and whether this deployment serves it, for the router's
-        /v2/repository/index (only with the repository API on)."""
-        if not self.dep.router.repository_api:
-            return
-        from .router.control import INDEX_FILE, write_json
-
-        served = {m.name for m in self.dep.models}
-        write_json(self.paths.control / INDEX_FILE,
-                   [{"name": n, "state": "READY" if n in served else "UNAVAILABLE",
-                     **({} if n in served else {"reason": "not loaded"})} for n in self.repo.names()])
-
     def repository_target(self, action: str, model: str) -> tuple[Deployment | None, str]:
         """The deployment a repository API request asks for (None: nothing to change) and what to say.
+        Loading a served model reloads it: the same deployment, its gpu-lets started anew from the
+        repository as it is now.
 
         Raises RepositoryRefused (with an HTTP status) for a request that cannot be done."""
         served = [m.name for m in self.dep.models]
+        repo = repository_for(self.dep)       # as it is now: `repo add` may have changed it since `up`
         if action == "load":
-            if model in served:
-                return None, f"{model!r} is already served"
-            if model not in self.repo.names():
+            if model in served:        # Triton's load of a loaded model reloads it: a new version, say
+                return self.dep, f"{model!r} reloaded"
+            if model not in repo.names():
                 raise RepositoryRefused(404, f"no model {model!r} in the repository "
-                                             f"({self.dep.repository or 'the zoo'}); it has: {', '.join(self.repo.names())}")
-            info = self.repo[model]
+                                             f"({self.dep.repository or 'the zoo'}); it has: {', '.join(repo.names())}")
+            info = repo[model]
             if not info.slo_ms:
                 raise RepositoryRefused(400, f"model {model!r} has no SLO: give it one with `controlplane repo add "
                                              f"{model} ... --slo-ms MS --replace` (the 'slo_ms' parameter of its config.pbtxt)")
@@ -279,7 +270,8 @@ class Controller:
             try:
                 dep, message = self.repository_target(action, model)
                 if dep is not None:
-                    self.apply(dep, reason=f"repository API: {action} {model}")
+                    self.apply(dep, reason=f"repository API: {action} {model}",
+                               reload=frozenset([model]) if action == "load" else frozenset())
                     self.log(f"repository API: {message}")
                 answer(req, True, message=message)
             except RepositoryRefused as e:
@@ -291,14 +283,16 @@ class Controller:
 
     # ------------------------------------------------------------------ apply: a new target
 
-    def apply(self, dep: Deployment, reason: str = "apply", calibration: dict[str, float] | None = None) -> Plan:
+    def apply(self, dep: Deployment, reason: str = "apply", calibration: dict[str, float] | None = None,
+              reload: frozenset[str] = frozenset()) -> Plan:
         """Move the running deployment to ``dep`` (models added or removed, new rates or SLOs) without
         failing a request: plan it; keep each running gpu-let the new plan has unchanged; start the
         ones it adds and wait until they are ready; route by the new plan in every router process;
         only then stop the gpu-lets it no longer has (their requests in flight are answered first:
         the router sends them nothing more, and tritonserver finishes what it holds on SIGTERM).
         On any failure before the switch, what was started is stopped and the old plan keeps
-        serving; the error says why."""
+        serving; the error says why. ``reload``: models whose gpu-lets are all started anew (a new
+        version of the model in the repository), even where the plan keeps them as they were."""
         assert self.plan is not None and self.runtime is not None and self.router is not None
         for field in ("name", "devices", "runtime", "router", "repository", "run_dir"):
             if getattr(dep, field) != getattr(self.dep, field):
@@ -312,7 +306,8 @@ class Controller:
         build_artifacts(repo, plan.model_names(), progress=lambda n: self.log(f"building model {n} ..."))
         slo = {m.name: m.slo_ms for m in dep.models}
         old_slo = {m.name: m.slo_ms for m in self.dep.models}
-        running = {_gpulet_key(g, old_slo): g.id for g in self.plan.gpulets}
+        running = {_gpulet_key(g, old_slo): g.id for g in self.plan.gpulets
+                   if not reload.intersection(a.model for a in g.models)}
         self._generation += 1
         kept, gpulets = set(), []
         for g in plan.gpulets:
@@ -350,7 +345,6 @@ class Controller:
         self.log(f"re-planned ({reason}): {len(plan.gpulets)} gpu-let(s), "
                  f"{len(added)} started, {len(removed)} stopped, {len(kept)} kept")
         self._write_state("ready")
-        self._write_repository_index()
         return plan
 
     def _route_to_restarted(self) -> None:

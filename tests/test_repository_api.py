@@ -8,6 +8,7 @@ mobilenet_v2 is loaded (its gpu-let started, its answers equal to TorchScript) a
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,72 @@ def test_load_and_unload_through_the_router_without_a_failed_request(tmp_path):
             assert _index(http)["mobilenet_v2"]["state"] == "UNAVAILABLE"
         assert traffic.ok > 0 and traffic.failures == [], traffic.failures[:5]
         assert len(_state(tmp_path)["gpulets"]) == 1
+    finally:
+        run_cli("down", "-f", str(path))
+    assert tritonserver_pids(str(tmp_path)) == []
+
+
+def _scorer(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(4, 3).eval(), torch.rand(2, 4)), str(path))
+    return path
+
+
+def test_a_new_version_replaces_the_served_one_without_a_failed_request(tmp_path):
+    """`repo add --replace` then load_model of the served model: new gpu-lets with the new file start,
+    traffic moves to them, the old ones drain and stop; every answer is the old model's or the new one's,
+    and once load_model returns, the new one's."""
+    v1, v2 = _scorer(tmp_path / "v1.pt", 1), _scorer(tmp_path / "v2.pt", 2)
+    x = np.random.default_rng(0).random((2, 4), dtype=np.float32)
+    with torch.no_grad():
+        want = {v: torch.jit.load(str(f))(torch.from_numpy(x)).numpy() for v, f in (("v1", v1), ("v2", v2))}
+    add = ("repo", "add", "scorer", "--input", "X:FP32:4", "--output", "Y", "--max-batch", "8", "--slo-ms", "1000",
+           "--repository", str(tmp_path / "repo"))
+    assert run_cli(*add, "--torchscript", str(v1), timeout=120).returncode == 0
+    path = tmp_path / "d.yaml"
+    path.write_text(DEPLOYMENT.replace("lenet, rate: 10, slo_ms: 2000", "scorer, rate: 10, slo_ms: 1000")
+                    .format(run_dir=tmp_path / "run") + f"repository: {tmp_path / 'repo'}\n")
+    proc = run_cli("up", "-f", str(path), "--detach", timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    try:
+        r = _state(tmp_path)["router"]
+        http = httpclient.InferenceServerClient(f"127.0.0.1:{r['http_port']}", network_timeout=400)
+        inp = httpclient.InferInput("X", [2, 4], "FP32")
+        inp.set_data_from_numpy(x)
+
+        def version() -> str:
+            y = http.infer("scorer", [inp]).as_numpy("Y")
+            return next(v for v, w in want.items() if np.allclose(y, w, rtol=1e-4, atol=1e-6))
+
+        assert version() == "v1"
+        (old_pid,) = tritonserver_pids(str(tmp_path))
+        replaced = run_cli(*add, "--torchscript", str(v2), "--replace", timeout=120)
+        assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+        assert version() == "v1"                    # the running server keeps what it loaded
+        seen, failures = [], []
+        stop = threading.Event()
+
+        def send() -> None:
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{r['grpc_port']}")
+            gi = grpcclient.InferInput("X", [2, 4], "FP32")
+            gi.set_data_from_numpy(x)
+            while not stop.is_set():
+                try:
+                    y = client.infer("scorer", [gi]).as_numpy("Y")
+                    seen.append(next(v for v, w in want.items() if np.allclose(y, w, rtol=1e-4, atol=1e-6)))
+                except Exception as e:  # noqa: BLE001 - every failure fails the test
+                    failures.append(f"{type(e).__name__}: {e}")
+
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        try:
+            http.load_model("scorer")                # served already: reloaded from the repository
+            assert version() == "v2"
+        finally:
+            stop.set()
+            t.join(30)
+        assert failures == [] and "v1" in seen and seen[-1] == "v2", (failures[:5], seen[:3], seen[-3:])
+        assert old_pid not in tritonserver_pids(str(tmp_path)) and len(tritonserver_pids(str(tmp_path))) == 1
     finally:
         run_cli("down", "-f", str(path))
     assert tritonserver_pids(str(tmp_path)) == []

@@ -6,8 +6,8 @@ process that gets the request leaves ``req-<id>.json`` in the deployment's contr
 controller's supervision loop takes requests one at a time (within a second), applies them like
 ``controlplane apply`` and leaves ``res-<id>.json``; the router process answers from it. Files, not
 a socket, because any of the router's processes may take the request and the controller already
-watches its run directory for ``apply``. The controller also keeps ``index.json`` there: every model
-of the repository and whether it is served, for ``/v2/repository/index``.
+watches its run directory for ``apply``. ``/v2/repository/index`` reads the repository's directory
+itself (a model added with `controlplane repo add` while the deployment runs is listed at once).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 
 from .errors import RouterError
 
-INDEX_FILE = "index.json"
 #: how long a router process waits for the controller to load a model (profiling it where its
 #: profile is missing, then starting its gpu-lets)
 LOAD_TIMEOUT_S = 900.0
@@ -38,16 +37,14 @@ def write_json(path: Path, doc) -> None:
 class RepositoryControl:
     """A router process's side: send load/unload requests, read the repository index."""
 
-    def __init__(self, root: str | Path, timeout_s: float = LOAD_TIMEOUT_S) -> None:
+    def __init__(self, root: str | Path, repository: str | Path, timeout_s: float = LOAD_TIMEOUT_S) -> None:
         self.root = Path(root)
+        self.repository = Path(repository)
         self.timeout_s = timeout_s
 
-    def index(self) -> list[dict]:
-        """Every model of the repository: name, and state READY / UNAVAILABLE with a reason."""
-        try:
-            return json.loads((self.root / INDEX_FILE).read_text())
-        except (FileNotFoundError, ValueError):
-            return []
+    def models(self) -> list[str]:
+        """The names of the repository's models (directories with a config.pbtxt)."""
+        return sorted(p.parent.name for p in self.repository.glob("*/config.pbtxt"))
 
     async def request(self, action: str, model: str) -> str:
         """Ask the controller to ``action`` ('load' or 'unload') ``model``; its message on success.

@@ -64,6 +64,7 @@ class RouterOptions:
     attempts: int = 3                     # gpu-lets tried per request when connections break
     processes: int = 1                    # router processes sharing the load: each holds its share of the limit
     control_dir: str | None = None        # the repository API's requests to the controller (None: the API is off)
+    repository_dir: str | None = None     # the deployment's source repository (the index lists its models)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -282,7 +283,9 @@ class Router:
         self._health_task: asyncio.Task | None = None
         self._retiring: set[asyncio.Task] = set()
         self._started = False
-        self.control = None if self.options.control_dir is None else RepositoryControl(self.options.control_dir)
+        self.control = None
+        if self.options.control_dir is not None and self.options.repository_dir is not None:
+            self.control = RepositoryControl(self.options.control_dir, self.options.repository_dir)
 
     async def start(self) -> None:
         if self._started:
@@ -378,7 +381,8 @@ class Router:
         rows = [{"name": n, "version": m.version, "state": "READY" if self.model_ready(n) else "UNAVAILABLE"}
                 for n, m in self.table.models.items()]
         if self.control is not None:
-            rows += [r for r in self.control.index() if r.get("name") not in self.table.models]
+            rows += [{"name": n, "state": "UNAVAILABLE", "reason": "not loaded"}
+                     for n in self.control.models() if n not in self.table.models]
         rows.sort(key=lambda r: r["name"])
         return [r for r in rows if r["state"] == "READY"] if ready_only else rows
 
