@@ -6,10 +6,13 @@ import os
 import signal
 import time
 
+import httpx
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from controlplane import zoo
 from controlplane.repository import SourceRepository, build_artifacts, write_gpulet_repositories
@@ -67,6 +70,15 @@ def test_serves_restarts_and_stops(tmp_path):
             np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
         st = rt.status()["gpu0-a"]
         assert st.state is ReplicaState.READY and st.pid in tritonserver_pids(str(tmp_path))
+
+        # what the control plane never asks a gpu-let's server for is refused to anyone who finds its ports
+        r = httpx.post(f"http://{addr}/v2/repository/models/lenet/unload")
+        assert r.status_code == 403 and "restricted" in r.text, r.text
+        assert httpx.post(f"http://{addr}/v2/logging", json={"log_verbose_level": 1}).status_code == 403
+        g = grpcclient.InferenceServerClient(eps["gpu0-a"].grpc)
+        with pytest.raises(InferenceServerException, match="restricted"):
+            g.unload_model("lenet")
+        assert g.is_model_ready("lenet") and httpclient.InferenceServerClient(addr).is_model_ready("lenet")
 
         # Kill the server outright: supervise() brings it back, on fresh ports (the old may be taken).
         os.kill(st.pid, signal.SIGKILL)

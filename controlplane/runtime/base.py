@@ -47,6 +47,23 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+#: Triton APIs a gpu-let's server is never asked for by the control plane (the router uses health,
+#: metadata, model config, inference and statistics): restricted behind a header whose value nobody is
+#: given, so a local client that finds a gpu-let's port cannot unload its models, register shared
+#: memory or change its logging and tracing (issue 14).
+RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
+
+
+def restricted_api_args() -> list[str]:
+    """tritonserver flags that restrict :data:`RESTRICTED_APIS` over HTTP and gRPC, with a fresh random
+    key. The key is in the server's command line (readable by local users where /proc is not mounted
+    with hidepid): this keeps the APIs off by default, it is not an authentication scheme."""
+    import secrets
+
+    key = f"gpulet-admin={secrets.token_hex(16)}"
+    return [f"--http-restricted-api={RESTRICTED_APIS}:{key}", f"--grpc-restricted-protocol={RESTRICTED_APIS}:{key}"]
+
+
 def server_ready(http: str | None, timeout: float = 1.0) -> bool:
     """Whether the KServe v2 server at host:port (a tritonserver, or the router) answers
     ``/v2/health/ready`` with 200: the one readiness probe of runtimes and ``status``."""

@@ -35,7 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports, server_ready
+from .base import (Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports,
+                   restricted_api_args, server_ready)
 
 LABEL_MANAGED = "gpulet.managed-by"
 MANAGED_VALUE = "controlplane"
@@ -191,6 +192,7 @@ class DockerRuntime(Runtime):
             f"--model-repository={CONTAINER_REPOSITORY}",
             f"--http-port={ports[0]}", f"--grpc-port={ports[1]}", f"--metrics-port={ports[2]}",
             "--exit-on-error=true", "--strict-readiness=true",
+            *restricted_api_args(),
             *self.extra_args,
         ]
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from .base import Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports, server_ready
+from .base import (Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports,
+                   restricted_api_args, server_ready)
 from .triton import TritonInstall, find_tritonserver, python_env
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -93,6 +94,7 @@ class ProcessRuntime(Runtime):
             f"--grpc-address={e.host}", f"--grpc-port={e.grpc_port}",
             f"--metrics-address={e.host}", f"--metrics-port={e.metrics_port}",
             "--exit-on-error=true", "--strict-readiness=true", "--exit-timeout-secs=5",
+            *restricted_api_args(),
         ]
         if self.install.backend_dir:
             cmd.append(f"--backend-directory={self.install.backend_dir}")
