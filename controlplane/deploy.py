@@ -87,6 +87,51 @@ def started_at(pid: int | None) -> float | None:
 LOADED_RATE = 1.0
 
 
+class ControllerMetrics:
+    """What the controller does while serving, for the router's ``/metrics``: epochs, re-plans by cause
+    (``controlplane apply``, measured load, recalibrated, repository API) and refused ones, the gpu-lets
+    transitions started and stopped, servers restarted, and per model the planned and measured rates."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        r = self.registry = CollectorRegistry()
+        self.epochs = Counter("controlplane_epochs", "re-planning epochs run (the load measured)", registry=r)
+        self.replans = Counter("controlplane_replans", "new plans applied while serving, by cause", ["cause"],
+                               registry=r)
+        self.refused = Counter("controlplane_replans_refused",
+                               "new plans tried and given up (the running plan kept serving), by cause", ["cause"],
+                               registry=r)
+        self.started = Counter("controlplane_gpulets_started", "gpu-lets started by re-plans", registry=r)
+        self.stopped = Counter("controlplane_gpulets_stopped", "gpu-lets drained and stopped by re-plans", registry=r)
+        self.restarts = Counter("controlplane_gpulet_restarts", "gpu-let servers restarted after they died",
+                                registry=r)
+        self.gpulets = Gauge("controlplane_gpulets", "gpu-lets of the running plan", registry=r)
+        self.planned = Gauge("controlplane_planned_rate", "requests/s the running plan was made for", ["model"],
+                             registry=r)
+        self.measured = Gauge("controlplane_measured_rate",
+                              "each model's peak arrival rate over the re-planning window (req/s)", ["model"],
+                              registry=r)
+        self.last_replan = Gauge("controlplane_last_replan_timestamp_seconds", "when the running plan was applied",
+                                 registry=r)
+
+    def plan(self, plan: Plan) -> None:
+        self.gpulets.set(len(plan.gpulets))
+        self.planned.clear()
+        for name, m in plan.models.items():
+            self.planned.labels(name).set(m.rate)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def _cause(reason: str) -> str:
+    """A re-plan's reason reduced to its cause, a metric label: 'measured load: lenet ...' -> 'measured load'."""
+    return reason.split(":", 1)[0].strip()
+
+
 class RepositoryRefused(Exception):
     """A repository API request the controller will not do: its HTTP status and why."""
 
@@ -115,6 +160,7 @@ class Controller:
         self.calibration: dict[str, float] = {}     # source model -> measured over profile, the running plan's
         self._batch_stats: dict[tuple[str, str], dict] = {}
         self._profiles = None               # the unscaled profile store recalibration compares with
+        self.metrics = ControllerMetrics()
 
     # ------------------------------------------------------------------ prepare
 
@@ -209,6 +255,8 @@ class Controller:
             table = RoutingTable.from_plan(self.plan, self.endpoints, self.repo, self.dep)
             self.router = RouterServer(table, self.dep.router, self._router_options())
             self.router.start_in_thread()
+            self.metrics.plan(self.plan)
+            self._publish_metrics()
             self._write_state("ready")
         except BaseException:
             self.shutdown()
@@ -224,6 +272,12 @@ class Controller:
             control = str(self.paths.control)
         return RouterOptions(max_body_bytes=self.dep.router.max_body_bytes, control_dir=control,
                              repository_dir=str(self.repo.root.resolve()))
+
+    def _publish_metrics(self) -> None:
+        try:
+            self.router.publish_metrics(self.metrics.text())
+        except (OSError, RuntimeError) as e:
+            self.log(f"router: could not publish the controller's metrics: {e}")
 
     # ------------------------------------------------------------------ repository API: load / unload
 
@@ -285,6 +339,21 @@ class Controller:
 
     def apply(self, dep: Deployment, reason: str = "apply", calibration: dict[str, float] | None = None,
               reload: frozenset[str] = frozenset()) -> Plan:
+        """:meth:`_apply`, counted in the controller's metrics (applied or refused, by cause)."""
+        try:
+            plan = self._apply(dep, reason, calibration, reload)
+        except BaseException:
+            self.metrics.refused.labels(_cause(reason)).inc()
+            self._publish_metrics()
+            raise
+        self.metrics.replans.labels(_cause(reason)).inc()
+        self.metrics.last_replan.set(time.time())
+        self.metrics.plan(plan)
+        self._publish_metrics()
+        return plan
+
+    def _apply(self, dep: Deployment, reason: str, calibration: dict[str, float] | None,
+               reload: frozenset[str]) -> Plan:
         """Move the running deployment to ``dep`` (models added or removed, new rates or SLOs) without
         failing a request: plan it; keep each running gpu-let the new plan has unchanged; start the
         ones it adds and wait until they are ready; route by the new plan in every router process;
@@ -334,9 +403,11 @@ class Controller:
             if self.runtime is not None:
                 self.runtime.remove(sorted(added))
             raise
+        self.metrics.started.inc(len(added))
         if removed:
             self.log(f"apply: stopping {len(removed)} gpu-let(s) the new plan does not have: {', '.join(removed)}")
             self.runtime.remove(removed)
+            self.metrics.stopped.inc(len(removed))
         self.endpoints = endpoints
         self.calibration = dict(calibration)
         self._profiles = None              # apply may have measured models the profile lacked
@@ -375,6 +446,10 @@ class Controller:
             self.log(f"epoch: cannot read the router's metrics: {e}")
             return
         window.add(time.monotonic(), router_arrivals(text))
+        self.metrics.epochs.inc()
+        for m, rate in window.peak_rates().items():
+            self.metrics.measured.labels(m).set(rate)
+        self._publish_metrics()
         calibration, why_cal = recalibrate(self.calibration, self._measure_batches())
         if window.span_s() < min(self.dep.scheduler.epoch_s, self.dep.scheduler.window_s) * 0.9:
             return      # not a full epoch measured yet
@@ -489,6 +564,8 @@ class Controller:
             for gid in restarted:
                 self.log(f"gpu-let {gid}: restarted")
             if restarted:
+                self.metrics.restarts.inc(len(restarted))
+                self._publish_metrics()
                 self._route_to_restarted()
                 self._write_state("ready")
 

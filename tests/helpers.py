@@ -102,3 +102,13 @@ class Traffic:
         self._stop.set()
         for t in self._threads:
             t.join(30)
+
+
+def metrics(url: str) -> dict[tuple[str, tuple], float]:
+    """The router's /metrics at host:port as {(sample name, sorted labels): value}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://{url}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}

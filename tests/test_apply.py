@@ -14,7 +14,7 @@ import tritonclient.http as httpclient
 
 from controlplane import zoo
 
-from helpers import Traffic, run_cli, tritonserver_pids
+from helpers import Traffic, metrics, run_cli, tritonserver_pids
 
 DEPLOYMENT = """\
 name: live
@@ -91,6 +91,12 @@ def test_apply_adds_replaces_and_removes_gpulets_without_a_failed_request(tmp_pa
             assert out.returncode == 1 and "'router' differs" in out.stderr, out.stdout + out.stderr
             assert _pids(_state(path)) == before
         assert traffic.ok > 0 and traffic.failures == [], traffic.failures[:5]
+        m = metrics(f"127.0.0.1:{r['http_port']}")
+        assert m[("controlplane_replans_total", (("cause", "controlplane apply"),))] == 3
+        assert m[("controlplane_replans_refused_total", (("cause", "controlplane apply"),))] == 1
+        assert m[("controlplane_gpulets_started_total", ())] == 2       # mobilenet_v2's, then lenet's new one
+        assert m[("controlplane_gpulets_stopped_total", ())] == 2       # lenet's old one, then mobilenet_v2's
+        assert m[("controlplane_gpulets", ())] == 1
         assert sorted(tritonserver_pids(str(tmp_path))) == sorted(before.values())
     finally:
         run_cli("down", "-f", str(path))

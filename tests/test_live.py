@@ -14,7 +14,7 @@ import tritonclient.http as httpclient
 from controlplane import zoo
 from controlplane.live import MIN_RATE, LoadWindow, decide, padded, router_arrivals
 
-from helpers import run_cli, tritonserver_pids
+from helpers import metrics, run_cli, tritonserver_pids
 
 
 def test_window_peak_is_the_busiest_epoch_inside_the_window():
@@ -105,6 +105,12 @@ def test_running_deployment_follows_its_load_without_a_failed_request(tmp_path):
         status = run_cli("status", "-f", str(path), "--json")
         doc = json.loads(status.stdout)
         assert doc["replans"] >= 2 and "measured load" in doc["last_replan"]
+        m = metrics(f"127.0.0.1:{r['http_port']}")        # the controller's, after the router's own
+        assert m[("controlplane_replans_total", (("cause", "measured load"),))] >= 2
+        assert m[("controlplane_epochs_total", ())] >= 2 and m[("controlplane_gpulets", ())] == 1
+        assert m[("controlplane_planned_rate", (("model", "lenet"),))] == _rate(path)
+        assert ("controlplane_measured_rate", (("model", "lenet"),)) in m
+        assert m[("router_requests_total", (("model", "lenet"),))] >= sent[0]
     finally:
         run_cli("down", "-f", str(path))
     assert tritonserver_pids(str(tmp_path)) == []

@@ -40,6 +40,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -81,6 +82,7 @@ class Metrics:
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.multiprocess_dir = multiprocess_dir
+        self.extra_path: Path | None = None      # more metrics, already in text format (the controller's)
         self.registry = r = CollectorRegistry()
         self.requests = Counter("router_requests", "requests received (arrivals)", ["model"], registry=r)
         self.success = Counter("router_success", "requests answered", ["model"], registry=r)
@@ -100,14 +102,22 @@ class Metrics:
                            multiprocess_mode="livemin")
 
     def exposition(self) -> bytes:
-        """The text format of every router process's metrics (this one's alone in single-process mode)."""
+        """The text format of every router process's metrics (this one's alone in single-process mode),
+        then the controller's (``extra_path``)."""
         if self.multiprocess_dir is None:
-            return generate_latest(self.registry)
-        from prometheus_client import multiprocess
+            text = generate_latest(self.registry)
+        else:
+            from prometheus_client import multiprocess
 
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
-        return generate_latest(registry)
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+            text = generate_latest(registry)
+        if self.extra_path is not None:
+            try:
+                text += self.extra_path.read_bytes()
+            except FileNotFoundError:
+                pass
+        return text
 
 
 @contextlib.contextmanager

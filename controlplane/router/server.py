@@ -42,6 +42,7 @@ log = logging.getLogger("controlplane.router")
 GRPC_MAX_MESSAGE = 256 * 1024 * 1024
 TABLE_FILE = "table.pkl"     # (generation, RoutingTable), written by update(); trusted: the router's own temp dir
 TABLE_POLL_S = 0.1
+CONTROLLER_METRICS = "controller.prom"   # the controller's metrics (text format), appended to every process's /metrics
 
 
 def _ack(table_dir: Path, pid: int) -> int:
@@ -197,6 +198,7 @@ class RouterServer:
                 raise OSError(f"cannot bind gRPC port {self.host}:{self.grpc_port}")
             self.grpc_port = port
             await grpc_server.start()
+            router.metrics.extra_path = Path(self._table_dir) / CONTROLLER_METRICS
             app = create_app(self.table, self.spec, router=router)
             config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                     timeout_graceful_shutdown=2, loop="none")
@@ -280,6 +282,16 @@ class RouterServer:
                 raise TimeoutError(f"router process(es) {late} did not take up routing table {gen} in {timeout:g} s")
             time.sleep(TABLE_POLL_S / 2)
         self.table = table
+
+    def publish_metrics(self, text: bytes) -> None:
+        """Metrics of whoever runs the router (the controller's re-planning), in Prometheus text format:
+        every router process's ``/metrics`` ends with them from now on."""
+        if self._table_dir is None:
+            raise RuntimeError("the router is not running")
+        path = Path(self._table_dir) / CONTROLLER_METRICS
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(text)
+        tmp.replace(path)
 
     def _start_children(self) -> None:
         """The other router processes, on the ports this one bound (known only now when 0 was asked)."""
