@@ -390,6 +390,7 @@ class Controller:
         old = (self.dep, self.repo, self.plan)
         self.dep, self.repo, self.plan = dep, repo, plan
         try:
+            self._check_memory([g for g in gpulets if g.id in added])
             launches = self.launches(only=added)
             if launches:
                 self.log(f"apply: starting {len(launches)} gpu-let(s): {', '.join(sorted(added))}")
@@ -417,6 +418,26 @@ class Controller:
                  f"{len(added)} started, {len(removed)} stopped, {len(kept)} kept")
         self._write_state("ready")
         return plan
+
+    def _check_memory(self, gpulets) -> None:
+        """Refuse a transition whose new gpu-lets would not fit in the GPU memory free now (NVML), beside
+        the running ones that keep serving until the switch: an OOM there would fail them too."""
+        if not gpulets or not self.devices.on_gpu:
+            return
+        from .planning import load_profiles
+
+        store = self._profiles or load_profiles(self.dep, self.devices.name)
+        need: dict[int, float] = {}
+        for g in gpulets:
+            models = sum((store.memory_mb(self.dep.model(a.model).source) or 0.0) if store else 0.0
+                         for a in g.models)
+            need[g.gpu] = need.get(g.gpu, 0.0) + models + devmod.GPULET_OVERHEAD_MB
+        nvml = devmod.free_memory_mb([self.devices.gpus[i].index for i in need])     # by NVML index
+        free = {i: nvml[self.devices.gpus[i].index] for i in need if self.devices.gpus[i].index in nvml}
+        short = devmod.memory_shortfall(need, free)
+        if short:
+            raise RuntimeError("not enough GPU memory to start the new plan's gpu-lets beside the running ones: "
+                               + "; ".join(short))
 
     def _route_to_restarted(self) -> None:
         """A restarted server may listen on new ports: route to where each gpu-let is now."""

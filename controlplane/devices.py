@@ -80,3 +80,29 @@ def resolve(devices) -> DeviceSet:
     if len(names) > 1:
         raise ValueError(f"devices: mixed GPU types {sorted(names)}; list GPUs of one type")
     return DeviceSet("gpu", chosen[0].name, gpus=tuple(chosen), cores=cores)
+
+
+def free_memory_mb(indices) -> dict[int, float]:
+    """Free memory (MiB) of the given GPUs as NVML reports it now; {} without NVML or a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # ImportError, NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return {}
+    try:
+        return {i: pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free / 2**20 for i in indices}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+#: what one gpu-let's processes hold beyond their models' profiled memory (the tritonserver's and each
+#: python-backend stub's CUDA context and allocator pools; H200, 2026-11-29: ~0.5 GB per process)
+GPULET_OVERHEAD_MB = 1024.0
+
+
+def memory_shortfall(need_mb: dict[int, float], free_mb: dict[int, float]) -> list[str]:
+    """What does not fit: for each GPU whose new gpu-lets need more than it has free, a sentence.
+    Pure: the needs (per GPU index) and NVML's free memory come in as arguments."""
+    return [f"GPU {i} has {free_mb[i]:.0f} MiB free, the gpu-lets to start there need {need:.0f} MiB"
+            for i, need in sorted(need_mb.items()) if i in free_mb and need > free_mb[i]]

@@ -198,3 +198,14 @@ def test_a_profile_10x_too_fast_is_recalibrated_while_serving(tmp_path):
     finally:
         run_cli("down", "-f", str(path))
     assert tritonserver_pids(str(tmp_path)) == []
+
+
+def test_a_transition_that_does_not_fit_in_gpu_memory_is_refused_with_the_figures():
+    """Before a re-plan starts its gpu-lets beside the running ones, each GPU's need is checked against
+    NVML's free memory (the check itself runs on a GPU host only; here its arithmetic)."""
+    from controlplane.devices import free_memory_mb, memory_shortfall
+
+    assert memory_shortfall({0: 3000.0, 1: 100.0}, {0: 2000.0, 1: 5000.0}) == \
+        ["GPU 0 has 2000 MiB free, the gpu-lets to start there need 3000 MiB"]
+    assert memory_shortfall({0: 3000.0}, {}) == []          # no NVML answer: nothing to hold against it
+    assert isinstance(free_memory_mb([0]), dict)
