@@ -96,12 +96,11 @@ class Bench:
         if x is None:
             from controlplane import zoo
 
-            x = self._repository_input(name, batch) if self._from_repository(name) else zoo.example_input(name, batch)
-            if precision == "fp16" and x.is_floating_point():
-                x = x.half()
+            xs = self._repository_inputs(name, batch) if self._from_repository(name) else (zoo.example_input(name, batch),)
+            xs = tuple(x.half() if precision == "fp16" and x.is_floating_point() else x for x in xs)
             if self.on_gpu:
-                x = x.pin_memory()
-            self.inputs[key] = x
+                xs = tuple(x.pin_memory() for x in xs)
+            self.inputs[key] = x = xs
         return x
 
     def _from_repository(self, name: str) -> bool:
@@ -119,22 +118,25 @@ class Bench:
             repo = self._repo = SourceRepository(self.job.get("repository"))
         return repo[name]
 
-    def _repository_input(self, name: str, batch: int):
-        """Random rows shaped by the model's config (one input: this profiler calls the model with one tensor)."""
+    def _repository_inputs(self, name: str, batch: int) -> tuple:
+        """Random rows shaped by the model's config, one tensor per input in the config's order (the
+        order the model takes them: `repo add` writes the config from the artifact's own inputs)."""
         from controlplane.model_add import TORCH_DTYPES, example_inputs
 
         info = self._info(name)
-        if len(info.inputs) != 1:
-            raise ValueError(f"{name}: in-process profiling takes models of one input; it has {len(info.inputs)}")
-        if info.inputs[0].datatype not in TORCH_DTYPES:
-            raise ValueError(f"{name}: input {info.inputs[0].name} has datatype {info.inputs[0].datatype}, "
+        odd = [t for t in info.inputs if t.datatype not in TORCH_DTYPES]
+        if odd:
+            raise ValueError(f"{name}: input {odd[0].name} has datatype {odd[0].datatype}, "
                              f"not one of {', '.join(TORCH_DTYPES)}")
-        return example_inputs(info.inputs, batch)[0]
+        return tuple(example_inputs(info.inputs, batch))
+
+    def _run(self, m, xs):
+        """One call of the model on its inputs (a tuple of tensors, moved to the device)."""
+        return m(*(x.to(self.dev, non_blocking=True) for x in xs))
 
     def _forward(self, m, name: str, precision: str, batch: int):
-        torch = self.torch
-        with torch.inference_mode():
-            out = m(self._input(name, precision, batch).to(self.dev, non_blocking=True))
+        with self.torch.inference_mode():
+            out = self._run(m, self._input(name, precision, batch))
         return out[0] if isinstance(out, (tuple, list)) else out
 
     @staticmethod
@@ -156,12 +158,12 @@ class Bench:
             if self.on_gpu:
                 e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 e0.record()
-                m(x.to(self.dev, non_blocking=True))
+                self._run(m, x)
                 e1.record()
                 e1.synchronize()
                 return e0.elapsed_time(e1)
             t0 = time.perf_counter()
-            m(x)
+            self._run(m, x)
             return (time.perf_counter() - t0) * 1000.0
 
     def warm(self, m, x, n: int, seconds: float) -> None:
@@ -263,18 +265,18 @@ class Bench:
             return g
         torch = self.torch
         m = self.load(name, precision)
-        x = self._input(name, precision, batch).to(self.dev)
+        x = tuple(t.to(self.dev) for t in self._input(name, precision, batch))
         try:
             with torch.inference_mode():
                 st = torch.cuda.Stream()
                 st.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(st):
                     for _ in range(3):
-                        m(x)
+                        m(*x)
                 torch.cuda.current_stream().wait_stream(st)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    out = m(x)
+                    out = m(*x)
             step = (graph, x, out)
         except Exception as e:  # noqa: BLE001
             emit({"warning": f"no CUDA graph for {name} b{batch}: {type(e).__name__}: {e}; timing eagerly"})

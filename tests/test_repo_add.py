@@ -39,15 +39,16 @@ def user_model(tmp_path_factory) -> Path:
 
 
 class Tagger(torch.nn.Module):
-    """A small user model exported to ONNX: 3x8x8 images in, 5 scores and a mean out."""
+    """A small user model exported to ONNX: 3x8x8 images and a scale in (two inputs: `up` profiles it
+    on the CPU with both), 5 scores and a mean out."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 4, 3)
         self.head = torch.nn.Linear(4 * 6 * 6, 5)
 
-    def forward(self, image):
-        y = self.head(torch.relu(self.conv(image)).flatten(1))
+    def forward(self, image, scale):
+        y = self.head(torch.relu(self.conv(image)).flatten(1)) * scale
         return y, y.mean(dim=1, keepdim=True)
 
 
@@ -60,8 +61,9 @@ def onnx_model(tmp_path_factory) -> Path:
     path = tmp / "tagger.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Tagger().eval(), (torch.rand(2, 3, 8, 8),), str(path), input_names=["IMAGE"],
-                          output_names=["SCORES", "MEAN"], dynamic_axes={n: {0: "batch"} for n in ("IMAGE", "SCORES", "MEAN")},
+        torch.onnx.export(Tagger().eval(), (torch.rand(2, 3, 8, 8), torch.rand(2, 1)), str(path),
+                          input_names=["IMAGE", "SCALE"], output_names=["SCORES", "MEAN"],
+                          dynamic_axes={n: {0: "batch"} for n in ("IMAGE", "SCALE", "SCORES", "MEAN")},
                           dynamo=False)
     return path
 
@@ -135,13 +137,16 @@ run_dir: {tmp_path / "run"}
     add = run_cli("repo", "add", "tagger", "--onnx", str(onnx_model), "--max-batch", "4", "-f", str(dep), cwd=tmp_path,
                   timeout=120)
     assert add.returncode == 0, add.stdout + add.stderr
-    assert "inputs IMAGE FP32[3, 8, 8]; outputs SCORES FP32[5], MEAN FP32[1]" in add.stdout, add.stdout
+    assert "inputs IMAGE FP32[3, 8, 8], SCALE FP32[1]; outputs SCORES FP32[5], MEAN FP32[1]" in add.stdout, add.stdout
     assert (repo / "tagger" / "1" / "model.onnx").read_bytes() == onnx_model.read_bytes()
     up = run_cli("up", "-f", str(dep), "--detach", cwd=tmp_path, timeout=600)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads((tmp_path / "run" / "state.json").read_text())
         r = state["router"]
+        # both profiled here (tagger with its two inputs) and planned from those latencies
+        planned = {a["model"]: a for g in state["plan"]["gpulets"] for a in g["models"]}
+        assert planned["tagger"]["latency_ms"] > 0 and planned["scorer"]["latency_ms"] > 0, planned
         x = np.random.default_rng(5).random((3, 12), dtype=np.float32)
         with torch.no_grad():
             ref = torch.jit.load(str(user_model))(torch.from_numpy(x)).numpy()
@@ -159,15 +164,20 @@ run_dir: {tmp_path / "run"}
         import onnxruntime
 
         img = np.random.default_rng(6).random((2, 3, 8, 8), dtype=np.float32)
-        scores, mean = onnxruntime.InferenceSession(str(onnx_model)).run(None, {"IMAGE": img})
+        scale = np.array([[0.5], [2.0]], dtype=np.float32)
+        scores, mean = onnxruntime.InferenceSession(str(onnx_model)).run(None, {"IMAGE": img, "SCALE": scale})
         hi = httpclient.InferInput("IMAGE", [2, 3, 8, 8], "FP32")
         hi.set_data_from_numpy(img)
-        res = http.infer("tagger", [hi])
+        hs = httpclient.InferInput("SCALE", [2, 1], "FP32")
+        hs.set_data_from_numpy(scale)
+        res = http.infer("tagger", [hi, hs])
         np.testing.assert_allclose(res.as_numpy("SCORES"), scores, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(res.as_numpy("MEAN"), mean, rtol=1e-4, atol=1e-6)
         gi = grpcclient.InferInput("IMAGE", [2, 3, 8, 8], "FP32")
         gi.set_data_from_numpy(img)
-        res = grpc.infer("tagger", [gi])
+        gs = grpcclient.InferInput("SCALE", [2, 1], "FP32")
+        gs.set_data_from_numpy(scale)
+        res = grpc.infer("tagger", [gi, gs])
         np.testing.assert_allclose(res.as_numpy("SCORES"), scores, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(res.as_numpy("MEAN"), mean, rtol=1e-4, atol=1e-6)
     finally:
