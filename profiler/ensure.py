@@ -38,7 +38,7 @@ def ensure_profile(models: Sequence[str], device: str = "cpu", shares: Sequence[
     ``device``: 'cpu' or 'gpu'. ``progress``: show a rich progress bar with a time estimate
     (or pass a callable taking the profiler's event dicts). GPU shares < 100 need a running MPS
     daemon on ``mps_pipe_dir`` (see :class:`controlplane.runtime.mps.Daemon`); without one MPSNotActive is raised.
-    ``repository``: where models the zoo cannot build live (``repo add``; CPU in-process profiling only).
+    ``repository``: where models the zoo cannot build live (``repo add``).
     """
     from .common import device_name
     from .latency import profile_latency
@@ -56,10 +56,11 @@ def ensure_profile(models: Sequence[str], device: str = "cpu", shares: Sequence[
     kw = dict(device="gpu" if on_gpu else "cpu", shares=shares, batches=batches, out_csv=csv_path,
               runs=runs, min_runs=min_runs, point_budget_s=point_budget_s, mps_pipe_dir=mps_pipe_dir,
               gpu_index=gpu_index, device_label=dev)
+    kw["repository"] = repository
     if on_gpu:
         profile = profile_serving
     else:
-        profile, kw["precisions"], kw["repository"] = profile_latency, precs, repository
+        profile, kw["precisions"] = profile_latency, precs
     if callable(progress):
         profile(models, progress=progress, **kw)
         return csv_path

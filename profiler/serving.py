@@ -32,15 +32,24 @@ from .latency import LatencyResult, Progress, check_mps, cores_for_share
 
 
 def _client_inputs(info, batch: int):
+    """One request's inputs: the zoo's example input for a zoo model (bert's token ids stay in its
+    vocabulary), else random rows of every input the config names (a user's model, `repo add`)."""
     import tritonclient.http.aio as aio
 
     from controlplane import zoo
+    from controlplane.model_add import example_inputs
 
-    x = zoo.example_input(info.name, batch).numpy()
-    t = info.inputs[0]
-    inp = aio.InferInput(t.name, list(x.shape), t.datatype)
-    inp.set_data_from_numpy(x.astype(np.int64 if t.datatype == "INT64" else np.float32), binary_data=True)
-    return [inp]
+    if not info.path.joinpath("1").is_dir() and info.name in zoo.names():
+        xs = [zoo.example_input(info.name, batch).numpy()]
+    else:
+        xs = [x.numpy() for x in example_inputs(info.inputs, batch)]
+    out = []
+    for t, x in zip(info.inputs, xs):
+        inp = aio.InferInput(t.name, list(x.shape), t.datatype)
+        inp.set_data_from_numpy(x.astype(np.int64) if t.datatype == "INT64" and x.dtype != np.int64 else x,
+                                binary_data=True)
+        out.append(inp)
+    return out
 
 
 def batch_stats(url: str, model: str) -> dict[int, tuple[int, int]]:
@@ -87,12 +96,14 @@ def profile_serving(models: Sequence[str], device: str = "cpu", shares: Sequence
                     batches: Sequence[int] = (1, 8), out_csv: str | Path | None = None, runs: int = 50,
                     min_runs: int = 10, warmup: int = 3, point_budget_s: float = 1.0, delay_us: int | None = None,
                     mps_pipe_dir: str | Path | None = None, gpu_index: int = 0, device_label: str | None = None,
-                    progress: Progress | None = None, tritonserver: str | None = None) -> LatencyResult:
+                    progress: Progress | None = None, tritonserver: str | None = None,
+                    repository: str | Path | None = None) -> LatencyResult:
     """Measure the (model x share x batch) table through tritonserver; resumable like the in-process one.
 
     ``delay_us``: how long Triton holds a batch for the rest of a round's requests (default 20 ms on a
     GPU -- one client process sends a round of 32 600 KB images -- and 50 ms on the CPU); it is
-    queueing, not part of the figure. A point whose batch never formed is left out (``skipped``)."""
+    queueing, not part of the figure. A point whose batch never formed is left out (``skipped``).
+    ``repository``: the source repository (default: the zoo's), e.g. a user's from `repo add`."""
 
     from controlplane.repository import SourceRepository, build_artifacts, write_gpulet_repository
     from controlplane.runtime.base import Launch, gpulet_env
@@ -115,7 +126,7 @@ def profile_serving(models: Sequence[str], device: str = "cpu", shares: Sequence
     if not total:
         return res
     check_mps(list(todo), on_gpu, mps_pipe_dir)
-    repo = SourceRepository()
+    repo = SourceRepository(repository)
     build_artifacts(repo, list(models))
     work = Path(tempfile.mkdtemp(prefix="gpulet-serving-"))
     t_start = time.perf_counter()

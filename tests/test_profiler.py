@@ -197,3 +197,27 @@ def test_serving_profile_reads_tritons_time_per_batch(tmp_path):
     again = profile_serving(["lenet"], device="cpu", shares=[50, 100], batches=[1, 4], out_csv=csv)
     assert again.measured == []                       # resumed: nothing left to measure
     assert ProfileStore.load(csv).latency("lenet", 100, 4) > 0
+
+
+def test_serving_profile_of_a_users_model_with_two_inputs(tmp_path):
+    """A model of the user's repository (`repo add`), two inputs: the serving profile sends both, as
+    `up` does on a GPU host for a model its profile lacks."""
+    import torch
+
+    from profiler.serving import profile_serving
+
+    from helpers import run_cli
+
+    class Pair(torch.nn.Module):
+        def forward(self, a, b):
+            return a * 2 + b
+
+    f = tmp_path / "pair.pt"
+    torch.jit.save(torch.jit.script(Pair()), str(f))
+    add = run_cli("repo", "add", "pair", "--torchscript", str(f), "--input", "A:FP32:3", "--input", "B:FP32:3",
+                  "--max-batch", "4", "--repository", str(tmp_path / "repo"), timeout=120)
+    assert add.returncode == 0, add.stdout + add.stderr
+    csv = tmp_path / "latency.csv"
+    res = profile_serving(["pair"], device="cpu", shares=[100], batches=[1, 2], out_csv=csv, min_runs=3, warmup=1,
+                          point_budget_s=0.2, repository=tmp_path / "repo")
+    assert not res.skipped and {(r.model, r.batch) for r in read_csv(csv)} == {("pair", 1), ("pair", 2)}
