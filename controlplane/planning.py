@@ -77,10 +77,10 @@ def measure(dep: Deployment, devices: DeviceSet, models: list[str]) -> None:
 
     kw = dict(profiles_root=measured_profiles(dep), shares=dep.scheduler.shares,
               batches=[b for b in (1, 2, 4, 8, 16, 32) if b <= dep.scheduler.max_batch])
+    # absolute: the profiler's workers run elsewhere, and a relative `repository:` means this directory
+    kw["repository"] = str(Path(dep.repository).absolute()) if dep.repository else None
     if not devices.on_gpu:
-        # absolute: the profiler's workers run elsewhere, and a relative `repository:` means this directory
-        repo = str(Path(dep.repository).absolute()) if dep.repository else None
-        ensure_profile(models, device="cpu", repository=repo, **kw)
+        ensure_profile(models, device="cpu", **kw)
         return
     import tempfile
 
