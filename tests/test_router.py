@@ -779,3 +779,43 @@ def test_repository_load_is_refused_while_the_api_is_off(server):
     assert "model_repository(index)" in c.get_server_metadata()["extensions"]
     r = httpx.post(f"http://{server.http_url}/v2/repository/models/lenet/load", content=b"[1")
     assert r.status_code == 400 and "not JSON" in r.json()["error"]
+
+
+def test_ten_thousand_stalled_bodies_do_not_starve_a_correct_client(backend, repo):
+    """10,000 connections that each send a request head and part of its body, then stall, held while a
+    correct client sends requests one after another: >= 99 % of its requests are answered correctly.
+    (The router runs in two processes, as `up` runs it; both share the connections.)"""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = 10_000
+    if hard < 2 * n:            # this process holds the clients' ends and one router process's
+        pytest.skip(f"needs {2 * n} open files, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2 * n), hard))
+    plan, eps, _ = backend
+    table = RoutingTable.from_plan(plan, eps, repo, deployment())
+    stalled: list[socket.socket] = []
+    try:
+        with RouterServer(table, RouterSpec(http_port=0, grpc_port=0, workers=2, body_timeout_s=120)) as srv:
+            for _ in range(n):
+                s = socket.create_connection(("127.0.0.1", srv.http_port), timeout=30)
+                s.sendall(b"POST /v2/models/lenet/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000\r\n\r\n{\"inputs\": [")
+                stalled.append(s)
+            client = th.InferenceServerClient(srv.http_url, network_timeout=30)
+            x = example("lenet", 1, seed=4)
+            inp = th.InferInput("INPUT", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            want = reference(repo, "lenet", x)
+            ok, failures = 0, []
+            for _ in range(200):
+                try:
+                    assert _close(client.infer("lenet", [inp]).as_numpy("OUTPUT"), want)
+                    ok += 1
+                except Exception as e:  # noqa: BLE001 - counted
+                    failures.append(f"{type(e).__name__}: {e}")
+            assert ok >= 198, failures[:5]
+    finally:
+        for s in stalled:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
