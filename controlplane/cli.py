@@ -1,6 +1,6 @@
 """`controlplane`: plan, launch and serve many models on few GPUs.
 
-Commands: up, apply, down, status, plan, repo build|list, profile, loadgen, compose, logs.
+Commands: up, apply, down, status, plan, repo build|list, profile, loadgen, compose, render, logs.
 Every command that reads a deployment file exits with status 2 and a message
 naming the file, the field and the problem when the file is invalid.
 """
@@ -464,11 +464,13 @@ def _mount() -> None:
     from profiler.cli import profile
 
     from .compose import compose_command
+    from .k8s import render_command
     from .loadgen_cli import loadgen
 
     app.command("profile")(profile)
     app.command("loadgen")(loadgen)
     app.command("compose")(compose_command)
+    app.command("render")(render_command)
 
 
 _mount()

@@ -238,7 +238,7 @@ def compose_command(
             plan = make_plan(dep, devices, log=lambda m: err.print(m))
         except ValueError as e:
             fail(str(e), 1)
-    uuids = {i: g.uuid for i, g in enumerate(devices.gpus)} if devices.on_gpu else None
+    uuids = {i: g.uuid for i, g in enumerate(devices.gpus)} if devices.on_gpu and not devices.fleet else None
     out = out_dir or RunPaths.for_deployment(dep).compose
     if mps not in ("container", "host", "none"):
         fail(f"--mps must be container, host or none, not {mps!r}")

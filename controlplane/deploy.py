@@ -166,6 +166,9 @@ class Controller:
 
     def prepare(self, plan: Plan | None = None) -> Plan:
         self.devices = devmod.resolve(self.dep.devices)
+        if self.devices.fleet:
+            raise ValueError("devices: {gpus, model} describes GPUs to plan for elsewhere (`plan`, `compose`, "
+                             "`render k8s`); `up` runs on this machine's: devices auto or a list of GPU indices")
         if plan is None:   # up measures what its device's profile lacks (saying so) rather than fail
             plan = make_plan(self.dep, self.devices, repo=self.repo, profile_missing=True, log=self.log)
         if self.devices.on_gpu and plan.gpulets and max(g.gpu for g in plan.gpulets) >= self.devices.count():

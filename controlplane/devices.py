@@ -21,6 +21,7 @@ class DeviceSet:
     name: str                 # device type: the GPU's name, or "cpu-<n>c"
     gpus: tuple[GPU, ...] = ()
     cores: tuple[int, ...] = ()
+    fleet: bool = False       # GPUs described, not found on this machine: plan and render only
 
     @property
     def on_gpu(self) -> bool:
@@ -60,8 +61,15 @@ def cpu_name() -> str:
 
 
 def resolve(devices) -> DeviceSet:
-    """'auto' -> all GPUs, or the CPU when there are none; 'cpu'; or a list of GPU indices."""
+    """'auto' -> all GPUs, or the CPU when there are none; 'cpu'; a list of GPU indices; or a fleet
+    described ({gpus, model}: that many GPUs of that model, not looked for on this machine)."""
     cores = tuple(sorted(os.sched_getaffinity(0)))
+    if hasattr(devices, "gpus") and hasattr(devices, "model"):       # spec.FleetSpec: a fleet described
+        from .profiles import DEVICE_MEMORY_MB, device_slug
+
+        mem = DEVICE_MEMORY_MB.get(device_slug(devices.model), 0.0)
+        return DeviceSet("gpu", devices.model, gpus=tuple(GPU(i, "", devices.model, mem) for i in range(devices.gpus)),
+                         cores=cores, fleet=True)
     if devices == "cpu":
         return DeviceSet("cpu", cpu_name(), cores=cores)
     gpus = list_gpus()

@@ -202,8 +202,9 @@ class ProfileStore:
             if len(devices) > 1:
                 raise ProfileError(f"profiles of several devices {devices}; pass device= to pick one")
             device = devices[0] if devices else "unknown"
-        else:
-            rows = [r for r in rows if r.device == device]
+        else:      # by name, else by GPU model ('H200' of a fleet description finds 'NVIDIA H200' rows)
+            rows = ([r for r in rows if r.device == device]
+                    or [r for r in rows if device_slug(r.device) == device_slug(device)])
         self.device = device
         self.memory_mb_total = memory_mb_total if memory_mb_total is not None else DEVICE_MEMORY_MB.get(device_slug(device))
         self.rows = rows

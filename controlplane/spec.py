@@ -142,7 +142,15 @@ class SchedulerSpec(_Strict):
         return sorted(set(v))
 
 
-Devices = Literal["auto", "cpu"] | list[Annotated[int, Field(ge=0)]]
+class FleetSpec(_Strict):
+    """GPUs to plan for that are not this machine's: `plan`, `compose` and `render k8s` work from it on any
+    machine (the profile of that GPU model must exist); `up` refuses it (it runs on the GPUs it has)."""
+
+    gpus: int = Field(ge=1, le=4096, description="how many GPUs")
+    model: str = Field(min_length=1, max_length=128, description="GPU model as its profiles name it, e.g. 'H200'")
+
+
+Devices = Literal["auto", "cpu"] | list[Annotated[int, Field(ge=0)]] | FleetSpec
 
 
 class Deployment(_Strict):
@@ -151,7 +159,8 @@ class Deployment(_Strict):
     name: str = Field(default="default", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
     models: list[ModelSpec] = Field(min_length=1)
     devices: Devices = Field(
-        default="auto", description="'auto' (GPUs if any, else CPU), 'cpu', or a list of GPU indices"
+        default="auto", description="'auto' (GPUs if any, else CPU), 'cpu', a list of GPU indices, or a fleet to "
+        "plan for elsewhere: {gpus: N, model: H200}"
     )
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
