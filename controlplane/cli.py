@@ -290,6 +290,17 @@ def _print_plan(plan) -> None:
             s.add_row(name, f"{m.rate:.1f}", f"{m.throughput:.1f}", f"{m.worst_latency_ms:.1f}", f"{m.slo_ms:g}",
                       "yes" if m.worst_latency_ms <= m.slo_ms and m.throughput >= m.rate * (1 - 1e-9) else "[red]no[/]")
         console.print(s)
+    if plan.apps:
+        a = Table("app", "req/s", "SLO ms", "step: budget ms (planned worst latency ms)", "critical path",
+                  "steps within budget", title="apps: each SLO split over its steps")
+        for name, app in plan.apps.items():
+            worst = {m: plan.models[m].worst_latency_ms if m in plan.models else None for m in app.budgets_ms}
+            steps = ", ".join(f"{m}: {b:.1f}" + (f" ({worst[m]:.1f})" if worst[m] else "")
+                              for m, b in app.budgets_ms.items())
+            within = all(w is None or w == 0 or w <= app.budgets_ms[m] + 1e-6 for m, w in worst.items())
+            a.add_row(name, f"{app.rate:g}", f"{app.slo_ms:g}", steps, " → ".join(app.critical_path),
+                      "yes" if within else "[red]no[/]")
+        console.print(a)
 
 
 @app.command("plan")

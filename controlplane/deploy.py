@@ -162,6 +162,14 @@ class Controller:
         self._profiles = None               # the unscaled profile store recalibration compares with
         self.metrics = ControllerMetrics()
 
+    @property
+    def served(self) -> Deployment:
+        """The deployment as its plan serves it: the apps' step models at their rates and SLO budgets
+        (controlplane.apps.planned); the file's own deployment when it has no apps."""
+        from .apps import planned
+
+        return planned(self.dep, self.plan) if self.plan is not None else self.dep
+
     # ------------------------------------------------------------------ prepare
 
     def prepare(self, plan: Plan | None = None) -> Plan:
@@ -189,7 +197,7 @@ class Controller:
         chosen = [g for g in self.plan.gpulets if only is None or g.id in only]
         repos = write_gpulet_repositories(self.repo, self.plan.model_copy(update={"gpulets": chosen}),
                                           self.paths.repos, on_gpu=on_gpu,
-                                          slo_ms={m.name: m.slo_ms for m in self.dep.models})
+                                          slo_ms={m.name: m.slo_ms for m in self.served.models})
         cores = cpu_cores_for(self.plan.gpulets, list(self.devices.cores)) if not on_gpu else {}
         pipe = str(self._mps_pipe_dir())
         out = []
@@ -255,7 +263,7 @@ class Controller:
             self._write_state("starting")
             from .router import RouterServer, RoutingTable
 
-            table = RoutingTable.from_plan(self.plan, self.endpoints, self.repo, self.dep)
+            table = RoutingTable.from_plan(self.plan, self.endpoints, self.repo, self.served)
             self.router = RouterServer(table, self.dep.router, self._router_options())
             self.router.start_in_thread()
             self.metrics.plan(self.plan)
@@ -290,7 +298,7 @@ class Controller:
         repository as it is now.
 
         Raises RepositoryRefused (with an HTTP status) for a request that cannot be done."""
-        served = [m.name for m in self.dep.models]
+        served = [m.name for m in self.served.models]
         repo = repository_for(self.dep)       # as it is now: `repo add` may have changed it since `up`
         if action == "load":
             if model in served:        # Triton's load of a loaded model reloads it: a new version, say
@@ -308,6 +316,10 @@ class Controller:
         if action == "unload":
             if model not in served:
                 return None, f"{model!r} is not served"
+            app = next((a.name for a in self.dep.apps for st in a.steps if st.model == model), None)
+            if app is not None:
+                raise RepositoryRefused(400, f"{model!r} is a step of app {app!r}; change the app with "
+                                             "`controlplane apply`")
             if served == [model]:
                 raise RepositoryRefused(400, f"{model!r} is the deployment's only model; `controlplane down` stops "
                                              "the deployment")
@@ -376,8 +388,10 @@ class Controller:
         if self.devices.on_gpu and plan.gpulets and max(g.gpu for g in plan.gpulets) >= self.devices.count():
             raise ValueError(f"the plan needs {plan.gpus} GPU(s) but the deployment has {self.devices.count()}")
         build_artifacts(repo, plan.model_names(), progress=lambda n: self.log(f"building model {n} ..."))
-        slo = {m.name: m.slo_ms for m in dep.models}
-        old_slo = {m.name: m.slo_ms for m in self.dep.models}
+        from .apps import planned
+
+        slo = {m.name: m.slo_ms for m in planned(dep, plan).models}
+        old_slo = {m.name: m.slo_ms for m in self.served.models}
         running = {_gpulet_key(g, old_slo): g.id for g in self.plan.gpulets
                    if not reload.intersection(a.model for a in g.models)}
         self._generation += 1
@@ -432,7 +446,7 @@ class Controller:
         store = self._profiles or load_profiles(self.dep, self.devices.name)
         need: dict[int, float] = {}
         for g in gpulets:
-            models = sum((store.memory_mb(self.dep.model(a.model).source) or 0.0) if store else 0.0
+            models = sum((store.memory_mb(self.served.model(a.model).source) or 0.0) if store else 0.0
                          for a in g.models)
             need[g.gpu] = need.get(g.gpu, 0.0) + models + devmod.GPULET_OVERHEAD_MB
         nvml = devmod.free_memory_mb([self.devices.gpus[i].index for i in need])     # by NVML index
@@ -451,7 +465,7 @@ class Controller:
         from .router import RoutingTable
 
         try:
-            self.router.update(RoutingTable.from_plan(self.plan, self.endpoints, self.repo, self.dep))
+            self.router.update(RoutingTable.from_plan(self.plan, self.endpoints, self.repo, self.served))
         except Exception as e:  # noqa: BLE001 - logged; the next restart or apply tries again
             self.log(f"router: could not take the restarted gpu-lets' new ports: {e}")
 
@@ -477,11 +491,13 @@ class Controller:
         calibration, why_cal = recalibrate(self.calibration, self._measure_batches())
         if window.span_s() < min(self.dep.scheduler.epoch_s, self.dep.scheduler.window_s) * 0.9:
             return      # not a full epoch measured yet
-        planned = {m.name: m.rate for m in self.dep.models}
+        planned = {m.name: m.rate for m in self.served.models}
         rates, why_rate = decide(planned, window.peak_rates())
         if rates is None and calibration is None:
             return
-        doc = self.dep.model_dump(mode="json", exclude_none=True)
+        doc = self.served.model_dump(mode="json", exclude_none=True)
+        for a in doc.get("apps", []):
+            a["rate"] = 0.0             # the step models' measured rates already count the apps' requests
         for m in doc["models"]:
             if rates is not None:
                 m["rate"] = round(rates[m["name"]], 3)
@@ -518,7 +534,7 @@ class Controller:
                     continue
                 prev = self._batch_stats.get((g.id, a.model))
                 self._batch_stats[(g.id, a.model)] = cur
-                src = self.dep.model(a.model).source
+                src = self.served.model(a.model).source
                 if prev is None or store is None or src not in store.models():
                     continue
                 n, meas, pred = measured_vs_predicted(prev, cur, lambda b: store.latency(src, g.share, b, pct="p50"))

@@ -111,7 +111,46 @@ def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str
               algorithm: str | None = None, gpus: int | None = None, repo: SourceRepository | None = None,
               profile_missing: bool = False, log: Callable[[str], None] = print,
               calibration: Mapping[str, float] | None = None) -> Plan:
-    """Plan a deployment.
+    """Plan a deployment (:func:`plan_models`); its apps first: checked against the repository, each
+    app's SLO split over its steps by their profiled latencies (batch 1, the largest share), and the
+    steps' models planned at the app's rate with their budgets as SLOs (``plan.apps`` says the split)."""
+    kw = dict(profile=profile, algorithm=algorithm, gpus=gpus, repo=repo, profile_missing=profile_missing, log=log,
+              calibration=calibration)
+    if not dep.apps:
+        return plan_models(dep, devices, **kw)
+    from . import apps as appmod
+    from .spec import AppSummary
+
+    appmod.check(dep, repo or repository_for(dep))
+    if isinstance(profile, ProfileStore):
+        store = profile
+    elif profile is not None:
+        store = ProfileStore.load(profile)
+    else:
+        if devices is None:
+            from . import devices as devmod
+
+            devices = devmod.resolve(dep.devices)
+        store = load_profiles(dep, devices.name)
+
+    def latency(model: str) -> float | None:
+        src = dep.model(model).source if model in {m.name for m in dep.models} else model
+        if store is None or src not in store.models():
+            return None
+        return store.latency(src, max(store.shares(src)), 1)
+
+    split = {a.name: appmod.split_slo(a, latency) for a in dep.apps}
+    plan = plan_models(appmod.expand(dep, {n: b for n, (b, _) in split.items()}), devices, **kw)
+    summaries = {a.name: AppSummary(rate=a.rate, slo_ms=a.slo_ms, budgets_ms={m: round(v, 3) for m, v in split[a.name][0].items()},
+                                    critical_path=split[a.name][1]) for a in dep.apps}
+    return plan.model_copy(update={"apps": summaries})
+
+
+def plan_models(dep: Deployment, devices: DeviceSet | None = None, *, profile: str | Path | ProfileStore | None = None,
+                algorithm: str | None = None, gpus: int | None = None, repo: SourceRepository | None = None,
+                profile_missing: bool = False, log: Callable[[str], None] = print,
+                calibration: Mapping[str, float] | None = None) -> Plan:
+    """Plan a deployment's models.
 
     devices: what it runs on (resolved from ``dep.devices`` when not given). profile: plan against
     this profile (a device folder such as ``profiles/h100``, a latency.csv, or a loaded store)

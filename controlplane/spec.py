@@ -68,6 +68,59 @@ class ModelSpec(_Strict):
         return self.base or self.name
 
 
+#: where a step's input comes from: an app input (``IMAGE``) or an earlier step's output (``lenet.OUTPUT``)
+TENSOR_REF = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+
+
+class AppStep(_Strict):
+    """One model of an application, and where each of its inputs comes from."""
+
+    model: str = Field(pattern=MODEL_NAME, max_length=128, description="a model of the repository")
+    inputs: dict[str, Annotated[str, Field(pattern=TENSOR_REF)]] = Field(
+        min_length=1, description="the model's input name -> an app input name, or STEP_MODEL.OUTPUT of another step")
+
+
+class AppSpec(_Strict):
+    """An application: models run as one pipeline (steps whose inputs are ready run at once), one
+    endpoint and one end-to-end SLO, which the planner splits over the steps."""
+
+    name: str = Field(pattern=MODEL_NAME, max_length=128, description="served as a KServe model of this name")
+    rate: float = Field(ge=0, description="requests/s to plan for; every step's model gets this much more")
+    slo_ms: float = Field(gt=0, description="end-to-end latency SLO in milliseconds")
+    steps: list[AppStep] = Field(min_length=1)
+    outputs: dict[str, Annotated[str, Field(pattern=TENSOR_REF)]] = Field(
+        min_length=1, description="the app's output name -> STEP_MODEL.OUTPUT")
+
+    @model_validator(mode="after")
+    def _graph(self) -> "AppSpec":
+        """Each model once; references to steps that exist; no cycle (checked here, without the repository)."""
+        models = [s.model for s in self.steps]
+        for i, st in enumerate(self.steps):
+            if st.model in models[:i]:
+                raise ValueError(f"steps[{i}].model: {st.model!r} is a step already (use `base:` copies to run a "
+                                 "model twice)")
+        for i, st in enumerate(self.steps):
+            for k, ref in st.inputs.items():
+                step = ref.split(".", 1)[0] if "." in ref else None
+                if step is not None and step not in models:
+                    raise ValueError(f"steps[{i}].inputs.{k}: {ref!r} names no step (steps: {', '.join(models)})")
+                if step == st.model:
+                    raise ValueError(f"steps[{i}].inputs.{k}: a step cannot take its own output")
+        for k, ref in self.outputs.items():
+            if "." not in ref or ref.split(".", 1)[0] not in models:
+                raise ValueError(f"outputs.{k}: {ref!r} is not STEP_MODEL.OUTPUT of a step "
+                                 f"(steps: {', '.join(models)})")
+        done: set[str] = set()
+        todo = list(self.steps)
+        while todo:
+            ready = [st for st in todo if all(("." not in r) or r.split(".", 1)[0] in done for r in st.inputs.values())]
+            if not ready:
+                raise ValueError(f"steps: {', '.join(st.model for st in todo)} wait on each other (a cycle)")
+            done.update(st.model for st in ready)
+            todo = [st for st in todo if st not in ready]
+        return self
+
+
 class RuntimeSpec(_Strict):
     """How gpu-lets are run: local tritonserver processes or Docker containers."""
 
@@ -157,7 +210,8 @@ class Deployment(_Strict):
     """A deployment file: what to serve and where."""
 
     name: str = Field(default="default", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
-    models: list[ModelSpec] = Field(min_length=1)
+    models: list[ModelSpec] = Field(default_factory=list, description="models served on their own (at least one "
+                                                                        "model or app)")
     devices: Devices = Field(
         default="auto", description="'auto' (GPUs if any, else CPU), 'cpu', a list of GPU indices, or a fleet to "
         "plan for elsewhere: {gpus: N, model: H200}"
@@ -169,6 +223,8 @@ class Deployment(_Strict):
     profiles: str | None = Field(default=None, description="profile directory; default: ./profiles")
     run_dir: str | None = Field(default=None, description="where logs, state and repos go; default <state>/runs/<name> "
                                                                "(~/.local/state/controlplane, or $CONTROLPLANE_STATE)")
+    apps: list[AppSpec] = Field(default_factory=list, description="applications: pipelines of models with one "
+                                                                   "endpoint and one SLO each")
 
     @field_validator("runtime", mode="before")
     @classmethod
@@ -178,11 +234,17 @@ class Deployment(_Strict):
 
     @model_validator(mode="after")
     def _unique_models(self) -> "Deployment":
+        if not self.models and not self.apps:
+            raise ValueError("models: a deployment serves at least one model or app")
         seen: set[str] = set()
         for i, m in enumerate(self.models):
             if m.name in seen:
                 raise ValueError(f"models[{i}].name: model {m.name!r} is listed twice")
             seen.add(m.name)
+        for i, a in enumerate(self.apps):
+            if a.name in seen:
+                raise ValueError(f"apps[{i}].name: {a.name!r} is a model's name or another app's")
+            seen.add(a.name)
         return self
 
     def model(self, name: str) -> ModelSpec:
@@ -234,6 +296,15 @@ class ModelSummary(_Strict):
     worst_latency_ms: float = Field(description="predicted worst-case latency, queueing in the duty cycle included")
 
 
+class AppSummary(_Strict):
+    """How the plan splits one application's SLO over its steps."""
+
+    rate: float
+    slo_ms: float
+    budgets_ms: dict[str, float] = Field(description="each step's model -> its share of the SLO")
+    critical_path: list[str] = Field(description="the steps whose budgets add up to the SLO")
+
+
 class Plan(_Strict):
     """The scheduler's answer: gpu-lets, and who runs where."""
 
@@ -243,6 +314,7 @@ class Plan(_Strict):
     gpus: int = Field(ge=0, description="number of GPUs the plan uses")
     gpulets: list[GpuLet]
     models: dict[str, ModelSummary] = Field(default_factory=dict)
+    apps: dict[str, AppSummary] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Plan":

@@ -338,6 +338,9 @@ class Router:
                 targets[m.name] = ts
                 if m.name not in self._mm:
                     self._mm[m.name] = _ModelMetrics(self.metrics, m)
+            for a in table.apps.values():
+                if a.name not in self._mm:
+                    self._mm[a.name] = _ModelMetrics(self.metrics, a)
         await asyncio.gather(*(b.check() for b in fresh))
         self.table, self.servers, self.targets = table, servers, targets
         for be in old.values():
@@ -375,10 +378,24 @@ class Router:
     def model_ready(self, model: str) -> bool:
         return any(t.backend.ready for t in self.targets.get(model, []))
 
+    def app(self, name: str, version: str = ""):
+        """The app of this name (an AppRoute), or None when it is not an app."""
+        a = self.table.apps.get(name)
+        if a is not None and version not in ("", a.version):
+            raise RouterError(404, f"app {name!r} has no version {version!r} (only {a.version!r})")
+        return a
+
+    def app_ready(self, name: str) -> bool:
+        return all(self.model_ready(m) for m in self.table.apps[name].steps)
+
     def model(self, name: str, version: str = "") -> ModelRoute:
         m = self.table.models.get(name)
         if m is None:
-            raise RouterError(404, f"unknown model {name!r}; served models: {', '.join(self.table.models)}")
+            if name in self.table.apps:
+                raise RouterError(404, f"{name!r} is an app: it has metadata, readiness and infer; its models "
+                                       f"({', '.join(self.table.apps[name].steps)}) have the rest")
+            raise RouterError(404, f"unknown model {name!r}; served models: "
+                                   f"{', '.join([*self.table.models, *self.table.apps])}")
         if version not in ("", m.version):
             raise RouterError(404, f"model {name!r} has no version {version!r} (only {m.version!r})")
         return m
@@ -390,6 +407,8 @@ class Router:
         the repository API on, every other model of the repository as UNAVAILABLE with the reason."""
         rows = [{"name": n, "version": m.version, "state": "READY" if self.model_ready(n) else "UNAVAILABLE"}
                 for n, m in self.table.models.items()]
+        rows += [{"name": n, "version": a.version, "state": "READY" if self.app_ready(n) else "UNAVAILABLE"}
+                 for n, a in self.table.apps.items()]
         if self.control is not None:
             rows += [{"name": n, "state": "UNAVAILABLE", "reason": "not loaded"}
                      for n in self.control.models() if n not in self.table.models]

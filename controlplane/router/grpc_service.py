@@ -85,6 +85,8 @@ class InferenceService:
 
     async def ModelReady(self, request, context):
         try:
+            if self.router.app(request.name, request.version) is not None:
+                return pb.ModelReadyResponse(ready=self.router.app_ready(request.name))
             self.router.model(request.name, request.version)
         except RouterError:
             return pb.ModelReadyResponse(ready=False)
@@ -95,6 +97,9 @@ class InferenceService:
 
     async def ModelMetadata(self, request, context):
         try:
+            app = self.router.app(request.name, request.version)
+            if app is not None:
+                return ParseDict(app.metadata(), pb.ModelMetadataResponse())
             m = self.router.model(request.name, request.version)
         except RouterError as e:
             await context.abort(e.grpc_code, e.message)
@@ -143,6 +148,16 @@ class InferenceService:
 
     async def _infer(self, request: bytes) -> bytes:
         model, version = model_of(request)
+        app = self.router.app(model, version)
+        if app is not None:
+            from .apps import run_app
+            from .grpc_http import to_grpc, to_http
+
+            framed = to_http(request)
+            if framed is None:
+                raise RouterError(400, f"app {model!r} takes its tensors as raw_input_contents (what tritonclient sends)")
+            _, headers, body = framed
+            return to_grpc(await run_app(self.router, app, dict(headers).get(b"inference-header-content-length"), body))
         return await self.router.infer_grpc(model, version, request)
 
     async def ModelInfer(self, request: bytes, context) -> bytes:

@@ -65,6 +65,12 @@ async def handle_infer(router: Router, max_body: int, model: str, version: str,
 
     The body goes to a gpu-let of the model as it came; returns Triton's answer, raises :class:`RouterError`
     for what the router itself refuses (unknown model, body too large, no gpu-let reachable)."""
+    app = router.app(model, version)
+    if app is not None:
+        from .apps import run_app
+
+        body = await read_body(max_body, headers, chunks)
+        return await run_app(router, app, headers.get(b"inference-header-content-length"), body)
     router.model(model, version)
     body = await read_body(max_body, headers, chunks)
     fwd = [(k, v) for k, v in headers.items() if k in FORWARD_HEADERS]
@@ -366,11 +372,14 @@ def create_app(table: RoutingTable | None = None, spec=None, *, router: Router |
     @app.get("/v2/models/{model}", summary="model metadata")
     @app.get("/v2/models/{model}/versions/{version}", summary="model metadata (version)")
     async def model_metadata(model: str, version: str = ""):
-        return _metadata(router.model(model, version))
+        app = router.app(model, version)
+        return app.metadata() if app is not None else _metadata(router.model(model, version))
 
     @app.get("/v2/models/{model}/ready", summary="model ready: at least one of its gpu-lets ready")
     @app.get("/v2/models/{model}/versions/{version}/ready", summary="model ready (version)")
     async def model_ready(model: str, version: str = ""):
+        if router.app(model, version) is not None:
+            return Response(status_code=200 if router.app_ready(model) else 503)
         router.model(model, version)
         return Response(status_code=200 if router.model_ready(model) else 503)
 

@@ -13,6 +13,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ..repository import SourceRepository, TensorInfo
 from ..runtime.base import Endpoint
+from .apps import AppRoute
 from ..spec import Deployment, Plan
 
 
@@ -63,6 +64,7 @@ class ModelRoute:
 @dataclass
 class RoutingTable:
     models: dict[str, ModelRoute]
+    apps: dict[str, AppRoute] = field(default_factory=dict)
 
     @classmethod
     def from_plan(cls, plan: Plan, endpoints: dict[str, Endpoint], repo: SourceRepository,
@@ -99,4 +101,20 @@ class RoutingTable:
             cfg.ClearField("dynamic_batching")
             models[name] = ModelRoute(name=name, inputs=list(info.inputs), outputs=list(info.outputs),
                                       max_batch_size=max_batch, slo_ms=slo, gpulets=routes, config=cfg)
-        return cls(models)
+        return cls(models, _apps(deployment, repo, models) if deployment is not None else {})
+
+
+def _apps(dep: Deployment, repo: SourceRepository, models: dict[str, ModelRoute]) -> dict[str, AppRoute]:
+    """The deployment's apps as the router runs them (their models must be routed)."""
+    from ..apps import app_tensors, levels
+
+    out = {}
+    for i, a in enumerate(dep.apps):
+        ins, outs = app_tensors(a, repo, f"apps[{i}]")
+        unrouted = [st.model for st in a.steps if st.model not in models]
+        if unrouted:
+            raise KeyError(f"app {a.name!r}: no gpu-let serves {', '.join(unrouted)}")
+        out[a.name] = AppRoute(name=a.name, inputs=ins, outputs=outs, sources=dict(a.outputs),
+                               steps={st.model: dict(st.inputs) for st in a.steps}, levels=levels(a),
+                               slo_ms=a.slo_ms, max_batch_size=min(models[st.model].max_batch_size for st in a.steps))
+    return out

@@ -1,0 +1,173 @@
+"""Applications: pipelines of models served as one KServe model with one SLO (issue 16).
+
+A two-step app (lenet, then a head on lenet's scores) and a fan-out app (lenet's scores to two heads
+at once) on real tritonservers through the router, over HTTP (binary and JSON) and gRPC, against the
+same models run in sequence in-process; the SLO split; invalid apps refused with the field named.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from controlplane import zoo
+from controlplane.apps import split_slo
+from controlplane.repository import DEFAULT_SOURCE, SourceRepository
+from controlplane.spec import AppSpec
+
+from helpers import metrics, run_cli, tritonserver_pids
+
+APPS = """\
+  - name: digits
+    rate: 5
+    slo_ms: 2000
+    steps:
+      - {model: lenet, inputs: {INPUT: IMAGE}}
+      - {model: head, inputs: {X: lenet.OUTPUT}}
+    outputs: {SCORES: lenet.OUTPUT, LABEL: head.Y}
+  - name: fan
+    rate: 5
+    slo_ms: 2000
+    steps:
+      - {model: lenet, inputs: {INPUT: IMAGE}}
+      - {model: head, inputs: {X: lenet.OUTPUT}}
+      - {model: head2, inputs: {X: lenet.OUTPUT}}
+    outputs: {A: head.Y, B: head2.Y}
+"""
+
+DEPLOYMENT = """\
+name: apps
+models:
+  - {{name: lenet, rate: 5, slo_ms: 2000}}
+apps:
+{apps}
+devices: cpu
+router: {{http_port: 0, grpc_port: 0, workers: 2}}
+scheduler: {{algorithm: trivial}}
+repository: {repo}
+run_dir: {run}
+"""
+
+
+def _head(path: Path, n_out: int, seed: int) -> torch.jit.ScriptModule:
+    torch.manual_seed(seed)
+    m = torch.jit.trace(torch.nn.Sequential(torch.nn.Linear(10, n_out), torch.nn.Softmax(dim=-1)).eval(),
+                        torch.rand(2, 10))
+    torch.jit.save(m, str(path))
+    return m
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """lenet from the zoo (its config; the artifact is built into the cache) and two heads of the user's."""
+    tmp = tmp_path_factory.mktemp("apps-repo")
+    root = tmp / "repo"
+    (root / "lenet").mkdir(parents=True)
+    shutil.copy(DEFAULT_SOURCE / "lenet" / "config.pbtxt", root / "lenet" / "config.pbtxt")
+    for name, n, seed in (("head", 3, 1), ("head2", 2, 2)):
+        _head(tmp / f"{name}.pt", n, seed)
+        add = run_cli("repo", "add", name, "--torchscript", str(tmp / f"{name}.pt"), "--input", "X:FP32:10",
+                      "--output", "Y", "--max-batch", "32", "--slo-ms", "2000", "--repository", str(root), timeout=120)
+        assert add.returncode == 0, add.stdout + add.stderr
+    return root
+
+
+def test_the_slo_is_split_along_the_slowest_path():
+    chain = AppSpec(name="c", rate=1, slo_ms=100, steps=[{"model": "lenet", "inputs": {"INPUT": "IMAGE"}},
+                                                         {"model": "head", "inputs": {"X": "lenet.OUTPUT"}}],
+                    outputs={"Y": "head.Y"})
+    budgets, critical = split_slo(chain, {"lenet": 1.0, "head": 3.0}.get)
+    assert budgets == pytest.approx({"lenet": 25.0, "head": 75.0}) and critical == ["lenet", "head"]
+    fan = AppSpec(name="f", rate=1, slo_ms=100, steps=[{"model": "lenet", "inputs": {"INPUT": "IMAGE"}},
+                                                       {"model": "head", "inputs": {"X": "lenet.OUTPUT"}},
+                                                       {"model": "head2", "inputs": {"X": "lenet.OUTPUT"}}],
+                  outputs={"A": "head.Y", "B": "head2.Y"})
+    budgets, critical = split_slo(fan, {"lenet": 1.0, "head": 3.0, "head2": 1.0}.get)
+    assert budgets == pytest.approx({"lenet": 25.0, "head": 75.0, "head2": 50.0})
+    assert budgets["lenet"] + budgets["head2"] <= 100 and critical == ["lenet", "head"]
+    budgets, _ = split_slo(chain, lambda m: None)          # no profile: equal weights
+    assert budgets == pytest.approx({"lenet": 50.0, "head": 50.0})
+
+
+@pytest.mark.parametrize("apps, needle", [
+    ("  - {name: a, rate: 1, slo_ms: 9, steps: [{model: nope, inputs: {INPUT: IMAGE}}], outputs: {Y: nope.OUTPUT}}",
+     "apps[0].steps[0].model: no model 'nope'"),
+    ("  - {name: a, rate: 1, slo_ms: 9, steps: [{model: lenet, inputs: {INPUT: head.Y}}, "
+     "{model: head, inputs: {X: lenet.OUTPUT}}], outputs: {Y: head.Y}}", "wait on each other"),
+    ("  - {name: a, rate: 1, slo_ms: 9, steps: [{model: head, inputs: {X: other.Y}}], outputs: {Y: head.Y}}",
+     "'other.Y' names no step"),
+    ("  - {name: a, rate: 1, slo_ms: 9, steps: [{model: head, inputs: {X: IMAGE}}, "
+     "{model: lenet, inputs: {INPUT: head.Y}}], outputs: {Y: lenet.OUTPUT}}",
+     "apps[0].steps[1].inputs.INPUT: 'head.Y' is FP32[3] but 'lenet' takes FP32[1, 28, 28]"),
+    ("  - {name: a, rate: 1, slo_ms: 9, steps: [{model: lenet, inputs: {IMG: IMAGE}}], outputs: {Y: lenet.OUTPUT}}",
+     "apps[0].steps[0].inputs.IMG: 'lenet' has no input 'IMG'"),
+    ("  - {name: a, rate: 1, slo_ms: 9, steps: [{model: lenet, inputs: {INPUT: IMAGE}}], outputs: {Y: lenet.NOPE}}",
+     "apps[0].outputs.Y: 'lenet' has no output 'NOPE'"),
+    ("  - {name: lenet, rate: 1, slo_ms: 9, steps: [{model: lenet, inputs: {INPUT: IMAGE}}], "
+     "outputs: {Y: lenet.OUTPUT}}", "apps[0].name"),
+])
+def test_invalid_apps_are_refused_with_the_field_named(repo, tmp_path, apps, needle):
+    path = tmp_path / "d.yaml"
+    path.write_text(DEPLOYMENT.format(apps=apps, repo=repo, run=tmp_path / "run"))
+    out = run_cli("plan", "-f", str(path), timeout=120)
+    assert out.returncode != 0 and needle in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_apps_are_served_through_the_router_like_the_models_in_sequence(repo, tmp_path):
+    path = tmp_path / "apps.yaml"
+    path.write_text(DEPLOYMENT.format(apps=APPS, repo=repo, run=tmp_path / "run"))
+    plan = run_cli("plan", "-f", str(path), timeout=120)
+    assert plan.returncode == 0 and "apps: each SLO split" in plan.stdout, plan.stdout + plan.stderr
+    assert "lenet: 1000.0" in plan.stdout and "lenet → head" in plan.stdout, plan.stdout
+    up = run_cli("up", "-f", str(path), "--detach", timeout=400)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        r = json.loads((tmp_path / "run" / "state.json").read_text())["router"]
+        http = httpclient.InferenceServerClient(f"127.0.0.1:{r['http_port']}")
+        grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{r['grpc_port']}")
+        x = zoo.example_input("lenet", 3, seed=5).numpy()
+        src = SourceRepository(repo)
+        with torch.no_grad():
+            scores = torch.jit.load(str(src["lenet"].artifact()))(torch.from_numpy(x))
+            want = {"SCORES": scores.numpy(), "LABEL": torch.jit.load(str(src["head"].artifact()))(scores).numpy(),
+                    "A": torch.jit.load(str(src["head"].artifact()))(scores).numpy(),
+                    "B": torch.jit.load(str(src["head2"].artifact()))(scores).numpy()}
+
+        meta = http.get_model_metadata("digits")
+        assert [i["name"] for i in meta["inputs"]] == ["IMAGE"] and meta["inputs"][0]["shape"] == [-1, 1, 28, 28]
+        assert {o["name"] for o in meta["outputs"]} == {"SCORES", "LABEL"}
+        assert http.is_model_ready("fan") and grpc.is_model_ready("digits")
+        for app, outs in (("digits", ("SCORES", "LABEL")), ("fan", ("A", "B"))):
+            for binary in (True, False):        # binary tensors, and JSON both ways
+                inp = httpclient.InferInput("IMAGE", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x, binary_data=binary)
+                res = http.infer(app, [inp], outputs=[httpclient.InferRequestedOutput(o, binary_data=binary)
+                                                      for o in outs])
+                for o in outs:
+                    np.testing.assert_allclose(res.as_numpy(o), want[o], rtol=1e-4, atol=1e-6)
+            gi = grpcclient.InferInput("IMAGE", list(x.shape), "FP32")
+            gi.set_data_from_numpy(x)
+            res = grpc.infer(app, [gi])
+            for o in outs:
+                np.testing.assert_allclose(res.as_numpy(o), want[o], rtol=1e-4, atol=1e-6)
+
+        bad = httpclient.InferInput("PIXELS", list(x.shape), "FP32")
+        bad.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException, match="takes inputs IMAGE") as e:
+            http.infer("digits", [bad])
+        assert e.value.status() == "400"
+        m = metrics(f"127.0.0.1:{r['http_port']}")
+        assert m[("router_requests_total", (("model", "digits"),))] == 4      # 3 answered, 1 refused
+        assert m[("router_success_total", (("model", "digits"),))] == 3
+        assert m[("router_requests_total", (("model", "lenet"),))] == 6       # the steps of both apps' answers
+    finally:
+        run_cli("down", "-f", str(path))
+    assert tritonserver_pids(str(tmp_path)) == []
