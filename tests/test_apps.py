@@ -159,15 +159,24 @@ def test_apps_are_served_through_the_router_like_the_models_in_sequence(repo, tm
             for o in outs:
                 np.testing.assert_allclose(res.as_numpy(o), want[o], rtol=1e-4, atol=1e-6)
 
+        assert http.get_model_config("digits")["parameters"]["slo_ms"]["string_value"] == "2000"
+        assert grpc.get_model_config("fan").config.input[0].dims == [1, 28, 28]
+        lg = run_cli("loadgen", "-f", str(path), "--rate", "digits=20", "--duration", "2", "--workers", "1",
+                     "--json", timeout=240)
+        assert lg.returncode == 0, lg.stdout + lg.stderr
+        d = json.loads(lg.stdout)["models"]["digits"]
+        assert d["sent"] > 0 and d["ok"] == d["sent"] and d["errors"] == 0, d
+
         bad = httpclient.InferInput("PIXELS", list(x.shape), "FP32")
         bad.set_data_from_numpy(x)
         with pytest.raises(InferenceServerException, match="takes inputs IMAGE") as e:
             http.infer("digits", [bad])
         assert e.value.status() == "400"
         m = metrics(f"127.0.0.1:{r['http_port']}")
-        assert m[("router_requests_total", (("model", "digits"),))] == 4      # 3 answered, 1 refused
-        assert m[("router_success_total", (("model", "digits"),))] == 3
-        assert m[("router_requests_total", (("model", "lenet"),))] == 6       # the steps of both apps' answers
+        n = d["sent"]
+        assert m[("router_requests_total", (("model", "digits"),))] == 4 + n      # 3 + loadgen's answered, 1 refused
+        assert m[("router_success_total", (("model", "digits"),))] == 3 + n
+        assert m[("router_requests_total", (("model", "lenet"),))] == 6 + n       # the steps of the apps' answers
     finally:
         run_cli("down", "-f", str(path))
     assert tritonserver_pids(str(tmp_path)) == []

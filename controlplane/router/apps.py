@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,7 +37,17 @@ class AppRoute:
     slo_ms: float
     max_batch_size: int = 0
     version: str = "1"
-    config: dict = field(default_factory=dict)
+
+    def model_config(self) -> dict:
+        """Its configuration in Triton's JSON form: tensors, the largest batch its steps all take, and
+        its SLO as the ``slo_ms`` parameter (what `controlplane loadgen` reads)."""
+        def tensor(x: TensorInfo) -> dict:
+            return {"name": x.name, "data_type": f"TYPE_{'STRING' if x.datatype == 'BYTES' else x.datatype}",
+                    "dims": [str(d) for d in x.shape]}
+
+        return {"name": self.name, "platform": "gpulet_app", "max_batch_size": self.max_batch_size,
+                "input": [tensor(x) for x in self.inputs], "output": [tensor(x) for x in self.outputs],
+                "parameters": {"slo_ms": {"string_value": f"{self.slo_ms:g}"}}}
 
     def metadata(self) -> dict:
         t = [{"name": x.name, "datatype": x.datatype, "shape": [-1, *x.shape]} for x in self.inputs]

@@ -111,6 +111,11 @@ class InferenceService:
 
     async def ModelConfig(self, request, context):
         try:
+            app = self.router.app(request.name, request.version)
+            if app is not None:
+                from tritonclient.grpc import model_config_pb2 as mc
+
+                return pb.ModelConfigResponse(config=ParseDict(app.model_config(), mc.ModelConfig()))
             m = self.router.model(request.name, request.version)
         except RouterError as e:
             await context.abort(e.grpc_code, e.message)

@@ -386,6 +386,9 @@ def create_app(table: RoutingTable | None = None, spec=None, *, router: Router |
     @app.get("/v2/models/{model}/config", summary="model configuration")
     @app.get("/v2/models/{model}/versions/{version}/config", summary="model configuration (version)")
     async def model_config(model: str, version: str = ""):
+        app = router.app(model, version)
+        if app is not None:
+            return app.model_config()
         m = router.model(model, version)
         return MessageToDict(m.config, preserving_proto_field_name=True)
 
