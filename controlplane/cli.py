@@ -396,29 +396,37 @@ def repo_add(
     name: str = typer.Argument(..., help="the model's name in the repository (and in requests)"),
     torchscript: Optional[Path] = typer.Option(None, "--torchscript", help="TorchScript file (torch.jit.save), batch first"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="ONNX file, batch first (served through onnxruntime)"),
+    python: Optional[Path] = typer.Option(None, "--python", help="a Triton python model: a folder with model.py "
+                                          "(TritonPythonModel) and what it imports, or a model folder in Triton's "
+                                          "layout; checked in a real tritonserver"),
     inputs: Optional[list[str]] = typer.Option(None, "--input", help="TorchScript only: NAME:DTYPE:SHAPE without the "
                                                "batch, e.g. INPUT:FP32:3x224x224 (DTYPE: FP32, FP16, INT64, INT32); "
                                                "one per input, in order"),
-    outputs: Optional[list[str]] = typer.Option(None, "--output", help="TorchScript only: output names, in order "
-                                                "(default: OUTPUT, or OUTPUT0, OUTPUT1, ...); dtypes and shapes come "
-                                                "from running one batch"),
+    outputs: Optional[list[str]] = typer.Option(None, "--output", help="TorchScript: output names, in order "
+                                                "(default: OUTPUT, or OUTPUT0, OUTPUT1, ...; dtypes and shapes come "
+                                                "from running one batch); python: NAME:DTYPE:SHAPE"),
     max_batch: int = typer.Option(32, "--max-batch", help="largest batch a client may send and the batcher may form"),
     slo_ms: Optional[float] = typer.Option(None, "--slo-ms", help="default SLO (a deployment's slo_ms wins)"),
     replace: bool = typer.Option(False, "--replace", help="replace a model of that name"),
     path: Optional[Path] = typer.Option(None, "--repository", help="the repository to add to"),
     file: Optional[str] = typer.Option(None, "-f", "--file", help="deployment file whose `repository:` to add to"),
 ) -> None:
-    """Add a TorchScript or ONNX model to a repository, after loading it and running one batch."""
-    from .model_add import add_model, parse_tensor
+    """Add a TorchScript, ONNX or Triton python model to a repository, after loading it and running one batch."""
+    from .model_add import add_model, add_python_model, parse_tensor
     from .repository import RepositoryError
 
-    if (torchscript is None) == (onnx is None):
-        fail("give the model file: --torchscript FILE or --onnx FILE (one of them)")
+    if sum(x is not None for x in (torchscript, onnx, python)) != 1:
+        fail("give the model: --torchscript FILE, --onnx FILE or --python DIR (one of them)")
     root = _user_repository(path, file)
     try:
-        added = add_model(root, name, torchscript or onnx, "torchscript" if torchscript else "onnx",
-                          [parse_tensor(i) for i in inputs or []], outputs or None,
-                          max_batch=max_batch, slo_ms=slo_ms, replace=replace)
+        if python is not None:
+            added = add_python_model(root, name, python, [parse_tensor(i) for i in inputs or []],
+                                     [parse_tensor(o, "output") for o in outputs or []], max_batch=max_batch,
+                                     slo_ms=slo_ms, replace=replace)
+        else:
+            added = add_model(root, name, torchscript or onnx, "torchscript" if torchscript else "onnx",
+                              [parse_tensor(i) for i in inputs or []], outputs or None,
+                              max_batch=max_batch, slo_ms=slo_ms, replace=replace)
     except RepositoryError as e:
         fail(str(e))
     io = lambda ts: ", ".join(f"{x.name} {x.datatype}{list(x.shape)}" for x in ts)  # noqa: E731

@@ -135,11 +135,16 @@ def render_k8s(dep: Deployment, plan: Plan, repo: SourceRepository | None = None
         for a in g.models:
             info = repo[a.model]
             data[f"{a.model}.config.pbtxt"] = text_format.MessageToString(gpulet_config(info, a, on_gpu, slos.get(a.model)))
+            script += [f"mkdir -p /models/{a.model}/1",
+                       f"cp /config/{a.model}.config.pbtxt /models/{a.model}/config.pbtxt"]
+            if info.is_python():       # the user's python model: its .py files travel in the ConfigMap
+                for f in sorted(p for p in (info.path / "1").iterdir() if p.suffix == ".py"):
+                    data[f"{a.model}.{f.name}"] = f.read_text()
+                    script.append(f"cp /config/{a.model}.{f.name} /models/{a.model}/1/{f.name}")
+                continue
             art = info.artifact()
             src = info.source or info.name
-            script += [f"mkdir -p /models/{a.model}/1",
-                       f"cp /config/{a.model}.config.pbtxt /models/{a.model}/config.pbtxt",
-                       f"cp /config/model.py /models/{a.model}/1/model.py",
+            script += [f"cp /config/model.py /models/{a.model}/1/model.py",
                        f"cp /artifacts/{src}/{art.name} /models/{a.model}/1/{art.name}"]
         out.append({"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": {"name": name, "labels": labels, **meta_ns}, "data": data})

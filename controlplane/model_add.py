@@ -1,4 +1,4 @@
-"""``controlplane repo add``: a user's TorchScript or ONNX file into a model repository, as a Triton model.
+"""``controlplane repo add``: a user's TorchScript or ONNX file, or Triton python model, into a model repository.
 
 The model is loaded and one batch of two rows is run before anything is written: what it outputs
 (TorchScript: names given or ``OUTPUT``, ``OUTPUT1``, ...; ONNX: the graph's names; dtypes and shapes
@@ -6,7 +6,9 @@ as run) goes into the model's ``config.pbtxt`` beside the inputs (TorchScript: a
 ONNX: as the graph does). The model is written to a temporary folder
 beside its destination and renamed into place, so a refused or failed add leaves the repository as
 it was. Served by the same python-backend ``model.py`` as the zoo (``1/model.pt``; ``1/model.onnx``
-through onnxruntime, :mod:`controlplane.onnx_model`).
+through onnxruntime, :mod:`controlplane.onnx_model`). A Triton python model (``--python DIR``) is
+served as it is: its tensors are declared (or read from its own config.pbtxt), and it is checked by
+loading it in a real tritonserver and running one batch (:func:`add_python_model`).
 """
 
 from __future__ import annotations
@@ -194,6 +196,130 @@ def add_model(root: Path, name: str, artifact: Path, kind: str = "torchscript",
         tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return Added(dest, inputs, outputs)
+
+
+def python_model_files(src: Path) -> Path:
+    """The folder holding a Triton python model's ``model.py``: ``src`` itself, or its version folder
+    ``src/1`` when ``src`` is a model directory in Triton's layout."""
+    for d in (src, src / "1"):
+        if (d / "model.py").is_file():
+            return d
+    raise RepositoryError(f"{src}: no model.py (a Triton python model: model.py with a TritonPythonModel class, "
+                          "in this folder or in its version folder 1/)")
+
+
+def python_model_tensors(src: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """Inputs and outputs a python model's own ``config.pbtxt`` declares (empty lists without one)."""
+    from .repository import _tensors
+
+    cfg_path = src / "config.pbtxt"
+    if not cfg_path.is_file():
+        return [], []
+    try:
+        cfg = text_format.Parse(cfg_path.read_text(), mc.ModelConfig())
+    except text_format.ParseError as e:
+        raise RepositoryError(f"{cfg_path}: {e}") from None
+    return _tensors(cfg.input), _tensors(cfg.output)
+
+
+def _run_in_tritonserver(model_dir: Path, name: str, inputs: list[TensorInfo], outputs: list[TensorInfo],
+                         batch: int = 2) -> None:
+    """Serve ``model_dir`` alone in a real tritonserver on the CPU and run one batch; RepositoryError with
+    the server's words when it does not load, fails, or answers other outputs than declared."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    from .runtime.base import Launch, StartError
+    from .runtime.process import ProcessRuntime
+    from .spec import Assignment, GpuLet
+
+    work = Path(tempfile.mkdtemp(prefix="gpulet-check-"))
+    try:
+        shutil.copytree(model_dir, work / "repo" / name)
+        g = GpuLet(id="cpu0-a", gpu=0, share=100, models=[Assignment(model=name, batch=batch, rate=1)])
+        rt = ProcessRuntime(startup_timeout_s=120, restart=False)
+        try:
+            eps = rt.start([Launch(gpulet=g, repository=work / "repo", log_path=work / "triton.log")])
+        except StartError as e:
+            raise RepositoryError(f"the model did not load in tritonserver: {e}") from None
+        try:
+            c = httpclient.InferenceServerClient(eps[g.id].http, network_timeout=60)
+            ins = []
+            for t, x in zip(inputs, example_inputs(inputs, batch)):
+                i = httpclient.InferInput(t.name, [batch, *t.shape], t.datatype)
+                i.set_data_from_numpy(x.numpy())
+                ins.append(i)
+            try:
+                res = c.infer(name, ins)
+            except Exception as e:  # noqa: BLE001 - tritonclient's InferenceServerException, connection errors
+                raise RepositoryError(f"running one batch of {batch} in tritonserver failed: {e}") from None
+            for t in outputs:
+                y = res.as_numpy(t.name)
+                if y is None:
+                    raise RepositoryError(f"the model answered no output {t.name!r}")
+                want = (batch, *t.shape)
+                if tuple(y.shape) != want or y.dtype != np.dtype(TORCH_DTYPES[t.datatype]):
+                    raise RepositoryError(f"output {t.name!r}: the model answered {y.dtype}{list(y.shape)}, "
+                                          f"declared {t.datatype}{list(want)}")
+        finally:
+            rt.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def add_python_model(root: Path, name: str, src: Path, inputs: list[TensorInfo] | None = None,
+                     outputs: list[TensorInfo] | None = None, max_batch: int = 32, slo_ms: float | None = None,
+                     replace: bool = False) -> Added:
+    """A Triton python model (``model.py`` and whatever it imports beside it) into ``root/name``, after it
+    loaded in a real tritonserver and answered one batch with the declared outputs. Its tensors come
+    from ``inputs``/``outputs`` (NAME:DTYPE:SHAPE), else from its own ``config.pbtxt``."""
+    if not re.match(MODEL_NAME, name) or len(name) > 128:
+        raise RepositoryError(f"model name {name!r}: letters, digits, '_', '-' and '.', starting with a letter or digit")
+    if not src.is_dir():
+        raise RepositoryError(f"{src}: no such folder")
+    files = python_model_files(src)
+    own_in, own_out = python_model_tensors(src)
+    inputs, outputs = inputs or own_in, outputs or own_out
+    if not inputs or not outputs:
+        raise RepositoryError("give the model's tensors: --input NAME:DTYPE:SHAPE and --output NAME:DTYPE:SHAPE "
+                              "(or a config.pbtxt beside model.py that declares them)")
+    names = [t.name for t in inputs + outputs]
+    if len(set(names)) != len(names):
+        raise RepositoryError("input and output names must all differ")
+    odd = [t for t in inputs + outputs if t.datatype not in TORCH_DTYPES]
+    if odd:
+        raise RepositoryError(f"{odd[0].name}: dtype {odd[0].datatype} is not one of {', '.join(TORCH_DTYPES)}")
+    if max_batch < 1:
+        raise RepositoryError(f"max batch {max_batch}: must be at least 1")
+    if slo_ms is not None and slo_ms <= 0:
+        raise RepositoryError(f"SLO {slo_ms} ms: must be positive")
+    dest = root / name
+    if dest.exists() and not replace:
+        raise RepositoryError(f"{dest}: model {name!r} is already in the repository (repo rm it first)")
+    cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=max_batch)
+    for t, field in [(t, cfg.input) for t in inputs] + [(t, cfg.output) for t in outputs]:
+        field.add(name=t.name, data_type=mc.DataType.Value(f"TYPE_{t.datatype}"), dims=list(t.shape))
+    cfg.parameters["source"].string_value = "python:model.py"
+    if slo_ms is not None:
+        cfg.parameters["slo_ms"].string_value = f"{slo_ms:g}"
+    built = Path(tempfile.mkdtemp(prefix="gpulet-add-")) / name      # checked outside the repository
+    try:
+        shutil.copytree(files, built / "1", ignore=shutil.ignore_patterns("__pycache__", "config.pbtxt", "1"))
+        (built / "config.pbtxt").write_text(f"# added by `controlplane repo add --python` from {src}\n"
+                                            + text_format.MessageToString(cfg))
+        _run_in_tritonserver(built, name, inputs, outputs)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        try:
+            shutil.copytree(built, tmp, dirs_exist_ok=True)
+            if dest.exists():
+                shutil.rmtree(dest)
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(built.parent, ignore_errors=True)
     return Added(dest, inputs, outputs)
 
 

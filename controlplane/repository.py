@@ -68,12 +68,16 @@ class ModelInfo:
     source: str = ""  # the repository model whose artifact this one serves (itself unless aliased)
 
     def artifact(self) -> Path:
-        """The model file in the repository (``1/model.pt``, TorchScript, or ``1/model.onnx``), else the
-        built one in the cache (zoo models: TorchScript)."""
-        for local in (self.path / "1" / "model.pt", self.path / "1" / "model.onnx"):
+        """The model file in the repository (``1/model.pt``, TorchScript; ``1/model.onnx``; or ``1/model.py``,
+        a Triton python model of the user's), else the built one in the cache (zoo models: TorchScript)."""
+        for local in (self.path / "1" / "model.pt", self.path / "1" / "model.onnx", self.path / "1" / "model.py"):
             if local.exists():
                 return local
         return cache_dir() / "zoo" / (self.source or self.name) / "model.pt"
+
+    def is_python(self) -> bool:
+        """A Triton python model of the user's (served as it is, not through the zoo's model.py)."""
+        return self.artifact().name == "model.py"
 
     def is_built(self) -> bool:
         return self.artifact().exists()
@@ -282,6 +286,10 @@ def write_gpulet_repository(repo: SourceRepository, gpulet: GpuLet, dest: Path, 
         (mdir / "1").mkdir(parents=True)
         cfg = gpulet_config(info, a, on_gpu, (slo_ms or {}).get(a.model))
         (mdir / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+        if info.is_python():          # the user's own model.py and what it imports beside it
+            shutil.copytree(info.path / "1", mdir / "1", dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            continue
         shutil.copy2(MODEL_TEMPLATE, mdir / "1" / "model.py")
         _link_or_copy(info.artifact(), mdir / "1" / info.artifact().name)   # model.pt or model.onnx
     return dest

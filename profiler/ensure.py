@@ -61,6 +61,13 @@ def ensure_profile(models: Sequence[str], device: str = "cpu", shares: Sequence[
         profile = profile_serving
     else:
         profile, kw["precisions"] = profile_latency, precs
+        python = _python_models(models, repository)
+        if python:      # a Triton python model runs only inside tritonserver: its CPU profile is the serving one
+            skw = {k: v for k, v in kw.items() if k != "precisions"}
+            profile_serving(python, progress=progress if callable(progress) else None, **skw)
+            models = [m for m in models if m not in python]
+            if not models:
+                return csv_path
     if callable(progress):
         profile(models, progress=progress, **kw)
         return csv_path
@@ -95,3 +102,14 @@ def ensure_profile(models: Sequence[str], device: str = "cpu", shares: Sequence[
 
         profile(models, progress=on_event, **kw)
     return csv_path
+
+
+def _python_models(models: Sequence[str], repository: str | None) -> list[str]:
+    """The models of ``repository`` that are Triton python models of the user's (`repo add --python`)."""
+    from controlplane.repository import RepositoryError, SourceRepository
+
+    try:
+        repo = SourceRepository(repository)
+    except RepositoryError:
+        return []
+    return [m for m in models if m in repo.names() and repo[m].is_python()]

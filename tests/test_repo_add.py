@@ -96,8 +96,8 @@ def test_bad_input_is_refused_with_the_problem_named_and_the_repository_unchange
          "the model gives 1 output"),
         (["../evil", "--torchscript", str(user_model), "--input", "X:FP32:12"], "model name"),
         (["other", "--torchscript", str(user_model), "--input", "X:FP32:12", "--max-batch", "0"], "max batch"),
-        (["other", "--input", "X:FP32:12"], "--torchscript FILE or --onnx FILE"),
-        (["other", "--torchscript", str(user_model), "--onnx", str(user_model)], "--torchscript FILE or --onnx FILE"),
+        (["other", "--input", "X:FP32:12"], "--torchscript FILE, --onnx FILE or --python DIR"),
+        (["other", "--torchscript", str(user_model), "--onnx", str(user_model)], "--torchscript FILE, --onnx FILE or --python DIR"),
         (["other", "--torchscript", str(user_model)], "give the model's inputs"),
         (["other", "--onnx", str(user_model.parent / "broken.pt")], "not an ONNX file"),
         (["other", "--onnx", str(user_model), "--input", "X:FP32:12"], "leave out --input"),
@@ -185,3 +185,71 @@ run_dir: {tmp_path / "run"}
     assert down.returncode == 0, down.stdout + down.stderr
     rm = run_cli("repo", "rm", "scorer", "-f", str(dep), cwd=tmp_path, timeout=60)
     assert rm.returncode == 0 and not (repo / "scorer").exists(), rm.stdout + rm.stderr
+
+
+AFFINE = '''\
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from helper import SCALE
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "X").as_numpy()
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", (x * SCALE + 1).astype(np.float32))]))
+        return out
+'''
+
+
+def test_a_python_model_is_checked_in_tritonserver_profiled_and_served(tmp_path):
+    """`repo add --python DIR`: the user's TritonPythonModel (importing a module beside it) loads in a
+    real tritonserver and answers one batch before it is written; `up` profiles it through tritonserver
+    (it cannot run in-process), plans and serves it through the router. A model that fails its batch,
+    or answers other tensors than declared, is refused and the repository left as it was."""
+    src = tmp_path / "affine"
+    src.mkdir()
+    (src / "model.py").write_text(AFFINE)
+    (src / "helper.py").write_text("SCALE = 2.0\n")
+    repo = tmp_path / "repo"
+    add = run_cli("repo", "add", "affine", "--python", str(src), "--input", "X:FP32:4", "--output", "Y:FP32:4",
+                  "--max-batch", "8", "--slo-ms", "500", "--repository", str(repo), timeout=240)
+    assert add.returncode == 0, add.stdout + add.stderr
+    assert (repo / "affine" / "1" / "helper.py").is_file() and (repo / "affine" / "1" / "model.py").is_file()
+    before = _digest(repo)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.py").write_text(AFFINE.replace("x * SCALE + 1", "x[:, :2]"))     # answers [2], not [4]
+    (broken / "helper.py").write_text("SCALE = 2.0\n")
+    p = run_cli("repo", "add", "bad", "--python", str(broken), "--input", "X:FP32:4", "--output", "Y:FP32:4",
+                "--repository", str(repo), timeout=240)
+    assert p.returncode == 2 and "output 'Y'" in p.stderr and "declared FP32[2, 4]" in p.stderr, p.stdout + p.stderr
+    p = run_cli("repo", "add", "bad", "--python", str(tmp_path), "--repository", str(repo), timeout=60)
+    assert p.returncode == 2 and "no model.py" in p.stderr, p.stderr
+    assert _digest(repo) == before
+
+    dep = tmp_path / "py.yaml"
+    dep.write_text(f"""\
+name: py
+models: [{{name: affine, rate: 20, slo_ms: 500}}]
+devices: cpu
+router: {{http_port: 0, grpc_port: 0}}
+scheduler: {{shares: [100], max_batch: 4}}
+repository: {repo}
+run_dir: {tmp_path / "run"}
+""")
+    up = run_cli("up", "-f", str(dep), "--detach", timeout=600)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = json.loads((tmp_path / "run" / "state.json").read_text())
+        (a,) = [a for g in state["plan"]["gpulets"] for a in g["models"]]
+        assert a["model"] == "affine" and a["latency_ms"] > 0           # profiled through tritonserver
+        x = np.random.default_rng(1).random((3, 4), dtype=np.float32)
+        http = httpclient.InferenceServerClient(f"127.0.0.1:{state['router']['http_port']}")
+        hi = httpclient.InferInput("X", [3, 4], "FP32")
+        hi.set_data_from_numpy(x)
+        np.testing.assert_allclose(http.infer("affine", [hi]).as_numpy("Y"), x * 2 + 1, rtol=1e-6)
+    finally:
+        down = run_cli("down", "-f", str(dep), timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
