@@ -36,6 +36,7 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PACKAGES=${DEBIAN_PACKAGES:-python3,python3-venv,libpython3.11,ca-certificates,curl,procps}   # libpython3.11: the stub links it
 PYTRITON_SPEC=${PYTRITON_SPEC:-nvidia-pytriton==0.7.0}
 NUMPY_SPEC='numpy<2'
+ONNXRUNTIME_SPEC=${ONNXRUNTIME_SPEC:-onnxruntime}   # a user's ONNX models (`repo add --onnx`) run through it
 TORCH_SPECS=${TORCH_SPECS:-"torch==2.13.0+cpu torch<=2.14.1"}
 CACHE=${GPULET_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gpulet-images}
 PYTHON=${PYTHON:-python3}
@@ -50,7 +51,7 @@ flock 9                            # one build at a time
 docker info >/dev/null 2>&1 || { say "no Docker engine (run compose/start-dockerd.sh)"; exit 2; }
 
 hash=$( { cat "$here/Dockerfile.cpu" "$here/tritonserver"
-          echo "$SUITE $PACKAGES $PYTRITON_SPEC $NUMPY_SPEC $TORCH_SPECS"; } | sha256sum | cut -c1-16)
+          echo "$SUITE $PACKAGES $PYTRITON_SPEC $NUMPY_SPEC $TORCH_SPECS $ONNXRUNTIME_SPEC"; } | sha256sum | cut -c1-16)
 label() { docker image inspect -f "{{index .Config.Labels \"$2\"}}" "$1" 2>/dev/null || true; }
 
 if [ "${FORCE:-0}" != 1 ]; then
@@ -119,8 +120,8 @@ for spec in $TORCH_SPECS; do
     say "pip cannot get $spec; trying the next"
 done
 [ -n "$torch_spec" ] || { say "no torch wheel from: $TORCH_SPECS"; exit 1; }
-printf '%s\n' "$PYTRITON_SPEC" "$NUMPY_SPEC" "$torch_spec" >"$wheels/requirements.txt"
-say "downloading wheels ($PYTRITON_SPEC, $NUMPY_SPEC, $torch_spec)"
+printf '%s\n' "$PYTRITON_SPEC" "$NUMPY_SPEC" "$torch_spec" "$ONNXRUNTIME_SPEC" >"$wheels/requirements.txt"
+say "downloading wheels ($PYTRITON_SPEC, $NUMPY_SPEC, $torch_spec, $ONNXRUNTIME_SPEC)"
 "$PYTHON" -m pip download -q ${PIP_EXTRA_ARGS:-} "${plat[@]}" -d "$wheels" -r "$wheels/requirements.txt" \
         >"$CACHE/pip-download.log" 2>&1 \
     || { grep -v "is ignored: it is neither" "$CACHE/pip-download.log" | tail -n 30 >&2; say "pip download failed"; exit 1; }

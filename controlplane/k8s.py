@@ -146,6 +146,9 @@ def render_k8s(dep: Deployment, plan: Plan, repo: SourceRepository | None = None
             src = info.source or info.name
             script += [f"cp /config/model.py /models/{a.model}/1/model.py",
                        f"cp /artifacts/{src}/{art.name} /models/{a.model}/1/{art.name}"]
+            if art.suffix == ".onnx":       # model.py runs it with this (the image has no controlplane package)
+                data["onnx_model.py"] = (Path(__file__).parent / "onnx_model.py").read_text()
+                script.append(f"cp /config/onnx_model.py /models/{a.model}/1/onnx_model.py")
         out.append({"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": {"name": name, "labels": labels, **meta_ns}, "data": data})
         env = [{"name": "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "value": str(g.share)}] if on_gpu else []

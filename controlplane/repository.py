@@ -292,6 +292,8 @@ def write_gpulet_repository(repo: SourceRepository, gpulet: GpuLet, dest: Path, 
             continue
         shutil.copy2(MODEL_TEMPLATE, mdir / "1" / "model.py")
         _link_or_copy(info.artifact(), mdir / "1" / info.artifact().name)   # model.pt or model.onnx
+        if info.artifact().suffix == ".onnx":     # what model.py runs it with, also where no controlplane is installed
+            shutil.copy2(Path(__file__).parent / "onnx_model.py", mdir / "1" / "onnx_model.py")
     return dest
 
 

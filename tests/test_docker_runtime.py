@@ -400,3 +400,45 @@ def test_ctrl_c_on_up_leaves_no_containers(client, image, repo, tmp_path):
             proc.kill()
             proc.wait()
     assert _ours(client, name) == [], proc.stdout.read()
+
+
+def test_a_users_onnx_model_is_served_inside_the_container(client, image, tmp_path):
+    """`repo add --onnx` models run in the CPU image too: onnxruntime is in it, and the gpu-let's
+    repository carries the onnx_model.py that model.py loads (no controlplane package in there)."""
+    import warnings
+
+    import numpy as np
+    import onnxruntime
+    import torch
+    import tritonclient.http as httpclient
+
+    from controlplane.model_add import add_model
+    from controlplane.runtime.docker import DockerRuntime
+
+    class Mix(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.tanh(a) * b
+
+    f = tmp_path / "mix.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Mix(), (torch.rand(2, 5), torch.rand(2, 5)), str(f), input_names=["A", "B"],
+                          output_names=["Y"], dynamic_axes={n: {0: "batch"} for n in ("A", "B", "Y")}, dynamo=False)
+    add_model(tmp_path / "user", "mix", f, "onnx", max_batch=8)
+    user = SourceRepository(tmp_path / "user")
+    plan = _plan(GpuLet(id="cpu0-a", gpu=0, share=100, models=[Assignment(model="mix", batch=4, rate=10)]))
+    rt = DockerRuntime(image=image, deployment=f"{DEPLOYMENT}-onnx", startup_timeout_s=180)
+    try:
+        eps = rt.start(_launches(user, plan, tmp_path))
+        a, b = (np.random.default_rng(i).random((3, 5), dtype=np.float32) for i in (1, 2))
+        c = httpclient.InferenceServerClient(eps["cpu0-a"].http)
+        ins = []
+        for name, x in (("A", a), ("B", b)):
+            i = httpclient.InferInput(name, [3, 5], "FP32")
+            i.set_data_from_numpy(x)
+            ins.append(i)
+        (want,) = onnxruntime.InferenceSession(str(f)).run(None, {"A": a, "B": b})
+        np.testing.assert_allclose(c.infer("mix", ins).as_numpy("Y"), want, rtol=1e-5, atol=1e-6)
+    finally:
+        rt.stop()
+    assert _ours(client, f"{DEPLOYMENT}-onnx") == []

@@ -70,6 +70,22 @@ class CudaGraphs:
         return out
 
 
+def _onnx_model_class(folder: str):
+    """controlplane.onnx_model.OnnxModel: from ``onnx_model.py`` beside this file (where the gpu-let's
+    repository carries it: containers have no controlplane package), else from the package."""
+    path = os.path.join(folder, "onnx_model.py")
+    if os.path.exists(path):
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("gpulet_onnx_model", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.OnnxModel
+    from controlplane.onnx_model import OnnxModel
+
+    return OnnxModel
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -91,9 +107,8 @@ class TritonPythonModel:
         folder = os.path.join(args["model_repository"], args["model_version"])
         onnx = os.path.exists(os.path.join(folder, "model.onnx"))
         if onnx:     # a user's ONNX file (`repo add --onnx`), run by onnxruntime; no CUDA graphs of it
-            from controlplane.onnx_model import OnnxModel
-
-            self.model = OnnxModel(os.path.join(folder, "model.onnx"), self.device, torch.get_num_threads())
+            self.model = _onnx_model_class(folder)(os.path.join(folder, "model.onnx"), self.device,
+                                                   torch.get_num_threads())
         else:
             self.model = torch.jit.load(os.path.join(folder, "model.pt"), map_location=self.device).eval()
         self.inputs = [i["name"] for i in config["input"]]
