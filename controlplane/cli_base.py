@@ -33,14 +33,15 @@ def fail(msg: str, code: int = 2) -> NoReturn:
 def read_deployment(path: str) -> Deployment:
     """The deployment file, its model names checked against its repository; exits 2 naming the
     file, the field and the problem when it is invalid."""
-    from .repository import RepositoryError, SourceRepository
+    from .repository import RepositoryError, SourceRepository, repository_for, with_repository_slos
 
     p = Path(path)
     if not p.exists() and path == DEFAULT_DEPLOYMENT and (PROJECT_ROOT / path).exists():
         p = PROJECT_ROOT / path
     try:
         raw = load_deployment(p)  # field errors first, then model names against the repository
-        known = SourceRepository(raw.repository).names()
-        return load_deployment(p, known_models=known)
+        repo = SourceRepository(raw.repository)
+        dep = load_deployment(p, known_models=repo.names())
+        return with_repository_slos(dep, repository_for(dep), str(p))     # SLOs the file leaves to the repository
     except (SpecError, RepositoryError) as e:
         fail(str(e))

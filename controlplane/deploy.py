@@ -142,8 +142,10 @@ class RepositoryRefused(Exception):
 
 class Controller:
     def __init__(self, deployment: Deployment, repo: SourceRepository | None = None, log=print) -> None:
-        self.dep = deployment
         self.repo = repo or repository_for(deployment)
+        from .repository import with_repository_slos
+
+        self.dep = with_repository_slos(deployment, self.repo)
         self.paths = RunPaths.for_deployment(deployment)
         self.log = log
         self.devices: devmod.DeviceSet | None = None

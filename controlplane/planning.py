@@ -114,6 +114,9 @@ def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str
     """Plan a deployment (:func:`plan_models`); its apps first: checked against the repository, each
     app's SLO split over its steps by their profiled latencies (batch 1, the largest share), and the
     steps' models planned at the app's rate with their budgets as SLOs (``plan.apps`` says the split)."""
+    from .repository import with_repository_slos
+
+    dep = with_repository_slos(dep, repo)
     kw = dict(profile=profile, algorithm=algorithm, gpus=gpus, repo=repo, profile_missing=profile_missing, log=log,
               calibration=calibration)
     if not dep.apps:

@@ -306,3 +306,23 @@ def write_gpulet_repositories(repo: SourceRepository, plan: Plan, root: Path, on
     """
     slos = plan_slos(repo, plan, slo_ms)
     return {g.id: write_gpulet_repository(repo, g, root / g.id, on_gpu, slos) for g in plan.gpulets}
+
+
+def with_repository_slos(dep, repo: SourceRepository | None = None, source: str = "<deployment>"):
+    """The deployment with each model's missing ``slo_ms`` taken from its repository config's ``slo_ms``
+    parameter (``repo add --slo-ms``, the zoo's configs); SpecError naming the field where neither has one."""
+    from .spec import Deployment, SpecError
+
+    missing = [i for i, m in enumerate(dep.models) if m.slo_ms is None]
+    if not missing:
+        return dep
+    repo = repo or repository_for(dep)
+    doc = dep.model_dump(mode="json", exclude_none=True)
+    for i in missing:
+        m = dep.models[i]
+        slo = repo[m.source].slo_ms if m.source in repo.names() else None
+        if not slo:
+            raise SpecError(f"{source}: invalid\n  models[{i}].slo_ms: not given, and model {m.source!r} has no "
+                            "slo_ms parameter in its config.pbtxt (`controlplane repo add ... --slo-ms MS`)")
+        doc["models"][i]["slo_ms"] = slo
+    return Deployment.model_validate(doc)

@@ -53,7 +53,8 @@ class ModelSpec(_Strict):
     name: str = Field(pattern=MODEL_NAME, max_length=128,
                       description="model name in the model repository (see `controlplane repo list`)")
     rate: float = Field(ge=0, description="request rate to plan for, in requests per second")
-    slo_ms: float = Field(gt=0, description="latency SLO in milliseconds, queueing included")
+    slo_ms: float | None = Field(default=None, gt=0, description="latency SLO in milliseconds, queueing included; "
+                                 "default: the `slo_ms` parameter of the model's config.pbtxt in the repository")
     max_batch: int | None = Field(
         default=None, ge=1, le=1024, description="largest batch the scheduler may use for this model"
     )

@@ -34,14 +34,14 @@ def test_valid_deployment_loads(tmp_path):
         (GOOD.replace("lenet, rate: 10", "lenett, rate: 10"),
          ["models[0].name", "unknown model 'lenett'", "known models:", "mobilenet_v2"]),
         (GOOD.replace("rate: 2.5", "rate: -1"), ["models[1].rate", "greater than or equal to 0"]),
-        (GOOD.replace(", slo_ms: 50}", "}"), ["models[0].slo_ms", "field required"]),
+        (GOOD.replace(", slo_ms: 50}", ", slo_ms: 0}"), ["models[0].slo_ms", "greater than 0"]),
         (GOOD.replace("devices: cpu", "devices: [cpu"), ["broken YAML", "line"]),
         (GOOD.replace("runtime: process", "runtime: kubernetes"), ["runtime.kind", "'process' or 'docker'"]),
         (GOOD + "colour: blue\n", ["colour", "unknown field"]),
         ("- just\n- a list\n", ["expected a mapping"]),
         (GOOD.replace("name: t\n", "name: t\n").replace("mobilenet_v2, rate", "lenet, rate"), ["listed twice"]),
     ],
-    ids=["unknown-model", "negative-rate", "missing-slo", "broken-yaml", "bad-runtime", "unknown-field", "not-a-mapping",
+    ids=["unknown-model", "negative-rate", "zero-slo", "broken-yaml", "bad-runtime", "unknown-field", "not-a-mapping",
          "duplicate-model"],
 )
 def test_invalid_deployment_is_rejected_by_the_cli(tmp_path, text, expected):
@@ -106,3 +106,28 @@ def test_plain_model_names_are_accepted(name):
     from controlplane.spec import ModelSpec
 
     assert ModelSpec(name=name, rate=1, slo_ms=10).name == name
+
+
+def test_a_models_slo_defaults_to_its_repository_configs(tmp_path):
+    """slo_ms left out: the model config's slo_ms parameter (the zoo's lenet: 5 ms); a model whose config
+    has none is refused with the field named."""
+    import json
+    import shutil
+
+    from controlplane.repository import DEFAULT_SOURCE
+
+    d = tmp_path / "d.yaml"
+    d.write_text("models: [{name: lenet, rate: 10}]\ndevices: cpu\nscheduler: {algorithm: trivial}\n")
+    out = run_cli("plan", "-f", str(d), "--json", timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["models"]["lenet"]["slo_ms"] == 5.0
+    repo = tmp_path / "repo" / "plain"
+    repo.mkdir(parents=True)
+    cfg = (DEFAULT_SOURCE / "lenet" / "config.pbtxt").read_text().replace('name: "lenet"', 'name: "plain"')
+    cfg = cfg[:cfg.index("parameters")] if "parameters" in cfg else cfg          # no slo_ms parameter
+    (repo / "config.pbtxt").write_text(cfg)
+    shutil.copytree(tmp_path / "repo", tmp_path / "repo2")
+    d.write_text(f"models: [{{name: plain, rate: 10}}]\ndevices: cpu\nrepository: {tmp_path / 'repo2'}\n"
+                 "scheduler: {algorithm: trivial}\n")
+    out = run_cli("plan", "-f", str(d), timeout=120)
+    assert out.returncode == 2 and "models[0].slo_ms: not given" in out.stderr, out.stdout + out.stderr
