@@ -59,12 +59,17 @@ def load_profiles(path: str | None) -> tuple[ProfileStore, str]:
 
 
 def scenario(name: str, r: float) -> Deployment:
-    """The deployment file with every rate scaled to sweep parameter r (files are written at r=200)."""
+    """The deployment file with every rate scaled to sweep parameter r (files are written at r=200); an
+    app's (game) as its models at the app's rate, each with its SLO budget (controlplane.apps.expand;
+    the steps of game run at once, so each budget is the whole SLO whatever the latencies)."""
+    from controlplane.apps import expand, split_slo
+
     d = load_deployment(ROOT / "deployments" / f"{name}.yaml")
     data = d.model_dump()
-    for m in data["models"]:
+    for m in data["models"] + data["apps"]:
         m["rate"] = m["rate"] / 200.0 * r
-    return Deployment.model_validate(data)
+    d = Deployment.model_validate(data)
+    return expand(d, {a.name: split_slo(a, lambda m: None)[0] for a in d.apps}) if d.apps else d
 
 
 def gpus_needed(d: Deployment, store: ProfileStore, algo: str, interference: bool | None = True) -> int | None:
