@@ -434,7 +434,9 @@ def run(url: str, rates: dict[str, float], duration_s: float = 10.0, *, protocol
     max_outstanding: requests in flight at most, over all workers (a cap that keeps the client from
     exhausting itself; arrivals that wait for it are counted in ``cap_waits`` and make the result ``behind``).
     workers: processes sending the load, each with its own seed; 1 sends from this process;
-    None: ``default_workers`` for the offered load.
+    None: ``default_workers`` for the offered load, always in worker processes — several runs at once
+    from threads of one process (benchmarks/serving.py's direct mode, one run per gpu-let) then do not
+    share one interpreter: in run 10 they did where one worker sufficed, and fell behind at low loads.
     """
     if arrival not in ("poisson", "constant"):
         raise ValueError(f"arrival must be poisson or constant, not {arrival!r}")
@@ -445,7 +447,7 @@ def run(url: str, rates: dict[str, float], duration_s: float = 10.0, *, protocol
     rates, slo_ms = dict(rates), dict(slo_ms or {})
     specs = asyncio.run(_describe(url, protocol, list(rates), batch, slo_ms))
     n = workers or default_workers(rates, _request_bytes(specs))
-    if n == 1:
+    if workers == 1:         # asked for: this process sends (one run at a time; a thread's run shares the GIL)
         parts = [asyncio.run(_stream(url, protocol, specs, rates, duration_s, arrival, np.random.default_rng(seed),
                                      {m: (0, 1) for m in rates}, timeout_s, max_outstanding))]
     else:
