@@ -407,7 +407,10 @@ def repo_add(
                                                 "from running one batch); python: NAME:DTYPE:SHAPE"),
     max_batch: int = typer.Option(32, "--max-batch", help="largest batch a client may send and the batcher may form"),
     slo_ms: Optional[float] = typer.Option(None, "--slo-ms", help="default SLO (a deployment's slo_ms wins)"),
-    replace: bool = typer.Option(False, "--replace", help="replace a model of that name"),
+    replace: bool = typer.Option(False, "--replace", help="replace a model of that name (with --version: that version)"),
+    version: Optional[str] = typer.Option(None, "--version", help="add as this version folder beside the model's "
+                                          "others (same inputs and outputs); served: the latest, or the config's "
+                                          "version_policy; `load_model` moves a running deployment to it"),
     path: Optional[Path] = typer.Option(None, "--repository", help="the repository to add to"),
     file: Optional[str] = typer.Option(None, "-f", "--file", help="deployment file whose `repository:` to add to"),
 ) -> None:
@@ -422,11 +425,11 @@ def repo_add(
         if python is not None:
             added = add_python_model(root, name, python, [parse_tensor(i) for i in inputs or []],
                                      [parse_tensor(o, "output") for o in outputs or []], max_batch=max_batch,
-                                     slo_ms=slo_ms, replace=replace)
+                                     slo_ms=slo_ms, replace=replace, version=version)
         else:
             added = add_model(root, name, torchscript or onnx, "torchscript" if torchscript else "onnx",
                               [parse_tensor(i) for i in inputs or []], outputs or None,
-                              max_batch=max_batch, slo_ms=slo_ms, replace=replace)
+                              max_batch=max_batch, slo_ms=slo_ms, replace=replace, version=version)
     except RepositoryError as e:
         fail(str(e))
     io = lambda ts: ", ".join(f"{x.name} {x.datatype}{list(x.shape)}" for x in ts)  # noqa: E731
@@ -460,6 +463,7 @@ def repo_show(
 @repo_app.command("rm")
 def repo_rm(
     name: str = typer.Argument(...),
+    version: Optional[str] = typer.Option(None, "--version", help="remove only this version folder"),
     path: Optional[Path] = typer.Option(None, "--repository", help="the repository to remove from"),
     file: Optional[str] = typer.Option(None, "-f", "--file", help="deployment file whose `repository:` to change"),
 ) -> None:
@@ -469,7 +473,7 @@ def repo_rm(
 
     root = _user_repository(path, file)
     try:
-        gone = remove(root, name)
+        gone = remove(root, name, version)
     except RepositoryError as e:
         fail(str(e))
     console.print(f"removed {name} ({gone})")

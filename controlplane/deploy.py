@@ -163,6 +163,7 @@ class Controller:
         self._batch_stats: dict[tuple[str, str], dict] = {}
         self._profiles = None               # the unscaled profile store recalibration compares with
         self.metrics = ControllerMetrics()
+        self._last_change: tuple[float, float, str] = (0.0, 0.0, "")      # the last re-plan: start, end, reason
 
     @property
     def served(self) -> Deployment:
@@ -338,7 +339,11 @@ class Controller:
 
         for req, doc in take_requests(self.paths.control):
             action, model = str(doc.get("action")), str(doc.get("model"))
+            t0, t1, why = self._last_change
             try:
+                if t0 <= req.stat().st_mtime <= t1:
+                    raise RepositoryRefused(409, f"{action} of {model!r} arrived while another change was being "
+                                                 f"applied ({why}); try again")
                 dep, message = self.repository_target(action, model)
                 if dep is not None:
                     self.apply(dep, reason=f"repository API: {action} {model}",
@@ -357,12 +362,15 @@ class Controller:
     def apply(self, dep: Deployment, reason: str = "apply", calibration: dict[str, float] | None = None,
               reload: frozenset[str] = frozenset()) -> Plan:
         """:meth:`_apply`, counted in the controller's metrics (applied or refused, by cause)."""
+        started = time.time()
         try:
             plan = self._apply(dep, reason, calibration, reload)
         except BaseException:
+            self._last_change = (started, time.time(), reason)
             self.metrics.refused.labels(_cause(reason)).inc()
             self._publish_metrics()
             raise
+        self._last_change = (started, time.time(), reason)
         self.metrics.replans.labels(_cause(reason)).inc()
         self.metrics.last_replan.set(time.time())
         self.metrics.plan(plan)

@@ -135,20 +135,21 @@ def render_k8s(dep: Deployment, plan: Plan, repo: SourceRepository | None = None
         for a in g.models:
             info = repo[a.model]
             data[f"{a.model}.config.pbtxt"] = text_format.MessageToString(gpulet_config(info, a, on_gpu, slos.get(a.model)))
-            script += [f"mkdir -p /models/{a.model}/1",
+            v = info.version
+            script += [f"mkdir -p /models/{a.model}/{v}",
                        f"cp /config/{a.model}.config.pbtxt /models/{a.model}/config.pbtxt"]
             if info.is_python():       # the user's python model: its .py files travel in the ConfigMap
-                for f in sorted(p for p in (info.path / "1").iterdir() if p.suffix == ".py"):
+                for f in sorted(p for p in (info.path / v).iterdir() if p.suffix == ".py"):
                     data[f"{a.model}.{f.name}"] = f.read_text()
-                    script.append(f"cp /config/{a.model}.{f.name} /models/{a.model}/1/{f.name}")
+                    script.append(f"cp /config/{a.model}.{f.name} /models/{a.model}/{v}/{f.name}")
                 continue
             art = info.artifact()
             src = info.source or info.name
-            script += [f"cp /config/model.py /models/{a.model}/1/model.py",
-                       f"cp /artifacts/{src}/{art.name} /models/{a.model}/1/{art.name}"]
+            script += [f"cp /config/model.py /models/{a.model}/{v}/model.py",
+                       f"cp /artifacts/{src}/{art.name} /models/{a.model}/{v}/{art.name}"]
             if art.suffix == ".onnx":       # model.py runs it with this (the image has no controlplane package)
                 data["onnx_model.py"] = (Path(__file__).parent / "onnx_model.py").read_text()
-                script.append(f"cp /config/onnx_model.py /models/{a.model}/1/onnx_model.py")
+                script.append(f"cp /config/onnx_model.py /models/{a.model}/{v}/onnx_model.py")
         out.append({"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": {"name": name, "labels": labels, **meta_ns}, "data": data})
         env = [{"name": "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "value": str(g.share)}] if on_gpu else []

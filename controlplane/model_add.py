@@ -145,7 +145,7 @@ def _run_one_batch(artifact: Path, kind: str, inputs: list[TensorInfo], batch: i
 
 def add_model(root: Path, name: str, artifact: Path, kind: str = "torchscript",
               inputs: list[TensorInfo] | None = None, output_names: list[str] | None = None, max_batch: int = 32,
-              slo_ms: float | None = None, replace: bool = False) -> Added:
+              slo_ms: float | None = None, replace: bool = False, version: str | None = None) -> Added:
     """Write ``root/name`` (``config.pbtxt``, ``1/model.pt`` or ``1/model.onnx``) after one batch ran.
 
     ``kind``: 'torchscript' (``inputs`` required: TorchScript does not say them) or 'onnx' (inputs and
@@ -165,8 +165,7 @@ def add_model(root: Path, name: str, artifact: Path, kind: str = "torchscript",
     if not artifact.is_file():
         raise RepositoryError(f"{artifact}: no such file")
     dest = root / name
-    if dest.exists() and not replace:
-        raise RepositoryError(f"{dest}: model {name!r} is already in the repository (repo rm it first)")
+    _check_destination(dest, name, replace, version)
     if kind == "onnx":
         inputs = onnx_inputs(artifact)
     if len({t.name for t in inputs}) != len(inputs):
@@ -184,19 +183,63 @@ def add_model(root: Path, name: str, artifact: Path, kind: str = "torchscript",
     cfg.parameters["source"].string_value = f"{kind}:{artifact.name}"
     if slo_ms is not None:
         cfg.parameters["slo_ms"].string_value = f"{slo_ms:g}"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    built = Path(tempfile.mkdtemp(prefix="gpulet-add-")) / name
     try:
-        (tmp / "1").mkdir()
-        shutil.copyfile(artifact, tmp / "1" / KINDS[kind])
-        (tmp / "config.pbtxt").write_text(f"# added by `controlplane repo add` from {artifact.name}\n"
-                                          + text_format.MessageToString(cfg))
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        (built / "1").mkdir(parents=True)
+        shutil.copyfile(artifact, built / "1" / KINDS[kind])
+        (built / "config.pbtxt").write_text(f"# added by `controlplane repo add` from {artifact.name}\n"
+                                            + text_format.MessageToString(cfg))
+        _install(built, root, name, replace, version)
+    finally:
+        shutil.rmtree(built.parent, ignore_errors=True)
+    return Added(dest, inputs, outputs)
+
+
+def _check_destination(dest: Path, name: str, replace: bool, version: str | None) -> None:
+    """Refuse what would overwrite without --replace: the model (no --version) or that version of it."""
+    if version is not None and (not version.isdigit() or int(version) < 1):
+        raise RepositoryError(f"version {version!r}: a positive integer (Triton's version folders)")
+    if version is None and dest.exists() and not replace:
+        raise RepositoryError(f"{dest}: model {name!r} is already in the repository (repo rm it first, "
+                              "--replace it, or add a new --version)")
+    if version is not None and (dest / str(int(version))).exists() and not replace:
+        raise RepositoryError(f"{dest}: model {name!r} already has version {int(version)} (--replace it)")
+
+
+def _install(built: Path, root: Path, name: str, replace: bool, version: str | None) -> None:
+    """Move a checked model (``built``: config.pbtxt and version folder 1) into ``root/name``: the whole
+    model, or, with ``version``, as that version folder beside the model's others (its tensors must be the
+    model's: Triton serves every version of a model with one config). Renamed into place, so a reader
+    sees the repository before or after, never half of it."""
+    dest = root / name
+    root.mkdir(parents=True, exist_ok=True)
+    if version is None or not (dest / "config.pbtxt").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        try:
+            shutil.copytree(built, tmp, dirs_exist_ok=True)
+            if version is not None:
+                (tmp / "1").rename(tmp / str(int(version)))
+            if dest.exists():
+                shutil.rmtree(dest)
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    from .repository import _parse_config, _tensors
+
+    have, new = _parse_config(dest / "config.pbtxt"), _parse_config(built / "config.pbtxt")
+    if (_tensors(have.input), _tensors(have.output)) != (_tensors(new.input), _tensors(new.output)):
+        raise RepositoryError(f"version {int(version)} of {name!r} has other inputs or outputs than the model "
+                              "(every version is served with one config): add it under a new name, or --replace")
+    tmp = Path(tempfile.mkdtemp(prefix=f".v{int(version)}-", dir=dest))
+    try:
+        shutil.copytree(built / "1", tmp, dirs_exist_ok=True)
+        final = dest / str(int(version))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Added(dest, inputs, outputs)
 
 
 def python_model_files(src: Path) -> Path:
@@ -270,7 +313,7 @@ def _run_in_tritonserver(model_dir: Path, name: str, inputs: list[TensorInfo], o
 
 def add_python_model(root: Path, name: str, src: Path, inputs: list[TensorInfo] | None = None,
                      outputs: list[TensorInfo] | None = None, max_batch: int = 32, slo_ms: float | None = None,
-                     replace: bool = False) -> Added:
+                     replace: bool = False, version: str | None = None) -> Added:
     """A Triton python model (``model.py`` and whatever it imports beside it) into ``root/name``, after it
     loaded in a real tritonserver and answered one batch with the declared outputs. Its tensors come
     from ``inputs``/``outputs`` (NAME:DTYPE:SHAPE), else from its own ``config.pbtxt``."""
@@ -295,8 +338,7 @@ def add_python_model(root: Path, name: str, src: Path, inputs: list[TensorInfo] 
     if slo_ms is not None and slo_ms <= 0:
         raise RepositoryError(f"SLO {slo_ms} ms: must be positive")
     dest = root / name
-    if dest.exists() and not replace:
-        raise RepositoryError(f"{dest}: model {name!r} is already in the repository (repo rm it first)")
+    _check_destination(dest, name, replace, version)
     cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=max_batch)
     for t, field in [(t, cfg.input) for t in inputs] + [(t, cfg.output) for t in outputs]:
         field.add(name=t.name, data_type=mc.DataType.Value(f"TYPE_{t.datatype}"), dims=list(t.shape))
@@ -309,25 +351,26 @@ def add_python_model(root: Path, name: str, src: Path, inputs: list[TensorInfo] 
         (built / "config.pbtxt").write_text(f"# added by `controlplane repo add --python` from {src}\n"
                                             + text_format.MessageToString(cfg))
         _run_in_tritonserver(built, name, inputs, outputs)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-        try:
-            shutil.copytree(built, tmp, dirs_exist_ok=True)
-            if dest.exists():
-                shutil.rmtree(dest)
-            tmp.rename(dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _install(built, root, name, replace, version)
     finally:
         shutil.rmtree(built.parent, ignore_errors=True)
     return Added(dest, inputs, outputs)
 
 
-def remove(root: Path, name: str) -> Path:
-    """Delete ``root/name`` (a model the repository holds); raise RepositoryError naming what is there."""
+def remove(root: Path, name: str, version: str | None = None) -> Path:
+    """Delete ``root/name`` (a model the repository holds), or only its version folder ``version`` while
+    others remain; raise RepositoryError naming what is there."""
     from .repository import SourceRepository
 
     repo = SourceRepository(root)
     info = repo[name]                      # unknown: the error lists the known models
-    shutil.rmtree(info.path)
-    return info.path
+    if version is None:
+        shutil.rmtree(info.path)
+        return info.path
+    have = info.versions()
+    if version not in have:
+        raise RepositoryError(f"model {name!r} has no version {version!r} (it has {', '.join(have) or 'none'})")
+    if have == [version]:
+        raise RepositoryError(f"version {version} is the only one of {name!r}: `repo rm {name}` removes the model")
+    shutil.rmtree(info.path / version)
+    return info.path / version

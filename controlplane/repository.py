@@ -67,10 +67,27 @@ class ModelInfo:
     config: mc.ModelConfig = field(repr=False, default_factory=mc.ModelConfig)
     source: str = ""  # the repository model whose artifact this one serves (itself unless aliased)
 
+    def versions(self) -> list[str]:
+        """The model's version folders in the repository (numbers, ascending); none for zoo models."""
+        return sorted((d.name for d in self.path.iterdir() if d.is_dir() and d.name.isdigit()), key=int) \
+            if self.path.is_dir() else []
+
+    @property
+    def version(self) -> str:
+        """The version served: Triton's ``version_policy`` — ``specific``: the highest listed that exists,
+        else (``latest``, the default) the highest present; "1" for zoo models (built into the cache)."""
+        have = self.versions()
+        if self.config.version_policy.WhichOneof("policy_choice") == "specific":
+            wanted = [str(v) for v in self.config.version_policy.specific.versions if str(v) in have]
+            if wanted:
+                return max(wanted, key=int)
+        return have[-1] if have else "1"
+
     def artifact(self) -> Path:
-        """The model file in the repository (``1/model.pt``, TorchScript; ``1/model.onnx``; or ``1/model.py``,
-        a Triton python model of the user's), else the built one in the cache (zoo models: TorchScript)."""
-        for local in (self.path / "1" / "model.pt", self.path / "1" / "model.onnx", self.path / "1" / "model.py"):
+        """The served version's model file in the repository (``<v>/model.pt``, TorchScript; ``model.onnx``; or
+        ``model.py``, a Triton python model of the user's), else the built one in the cache (zoo models)."""
+        folder = self.path / self.version
+        for local in (folder / "model.pt", folder / "model.onnx", folder / "model.py"):
             if local.exists():
                 return local
         return cache_dir() / "zoo" / (self.source or self.name) / "model.pt"
@@ -112,6 +129,8 @@ class SourceRepository:
             raise RepositoryError(f"{self.root}: model repository not found")
         self.models: dict[str, ModelInfo] = {}
         for cfg_path in sorted(self.root.glob("*/config.pbtxt")):
+            if cfg_path.parent.name.startswith("."):
+                continue            # `repo add` writing a model (a temporary folder, renamed into place)
             cfg = _parse_config(cfg_path)
             name = cfg.name or cfg_path.parent.name
             if name != cfg_path.parent.name:
@@ -232,6 +251,7 @@ def gpulet_config(info: ModelInfo, assignment: Assignment, on_gpu: bool, slo_ms:
     cfg.ClearField("platform")
     cfg.max_batch_size = max(assignment.batch, info.max_batch_size)
     cfg.ClearField("dynamic_batching")
+    cfg.ClearField("version_policy")        # the gpu-let's repository holds the served version only
     db = cfg.dynamic_batching
     db.max_queue_delay_microseconds = queue_delay_us(slo_ms, assignment.latency_ms)
     cfg.ClearField("instance_group")
@@ -283,17 +303,18 @@ def write_gpulet_repository(repo: SourceRepository, gpulet: GpuLet, dest: Path, 
         if not info.is_built():
             raise RepositoryError(f"model {a.model!r} is not built; run `controlplane repo build {a.model}`")
         mdir = dest / a.model
-        (mdir / "1").mkdir(parents=True)
+        vdir = mdir / info.version          # the served version, under its own number (requests may name it)
+        vdir.mkdir(parents=True)
         cfg = gpulet_config(info, a, on_gpu, (slo_ms or {}).get(a.model))
         (mdir / "config.pbtxt").write_text(text_format.MessageToString(cfg))
         if info.is_python():          # the user's own model.py and what it imports beside it
-            shutil.copytree(info.path / "1", mdir / "1", dirs_exist_ok=True,
+            shutil.copytree(info.path / info.version, vdir, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("__pycache__"))
             continue
-        shutil.copy2(MODEL_TEMPLATE, mdir / "1" / "model.py")
-        _link_or_copy(info.artifact(), mdir / "1" / info.artifact().name)   # model.pt or model.onnx
+        shutil.copy2(MODEL_TEMPLATE, vdir / "model.py")
+        _link_or_copy(info.artifact(), vdir / info.artifact().name)   # model.pt or model.onnx
         if info.artifact().suffix == ".onnx":     # what model.py runs it with, also where no controlplane is installed
-            shutil.copy2(Path(__file__).parent / "onnx_model.py", mdir / "1" / "onnx_model.py")
+            shutil.copy2(Path(__file__).parent / "onnx_model.py", vdir / "onnx_model.py")
     return dest
 
 

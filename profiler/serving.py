@@ -39,7 +39,7 @@ def _client_inputs(info, batch: int):
     from controlplane import zoo
     from controlplane.model_add import example_inputs
 
-    if not info.path.joinpath("1").is_dir() and info.name in zoo.names():
+    if not info.versions() and info.name in zoo.names():
         xs = [zoo.example_input(info.name, batch).numpy()]
     else:
         xs = [x.numpy() for x in example_inputs(info.inputs, batch)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +97,26 @@ def test_load_and_unload_through_the_router_without_a_failed_request(tmp_path):
             with pytest.raises(InferenceServerException, match="unknown model 'mobilenet_v2'"):
                 http.infer("mobilenet_v2", [inp])
             assert _index(http)["mobilenet_v2"]["state"] == "UNAVAILABLE"
+
+            # a load that arrives while another change is being applied is refused, and changes nothing
+            more = tmp_path / "more.yaml"
+            more.write_text(path.read_text().replace("slo_ms: 2000}", "slo_ms: 2000}\n  - {name: mobilenet_v2, "
+                                                     "rate: 2, slo_ms: 5000}"))
+            assert "mobilenet_v2" in more.read_text()
+            applied: list = []
+            t = threading.Thread(target=lambda: applied.append(run_cli("apply", "-f", str(more), timeout=400)))
+            t.start()
+            taken = tmp_path / "run" / "apply.yaml.taken"
+            while not taken.exists() and t.is_alive():
+                time.sleep(0.02)
+            with pytest.raises(InferenceServerException, match="while another change was being applied") as e:
+                http.load_model("googlenet")
+            assert e.value.status() == "409"
+            t.join(400)
+            assert applied and applied[0].returncode == 0, applied
         assert traffic.ok > 0 and traffic.failures == [], traffic.failures[:5]
-        assert len(_state(tmp_path)["gpulets"]) == 1
+        models = {a["model"] for g in _state(tmp_path)["plan"]["gpulets"] for a in g["models"]}
+        assert models == {"lenet", "mobilenet_v2"}
     finally:
         run_cli("down", "-f", str(path))
     assert tritonserver_pids(str(tmp_path)) == []
@@ -110,9 +129,10 @@ def _scorer(path: Path, seed: int) -> Path:
 
 
 def test_a_new_version_replaces_the_served_one_without_a_failed_request(tmp_path):
-    """`repo add --replace` then load_model of the served model: new gpu-lets with the new file start,
-    traffic moves to them, the old ones drain and stop; every answer is the old model's or the new one's,
-    and once load_model returns, the new one's."""
+    """`repo add --version 2` then load_model of the served model: new gpu-lets with version 2 start,
+    traffic moves to them, the old ones drain and stop; every answer is version 1's or version 2's, and
+    once load_model returns, version 2's (the model's metadata says so). Removing version 2 and loading
+    again goes back to version 1 the same way."""
     v1, v2 = _scorer(tmp_path / "v1.pt", 1), _scorer(tmp_path / "v2.pt", 2)
     x = np.random.default_rng(0).random((2, 4), dtype=np.float32)
     with torch.no_grad():
@@ -137,8 +157,9 @@ def test_a_new_version_replaces_the_served_one_without_a_failed_request(tmp_path
 
         assert version() == "v1"
         (old_pid,) = tritonserver_pids(str(tmp_path))
-        replaced = run_cli(*add, "--torchscript", str(v2), "--replace", timeout=120)
+        replaced = run_cli(*add, "--torchscript", str(v2), "--version", "2", timeout=120)
         assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+        assert sorted(p.name for p in (tmp_path / "repo" / "scorer").iterdir() if p.is_dir()) == ["1", "2"]
         assert version() == "v1"                    # the running server keeps what it loaded
         seen, failures = [], []
         stop = threading.Event()
@@ -158,12 +179,22 @@ def test_a_new_version_replaces_the_served_one_without_a_failed_request(tmp_path
         t.start()
         try:
             http.load_model("scorer")                # served already: reloaded from the repository
-            assert version() == "v2"
+            assert version() == "v2" and http.get_model_metadata("scorer")["versions"] == ["2"]
+            with pytest.raises(InferenceServerException, match="no version '1'"):
+                http.infer("scorer", [inp], model_version="1")
+            assert http.infer("scorer", [inp], model_version="2").as_numpy("Y") is not None
+            assert old_pid not in tritonserver_pids(str(tmp_path)) and len(tritonserver_pids(str(tmp_path))) == 1
+            # and back: version 2 removed, version 1 served again
+            rm = run_cli("repo", "rm", "scorer", "--version", "2", "--repository", str(tmp_path / "repo"), timeout=60)
+            assert rm.returncode == 0, rm.stdout + rm.stderr
+            http.load_model("scorer")
+            assert version() == "v1" and http.get_model_metadata("scorer")["versions"] == ["1"]
         finally:
             stop.set()
             t.join(30)
-        assert failures == [] and "v1" in seen and seen[-1] == "v2", (failures[:5], seen[:3], seen[-3:])
-        assert old_pid not in tritonserver_pids(str(tmp_path)) and len(tritonserver_pids(str(tmp_path))) == 1
+        assert failures == [] and "v2" in seen and seen[-1] == "v1", (failures[:5], seen[:3], seen[-3:])
+        only = run_cli("repo", "rm", "scorer", "--version", "1", "--repository", str(tmp_path / "repo"), timeout=60)
+        assert only.returncode == 2 and "the only one" in only.stderr, only.stdout + only.stderr
     finally:
         run_cli("down", "-f", str(path))
     assert tritonserver_pids(str(tmp_path)) == []

@@ -100,7 +100,8 @@ class RoutingTable:
             cfg.ClearField("instance_group")
             cfg.ClearField("dynamic_batching")
             models[name] = ModelRoute(name=name, inputs=list(info.inputs), outputs=list(info.outputs),
-                                      max_batch_size=max_batch, slo_ms=slo, gpulets=routes, config=cfg)
+                                      max_batch_size=max_batch, slo_ms=slo, gpulets=routes, config=cfg,
+                                      version=info.version)
         return cls(models, _apps(deployment, repo, models) if deployment is not None else {})
 
 
