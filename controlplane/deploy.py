@@ -295,26 +295,37 @@ class Controller:
 
     # ------------------------------------------------------------------ repository API: load / unload
 
-    def repository_target(self, action: str, model: str) -> tuple[Deployment | None, str]:
+    def repository_target(self, action: str, model: str, override: dict | None = None) -> tuple[Deployment | None, str]:
         """The deployment a repository API request asks for (None: nothing to change) and what to say.
         Loading a served model reloads it: the same deployment, its gpu-lets started anew from the
-        repository as it is now.
+        repository as it is now. ``override`` (a load's config): slo_ms, rate and max_batch to plan it with.
 
         Raises RepositoryRefused (with an HTTP status) for a request that cannot be done."""
         served = [m.name for m in self.served.models]
         repo = repository_for(self.dep)       # as it is now: `repo add` may have changed it since `up`
         if action == "load":
+            override = override or {}
             if model in served:        # Triton's load of a loaded model reloads it: a new version, say
-                return self.dep, f"{model!r} reloaded"
+                if not override:
+                    return self.dep, f"{model!r} reloaded"
+                doc = self.dep.model_dump(mode="json", exclude_none=True)
+                entry = next((m for m in doc["models"] if m["name"] == model), None)
+                if entry is None:
+                    raise RepositoryRefused(400, f"{model!r} is served as a step of an app; its SLO and rate "
+                                                 "come from the app (`controlplane apply`)")
+                entry.update({k: v for k, v in override.items()})
+                return Deployment.model_validate(doc), f"{model!r} reloaded with {override}"
             if model not in repo.names():
                 raise RepositoryRefused(404, f"no model {model!r} in the repository "
                                              f"({self.dep.repository or 'the zoo'}); it has: {', '.join(repo.names())}")
             info = repo[model]
-            if not info.slo_ms:
+            if not (override.get("slo_ms") or info.slo_ms):
                 raise RepositoryRefused(400, f"model {model!r} has no SLO: give it one with `controlplane repo add "
                                              f"{model} ... --slo-ms MS --replace` (the 'slo_ms' parameter of its config.pbtxt)")
             doc = self.dep.model_dump(mode="json", exclude_none=True)
-            doc["models"].append({"name": model, "rate": LOADED_RATE, "slo_ms": info.slo_ms})
+            doc["models"].append({"name": model, "rate": override.get("rate", LOADED_RATE),
+                                  "slo_ms": override.get("slo_ms") or info.slo_ms,
+                                  **({"max_batch": override["max_batch"]} if "max_batch" in override else {})})
             return Deployment.model_validate(doc), f"{model!r} loaded"
         if action == "unload":
             if model not in served:
@@ -344,7 +355,7 @@ class Controller:
                 if t0 <= req.stat().st_mtime <= t1:
                     raise RepositoryRefused(409, f"{action} of {model!r} arrived while another change was being "
                                                  f"applied ({why}); try again")
-                dep, message = self.repository_target(action, model)
+                dep, message = self.repository_target(action, model, doc.get("override") or {})
                 if dep is not None:
                     self.apply(dep, reason=f"repository API: {action} {model}",
                                reload=frozenset([model]) if action == "load" else frozenset())

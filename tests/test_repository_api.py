@@ -63,11 +63,15 @@ def test_load_and_unload_through_the_router_without_a_failed_request(tmp_path):
         assert set(index) == set(SourceRepository().names())
 
         with Traffic(http_url, grpc_url) as traffic:
-            # load over HTTP: the controller plans it, starts its gpu-let, routes to it, then answers
-            http.load_model("mobilenet_v2")
+            # load over HTTP, its SLO and largest batch set by a config override: the controller plans it,
+            # starts its gpu-let, routes to it, then answers
+            http.load_model("mobilenet_v2", config=json.dumps(
+                {"max_batch_size": 4, "parameters": {"slo_ms": {"string_value": "3000"}}}))
             assert http.is_model_ready("mobilenet_v2") and grpc.is_model_ready("mobilenet_v2")
-            assert {a["model"] for g in _state(tmp_path)["plan"]["gpulets"] for a in g["models"]} == \
-                {"lenet", "mobilenet_v2"}
+            plan = _state(tmp_path)["plan"]
+            assert {a["model"] for g in plan["gpulets"] for a in g["models"]} == {"lenet", "mobilenet_v2"}
+            assert plan["models"]["mobilenet_v2"]["slo_ms"] == 3000
+            assert [a["batch"] for g in plan["gpulets"] for a in g["models"] if a["model"] == "mobilenet_v2"] == [4]
             x = zoo.example_input("mobilenet_v2", 2, seed=1).numpy()
             inp = httpclient.InferInput("INPUT", list(x.shape), "FP32")
             inp.set_data_from_numpy(x)
@@ -84,8 +88,8 @@ def test_load_and_unload_through_the_router_without_a_failed_request(tmp_path):
             # what cannot be done is refused with the reason, and nothing moves
             with pytest.raises(InferenceServerException, match="no model 'nope' in the repository"):
                 http.load_model("nope")
-            with pytest.raises(InferenceServerException, match="not supported"):
-                http.load_model("resnet50", config=json.dumps({"max_batch_size": 4}))
+            with pytest.raises(InferenceServerException, match="'instance_group' is not taken"):
+                grpc.load_model("resnet50", config=json.dumps({"instance_group": [{"count": 2}]}))
 
             # unload over gRPC: its server stops, it is gone from routing
             grpc.unload_model("mobilenet_v2")

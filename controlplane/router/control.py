@@ -46,13 +46,14 @@ class RepositoryControl:
         """The names of the repository's models (directories with a config.pbtxt)."""
         return sorted(p.parent.name for p in self.repository.glob("*/config.pbtxt"))
 
-    async def request(self, action: str, model: str) -> str:
-        """Ask the controller to ``action`` ('load' or 'unload') ``model``; its message on success.
+    async def request(self, action: str, model: str, override: dict | None = None) -> str:
+        """Ask the controller to ``action`` ('load' or 'unload') ``model`` (``override``: slo_ms, rate,
+        max_batch from a load's config); its message on success.
 
         Raises :class:`RouterError` with the controller's status and message when it refuses, 504 when
         it does not answer within ``timeout_s``."""
         rid = uuid.uuid4().hex
-        write_json(self.root / f"req-{rid}.json", {"action": action, "model": model})
+        write_json(self.root / f"req-{rid}.json", {"action": action, "model": model, "override": override or {}})
         res = self.root / f"res-{rid}.json"
         deadline = time.monotonic() + self.timeout_s
         while not res.exists():

@@ -276,6 +276,43 @@ async def _post(be: GpuletServer, path: str, headers: list[tuple[bytes, bytes]],
     return ans
 
 
+#: what a load request's config override may set: the model's plan inputs (its SLO and the rate to
+#: plan it for, as config parameters, and the largest batch); the rest of the config is the repository's
+OVERRIDABLE = "max_batch_size, parameters.slo_ms, parameters.rate"
+
+
+def config_override(raw: Any) -> dict:
+    """A load request's ``config`` parameter (Triton's model config as JSON) reduced to what the plan takes:
+    {"slo_ms", "rate", "max_batch"}; RouterError 400 naming any other field."""
+    if raw is None:
+        return {}
+    try:
+        cfg = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    except ValueError:
+        raise RouterError(400, "the load request's config is not JSON") from None
+    if not isinstance(cfg, dict):
+        raise RouterError(400, "the load request's config must be a JSON object (a model config)")
+    out: dict = {}
+    for k, v in cfg.items():
+        if k == "name":
+            continue
+        if k == "max_batch_size" and isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+            out["max_batch"] = v
+        elif k == "parameters" and isinstance(v, dict) and set(v) <= {"slo_ms", "rate"}:
+            for p, val in v.items():
+                try:
+                    x = float(val["string_value"] if isinstance(val, dict) else val)
+                except (KeyError, TypeError, ValueError):
+                    raise RouterError(400, f"config override parameters.{p}: a number (as string_value)") from None
+                if x < 0 or (p == "slo_ms" and x == 0):
+                    raise RouterError(400, f"config override parameters.{p}: must be positive")
+                out[p] = x
+        else:
+            raise RouterError(400, f"config override {k!r} is not taken: a load may set {OVERRIDABLE}; the rest "
+                                   "of a model's config is its repository's (`controlplane repo add`)")
+    return out
+
+
 class Router:
     """Routing of requests to the gpu-lets of a routing table. Create and use inside one event loop."""
 
@@ -422,12 +459,14 @@ class Router:
             raise RouterError(403, "the repository API is off: set `router: {repository_api: true}` in the "
                                    "deployment to load and unload models through the router",
                               grpc.StatusCode.PERMISSION_DENIED)
-        odd = [k for k in (parameters or {}) if k == "config" or str(k).startswith("file:")]
-        if odd:
-            raise RouterError(400, f"{action} of {model!r}: {', '.join(sorted(odd))} in the request is not "
-                                   "supported; add or replace the model in the deployment's repository with "
+        params = dict(parameters or {})
+        files = [k for k in params if str(k).startswith("file:")]
+        if files:
+            raise RouterError(400, f"{action} of {model!r}: model files in the request ({', '.join(sorted(files))}) "
+                                   "are not taken; add the model to the deployment's repository with "
                                    "`controlplane repo add`, then load it")
-        return await self.control.request(action, model)
+        override = config_override(params.get("config")) if action == "load" else {}
+        return await self.control.request(action, model, override)
 
     def pick(self, model: str, tried: tuple[GpuletServer, ...] = ()) -> _Target:
         """The ready gpu-let of the model with the fewest requests in flight per unit of planned throughput,

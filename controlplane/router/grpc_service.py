@@ -139,7 +139,9 @@ class InferenceService:
 
     async def _repository_change(self, action: str, request, context) -> None:
         try:
-            await self.router.repository_change(action, request.model_name, dict(request.parameters))
+            params = {k: getattr(v, v.WhichOneof("parameter_choice") or "string_param")
+                      for k, v in request.parameters.items()}
+            await self.router.repository_change(action, request.model_name, params)
         except RouterError as e:
             await context.abort(e.grpc_code, e.message)
 
