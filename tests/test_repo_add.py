@@ -225,6 +225,11 @@ def test_a_python_model_is_checked_in_tritonserver_profiled_and_served(tmp_path)
     p = run_cli("repo", "add", "bad", "--python", str(broken), "--input", "X:FP32:4", "--output", "Y:FP32:4",
                 "--repository", str(repo), timeout=240)
     assert p.returncode == 2 and "output 'Y'" in p.stderr and "declared FP32[2, 4]" in p.stderr, p.stdout + p.stderr
+    (broken / "model.py").write_text("class TritonPythonModel:\n    def execute(self, requests)\n")   # no colon
+    p = run_cli("repo", "add", "bad", "--python", str(broken), "--input", "X:FP32:4", "--output", "Y:FP32:4",
+                "--repository", str(repo), timeout=240)
+    assert p.returncode == 2 and "did not load in tritonserver" in p.stderr and "SyntaxError" in p.stderr, \
+        p.stdout + p.stderr                  # the server's log tail says why
     p = run_cli("repo", "add", "bad", "--python", str(tmp_path), "--repository", str(repo), timeout=60)
     assert p.returncode == 2 and "no model.py" in p.stderr, p.stderr
     assert _digest(repo) == before
