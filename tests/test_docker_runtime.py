@@ -442,3 +442,41 @@ def test_a_users_onnx_model_is_served_inside_the_container(client, image, tmp_pa
     finally:
         rt.stop()
     assert _ours(client, f"{DEPLOYMENT}-onnx") == []
+
+
+def test_apply_adds_and_removes_containers_beside_the_running_ones(client, image, repo, tmp_path):
+    """`controlplane apply` on the docker runtime: a model added gets a container of its own while lenet's
+    keeps running (the same container), and is served through the router; removing it again removes
+    exactly its container."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    from controlplane import zoo
+    from controlplane.runtime.docker import free_ports
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import run_cli
+
+    name = f"pytest-apply-{os.getpid()}"
+    port = free_ports(1)[0]
+    dep = _deployment_file(tmp_path, name, port)
+    try:
+        run_cli("up", "-f", str(dep), "-d", timeout=300, check=True)
+        (lenet,) = _ours(client, name)
+        doc = yaml.safe_load(dep.read_text())
+        doc["models"].append({"name": "mobilenet_v2", "rate": 2, "slo_ms": 5000})
+        more = tmp_path / "more.yaml"
+        more.write_text(yaml.safe_dump(doc))
+        run_cli("apply", "-f", str(more), timeout=400, check=True)
+        assert {c.id for c in _ours(client, name)} > {lenet.id} and len(_ours(client, name)) == 2
+        x = zoo.example_input("mobilenet_v2", 1, seed=1).numpy()
+        inp = httpclient.InferInput("INPUT", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        out = httpclient.InferenceServerClient(f"127.0.0.1:{port}").infer("mobilenet_v2", [inp]).as_numpy("OUTPUT")
+        assert out.shape == (1, 1000) and np.isfinite(out).all()
+        run_cli("apply", "-f", str(dep), timeout=400, check=True)
+        assert [c.id for c in _ours(client, name)] == [lenet.id]
+        _router_infer_ok(repo, port)
+    finally:
+        run_cli("down", "-f", str(dep), timeout=120)
+    assert _ours(client, name) == []

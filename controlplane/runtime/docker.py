@@ -265,13 +265,17 @@ class DockerRuntime(Runtime):
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, launches: list[Launch]) -> dict[str, Endpoint]:
+        """Start these gpu-lets' containers and wait until they serve; the endpoints of the ones started.
+
+        The first call removes what an earlier run of the deployment left; later calls (a new plan of a
+        running deployment, `controlplane apply`) add containers beside the running ones. All or nothing:
+        on any failure the containers this call created are removed, the running ones stay."""
         import docker.errors
 
-        if self._replicas:
-            raise RuntimeError("this DockerRuntime is already running; stop() it first")
         ids = [lc.gpulet.id for lc in launches]
-        if len(ids) != len(set(ids)):
-            raise StartError(f"gpu-let ids must be unique, got {ids}")
+        if len(ids) != len(set(ids)) or set(ids) & set(self._replicas):
+            raise StartError(f"gpu-let ids must be unique and new, got {ids} (running: {sorted(self._replicas)})")
+        adding = bool(self._replicas)
         try:
             self.client.images.get(self.image)
         except DockerUnavailable as e:
@@ -279,28 +283,52 @@ class DockerRuntime(Runtime):
         except docker.errors.ImageNotFound:
             hint = " (build it with compose/build-cpu-image.sh)" if "gpulet-triton-cpu" in self.image else ""
             raise StartError(f"Docker image {self.image!r} not found{hint}") from None
-        # Leftovers of an earlier run of this deployment (crashed `up`, no `down`).
-        remove_containers(self.deployment, self.client)
+        if not adding:          # leftovers of an earlier run of this deployment (crashed `up`, no `down`)
+            remove_containers(self.deployment, self.client)
         ports = free_ports(3 * len(launches), "127.0.0.1" if self.host in ("127.0.0.1", "localhost") else "")
+        new = []
         for i, lc in enumerate(launches):
             ep = Endpoint(self.host, *ports[3 * i: 3 * i + 3])
-            self._replicas[lc.gpulet.id] = _Replica(lc, ep, container_name(self.deployment, lc.gpulet.id))
+            new.append(_Replica(lc, ep, container_name(self.deployment, lc.gpulet.id)))
+            self._replicas[lc.gpulet.id] = new[-1]
         try:
-            for r in self._replicas.values():
+            for r in new:
                 r.container = self._create(r)
                 r.container.start()
                 r.state = ReplicaState.STARTING
-            self._wait_ready(list(self._replicas.values()), self.startup_timeout_s)
+            self._wait_ready(new, self.startup_timeout_s)
         except BaseException as e:  # StartError, engine errors, KeyboardInterrupt: leave nothing behind
-            failed = next((r for r in self._replicas.values() if r.state == ReplicaState.FAILED), None)
-            self._teardown()
+            failed = next((r for r in new if r.state == ReplicaState.FAILED), None)
+            if adding:
+                self._remove(new)
+            else:
+                self._teardown()
             if isinstance(e, StartError):
                 raise
             if isinstance(e, docker.errors.DockerException):
                 who = f"gpu-let {failed.launch.gpulet.id}: " if failed else ""
                 raise StartError(f"{who}Docker: {e}") from e
             raise
-        return {gid: r.endpoint for gid, r in self._replicas.items()}
+        return {r.launch.gpulet.id: r.endpoint for r in new}
+
+    def remove(self, gpulets: list[str]) -> None:
+        """Stop these gpu-lets' containers (SIGTERM: tritonserver finishes what it holds) and forget them;
+        the others keep running (a new plan no longer has them)."""
+        self._remove([self._replicas[g] for g in gpulets if g in self._replicas])
+
+    def _remove(self, reps: list) -> None:
+        import docker.errors
+
+        for r in reps:
+            r.state = ReplicaState.STOPPING
+            if r.container is not None:
+                _save_logs(r.container, Path(r.launch.log_path))
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    r.container.stop(timeout=10)
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    r.container.remove(force=True)
+            r.state = ReplicaState.STOPPED
+            self._replicas.pop(r.launch.gpulet.id, None)
 
     def _inspect(self, r: _Replica) -> dict | None:
         import docker.errors
