@@ -342,15 +342,32 @@ def plan_cmd(
 
 @repo_app.command("list")
 def repo_list(path: Optional[Path] = typer.Option(None, "--repository", help="source repository")) -> None:
-    """Models of the source repository with their inputs, outputs, default SLO and build state."""
-    from .repository import SourceRepository
+    """Models of the source repository: where they come from, their versions (* served), inputs, outputs,
+    default SLO, build state and the devices whose profiles have them (shipped, or measured here)."""
+    from .paths import SHIPPED_PROFILES, measured_profiles
+    from .profiles import ProfileError, read_csv
+    from .repository import RepositoryError, SourceRepository
 
-    repo = SourceRepository(path)
-    t = Table("model", "inputs", "outputs", "max batch", "SLO ms", "built")
+    try:
+        repo = SourceRepository(path)
+    except RepositoryError as e:
+        fail(str(e))
+    profiled: dict[str, set[str]] = {}
+    for csv in sorted([*SHIPPED_PROFILES.glob("*/latency.csv"), *measured_profiles().glob("*/latency.csv")]):
+        try:
+            for row in read_csv(csv):
+                profiled.setdefault(row.model, set()).add(csv.parent.name)
+        except (ProfileError, OSError):
+            continue
+    t = Table("model", "source", "versions", "inputs", "outputs", "max batch", "SLO ms", "built", "profiled on")
     for info in repo.models.values():
         io = lambda ts: ", ".join(f"{x.name} {x.datatype}{list(x.shape)}" for x in ts)  # noqa: E731
-        t.add_row(info.name, io(info.inputs), io(info.outputs), str(info.max_batch_size),
-                  f"{info.slo_ms:g}" if info.slo_ms else "-", "yes" if info.is_built() else "no")
+        src = info.config.parameters["source"].string_value.split(":")[0] if "source" in info.config.parameters \
+            else ("zoo" if not info.versions() else info.artifact().suffix.lstrip("."))
+        versions = ", ".join(v + ("*" if v == info.version else "") for v in info.versions()) or "-"
+        t.add_row(info.name, src, versions, io(info.inputs), io(info.outputs), str(info.max_batch_size),
+                  f"{info.slo_ms:g}" if info.slo_ms else "-", "yes" if info.is_built() else "no",
+                  ", ".join(sorted(profiled.get(info.source or info.name, ()))) or "-")
     console.print(t)
 
 

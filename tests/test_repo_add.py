@@ -139,6 +139,10 @@ run_dir: {tmp_path / "run"}
     assert add.returncode == 0, add.stdout + add.stderr
     assert "inputs IMAGE FP32[3, 8, 8], SCALE FP32[1]; outputs SCORES FP32[5], MEAN FP32[1]" in add.stdout, add.stdout
     assert (repo / "tagger" / "1" / "model.onnx").read_bytes() == onnx_model.read_bytes()
+    listed = run_cli("repo", "list", "--repository", str(repo), timeout=60)
+    rows = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:4]] for ln in listed.stdout.splitlines()
+            if ln.startswith("│")}
+    assert rows == {"scorer": ["torchscript", "1*"], "tagger": ["onnx", "1*"]}, listed.stdout
     up = run_cli("up", "-f", str(dep), "--detach", cwd=tmp_path, timeout=600)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
