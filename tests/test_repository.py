@@ -9,6 +9,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from controlplane import zoo
 from controlplane.repository import (
+    DEFAULT_SOURCE,
     SourceRepository,
     build_artifacts,
     gpulet_config,
@@ -134,3 +135,25 @@ def test_unbuilt_model_is_a_clear_error(tmp_path, monkeypatch):
     plan = Plan(gpus=1, gpulets=[GpuLet(id="gpu0-a", gpu=0, share=100, models=[Assignment(model="lenet", batch=1, rate=1)])])
     with pytest.raises(RepositoryError, match=r"not built; run `controlplane repo build lenet`"):
         write_gpulet_repositories(SourceRepository(), plan, tmp_path / "r", on_gpu=False)
+
+
+def test_the_served_version_follows_tritons_version_policy(tmp_path):
+    """The highest version folder by default (Triton's `latest`), the highest listed one under
+    `version_policy { specific }`; the gpu-let's repository holds that version only, under its number."""
+    from controlplane.repository import write_gpulet_repository
+
+    m = tmp_path / "repo" / "lenet"
+    for v in ("1", "2", "10"):
+        (m / v).mkdir(parents=True)
+        torch.jit.save(torch.jit.script(torch.nn.Identity()), str(m / v / "model.pt"))
+    cfg = (DEFAULT_SOURCE / "lenet" / "config.pbtxt").read_text()
+    (m / "config.pbtxt").write_text(cfg)
+    info = SourceRepository(tmp_path / "repo")["lenet"]
+    assert info.versions() == ["1", "2", "10"] and info.version == "10" and info.artifact() == m / "10" / "model.pt"
+    (m / "config.pbtxt").write_text(cfg + "\nversion_policy { specific { versions: [1, 2, 7] } }\n")
+    info = SourceRepository(tmp_path / "repo")["lenet"]
+    assert info.version == "2" and info.artifact() == m / "2" / "model.pt"
+    g = GpuLet(id="cpu0-a", gpu=0, share=100, models=[Assignment(model="lenet", batch=4, rate=1)])
+    out = write_gpulet_repository(SourceRepository(tmp_path / "repo"), g, tmp_path / "gl", on_gpu=False)
+    assert sorted(p.name for p in (out / "lenet").iterdir() if p.is_dir()) == ["2"]
+    assert "version_policy" not in (out / "lenet" / "config.pbtxt").read_text()
