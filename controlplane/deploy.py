@@ -371,9 +371,10 @@ class Controller:
     # ------------------------------------------------------------------ apply: a new target
 
     def apply(self, dep: Deployment, reason: str = "apply", calibration: dict[str, float] | None = None,
-              reload: frozenset[str] = frozenset()) -> Plan:
-        """:meth:`_apply`, counted in the controller's metrics (applied or refused, by cause)."""
-        started = time.time()
+              reload: frozenset[str] = frozenset(), started: float | None = None) -> Plan:
+        """:meth:`_apply`, counted in the controller's metrics (applied or refused, by cause). ``started``:
+        when the change was taken up (default: now); repository requests from then until it ends are refused."""
+        started = started or time.time()
         try:
             plan = self._apply(dep, reason, calibration, reload)
         except BaseException:
@@ -571,10 +572,11 @@ class Controller:
         from .spec import load_deployment
 
         taken = req.with_name(req.name + ".taken")
+        started = time.time()               # before `taken` appears: a request that sees it is during the change
         req.replace(taken)
         result: dict = {"request": taken.read_text()}
         try:
-            plan = self.apply(load_deployment(taken), reason="controlplane apply")
+            plan = self.apply(load_deployment(taken), reason="controlplane apply", started=started)
             result.update(ok=True, plan=json.loads(plan.model_dump_json()))
             self.log(f"apply: now serving {', '.join(plan.model_names())} on {len(plan.gpulets)} gpu-let(s)")
         except Exception as e:  # noqa: BLE001 - reported to the caller of `apply`; the old plan keeps serving
