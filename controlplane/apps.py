@@ -75,8 +75,10 @@ def split_slo(app: AppSpec, latency_ms: Callable[[str], float | None]) -> tuple[
     return budgets, critical
 
 
-def expand(dep: Deployment, budgets: Mapping[str, Mapping[str, float]]) -> Deployment:
-    """The deployment the planner plans: ``budgets`` is app -> step model -> ms (:func:`split_slo`)."""
+def expand(dep: Deployment, budgets: Mapping[str, Mapping[str, float]],
+           rows: Mapping[str, Mapping[str, int]] | None = None) -> Deployment:
+    """The deployment the planner plans: ``budgets`` is app -> step model -> ms (:func:`split_slo`);
+    ``rows``: app -> fan-out step -> rows per request (its model sees the app's rate times that)."""
     doc = dep.model_dump(mode="json", exclude_none=True)
     models = {m["name"]: m for m in doc["models"]}
     for app in dep.apps:
@@ -86,21 +88,31 @@ def expand(dep: Deployment, budgets: Mapping[str, Mapping[str, float]]) -> Deplo
             if m is None:
                 m = models[st.model] = {"name": st.model, "rate": 0.0, "slo_ms": budget}
                 doc["models"].append(m)
-            m["rate"] = m["rate"] + app.rate
+            m["rate"] = m["rate"] + app.rate * (rows or {}).get(app.name, {}).get(st.model, 1)
             m["slo_ms"] = min(m["slo_ms"], budget)
     return Deployment.model_validate(doc)
 
 
 def app_tensors(app: AppSpec, repo: SourceRepository, where: str = "apps[0]") -> tuple[list[TensorInfo],
                                                                                            list[TensorInfo]]:
-    """The app's inputs and outputs (name, dtype, shape without the batch), checked against the
-    repository; ValueError naming the field when a step's model, input or output does not exist, a step
-    input is left unfed, or a tensor's dtype or shape differs from what feeds it."""
+    """The app's inputs and outputs (name, dtype, shape without the batch): :func:`check_app`'s."""
+    ins, outs, _ = check_app(app, repo, where)
+    return ins, outs
+
+
+def check_app(app: AppSpec, repo: SourceRepository, where: str = "apps[0]"
+              ) -> tuple[list[TensorInfo], list[TensorInfo], dict[str, int]]:
+    """The app's inputs and outputs (name, dtype, shape without the batch) and each fan-out step's rows
+    per request, checked against the repository; ValueError naming the field when a step's model, input
+    or output does not exist, a step input is left unfed, or a tensor's dtype or shape differs from what
+    feeds it (a fan-out step's inputs: per row)."""
     names = repo.names()
     for i, st in enumerate(app.steps):
         if st.model not in names:
             raise ValueError(f"{where}.steps[{i}].model: no model {st.model!r} in the repository "
                              f"(it has: {', '.join(names)})")
+
+    fanned = {st.model for st in app.steps if st.fan_out}
 
     def output(ref: str, field: str) -> TensorInfo:
         step, out = ref.split(".", 1)
@@ -108,10 +120,15 @@ def app_tensors(app: AppSpec, repo: SourceRepository, where: str = "apps[0]") ->
         if t is None:
             raise ValueError(f"{field}: {step!r} has no output {out!r} (it has: "
                              f"{', '.join(o.name for o in repo[step].outputs)})")
+        if step in fanned:            # one row per input row: [K, *o]
+            return TensorInfo(t.name, t.datatype, (rows[step], *t.shape))
         return t
 
     app_inputs: dict[str, TensorInfo] = {}
-    for i, st in enumerate(app.steps):
+    rows: dict[str, int] = {}               # fan-out steps: K, the rows per request
+    index = {st.model: i for i, st in enumerate(app.steps)}
+    for st in (app.steps[index[m]] for level in levels(app) for m in level):   # producers before consumers
+        i = index[st.model]
         info = repo[st.model]
         wanted = {t.name: t for t in info.inputs}
         for k, ref in st.inputs.items():
@@ -121,10 +138,21 @@ def app_tensors(app: AppSpec, repo: SourceRepository, where: str = "apps[0]") ->
             need = wanted[k]
             src = output(ref, field) if _step_of(ref) is not None else app_inputs.get(ref)
             if src is None:
+                if st.fan_out:
+                    raise ValueError(f"{field}: a fan-out step takes its inputs from other steps' outputs")
                 app_inputs[ref] = TensorInfo(ref, need.datatype, need.shape)
                 continue
-            if (src.datatype, tuple(src.shape)) != (need.datatype, tuple(need.shape)):
-                raise ValueError(f"{field}: {ref!r} is {src.datatype}{list(src.shape)} but {st.model!r} takes "
+            shape = tuple(src.shape)
+            if st.fan_out:
+                if len(shape) < 1 or shape[0] < 1:
+                    raise ValueError(f"{field}: fan-out needs {ref!r} to have a fixed first dimension (rows)")
+                if rows.setdefault(st.model, shape[0]) != shape[0]:
+                    raise ValueError(f"{field}: {ref!r} has {shape[0]} rows, the step's other inputs "
+                                     f"{rows[st.model]}")
+                shape = shape[1:]
+            if (src.datatype, shape) != (need.datatype, tuple(need.shape)):
+                raise ValueError(f"{field}: {ref!r} is {src.datatype}{list(shape)}"
+                                 f"{' per row' if st.fan_out else ''} but {st.model!r} takes "
                                  f"{need.datatype}{list(need.shape)}")
         missing = [n for n in wanted if n not in st.inputs]
         if missing:
@@ -133,7 +161,7 @@ def app_tensors(app: AppSpec, repo: SourceRepository, where: str = "apps[0]") ->
     for k, ref in app.outputs.items():
         t = output(ref, f"{where}.outputs.{k}")
         outs.append(TensorInfo(k, t.datatype, tuple(t.shape)))
-    return list(app_inputs.values()), outs
+    return list(app_inputs.values()), outs, rows
 
 
 def check(dep: Deployment, repo: SourceRepository) -> None:
@@ -146,4 +174,5 @@ def planned(dep: Deployment, plan) -> Deployment:
     """The deployment as its plan serves it: :func:`expand` by the plan's split (``plan.apps``)."""
     if not dep.apps:
         return dep
-    return expand(dep, {name: a.budgets_ms for name, a in plan.apps.items()})
+    return expand(dep, {name: a.budgets_ms for name, a in plan.apps.items()},
+                  {name: a.fan_out_rows for name, a in plan.apps.items()})

@@ -124,7 +124,9 @@ def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str
     from . import apps as appmod
     from .spec import AppSummary
 
-    appmod.check(dep, repo or repository_for(dep))
+    repo_ = repo or repository_for(dep)
+    appmod.check(dep, repo_)
+    rows = {a.name: appmod.check_app(a, repo_, f"apps[{i}]")[2] for i, a in enumerate(dep.apps)}
     if isinstance(profile, ProfileStore):
         store = profile
     elif profile is not None:
@@ -143,9 +145,9 @@ def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str
         return store.latency(src, max(store.shares(src)), 1)
 
     split = {a.name: appmod.split_slo(a, latency) for a in dep.apps}
-    plan = plan_models(appmod.expand(dep, {n: b for n, (b, _) in split.items()}), devices, **kw)
+    plan = plan_models(appmod.expand(dep, {n: b for n, (b, _) in split.items()}, rows), devices, **kw)
     summaries = {a.name: AppSummary(rate=a.rate, slo_ms=a.slo_ms, budgets_ms={m: round(v, 3) for m, v in split[a.name][0].items()},
-                                    critical_path=split[a.name][1]) for a in dep.apps}
+                                    critical_path=split[a.name][1], fan_out_rows=rows[a.name]) for a in dep.apps}
     return plan.model_copy(update={"apps": summaries})
 
 

@@ -79,6 +79,9 @@ class AppStep(_Strict):
     model: str = Field(pattern=MODEL_NAME, max_length=128, description="a model of the repository")
     inputs: dict[str, Annotated[str, Field(pattern=TENSOR_REF)]] = Field(
         min_length=1, description="the model's input name -> an app input name, or STEP_MODEL.OUTPUT of another step")
+    fan_out: bool = Field(default=False, description="run the model once per row of its inputs' first dimension "
+                          "after the batch: tensors of shape [K, *s] feed a model taking [*s], K rows per request "
+                          "(e.g. one crop per detection); its outputs come back as [K, *o]")
 
 
 class AppSpec(_Strict):
@@ -304,6 +307,7 @@ class AppSummary(_Strict):
     slo_ms: float
     budgets_ms: dict[str, float] = Field(description="each step's model -> its share of the SLO")
     critical_path: list[str] = Field(description="the steps whose budgets add up to the SLO")
+    fan_out_rows: dict[str, int] = Field(default_factory=dict, description="fan-out step -> rows per request")
 
 
 class Plan(_Strict):

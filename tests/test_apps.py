@@ -113,6 +113,11 @@ def test_the_slo_is_split_along_the_slowest_path():
      "apps[0].outputs.Y: 'lenet' has no output 'NOPE'"),
     ("  - {name: lenet, rate: 1, slo_ms: 9, steps: [{model: lenet, inputs: {INPUT: IMAGE}}], "
      "outputs: {Y: lenet.OUTPUT}}", "apps[0].name"),
+    ("  - {name: a, rate: 1, slo_ms: 9, steps: [{model: head, inputs: {X: IMAGE}, fan_out: true}], "
+     "outputs: {Y: head.Y}}", "apps[0].steps[0].inputs.X: a fan-out step takes its inputs from other steps"),
+    ("  - {name: a, rate: 1, slo_ms: 9, steps: [{model: lenet, inputs: {INPUT: IMAGE}}, "
+     "{model: head, inputs: {X: lenet.OUTPUT}, fan_out: true}], outputs: {Y: head.Y}}",
+     "'lenet.OUTPUT' is FP32[] per row but 'head' takes FP32[10]"),
 ])
 def test_invalid_apps_are_refused_with_the_field_named(repo, tmp_path, apps, needle):
     path = tmp_path / "d.yaml"
@@ -177,6 +182,60 @@ def test_apps_are_served_through_the_router_like_the_models_in_sequence(repo, tm
         assert m[("router_requests_total", (("model", "digits"),))] == 4 + n      # 3 + loadgen's answered, 1 refused
         assert m[("router_success_total", (("model", "digits"),))] == 3 + n
         assert m[("router_requests_total", (("model", "lenet"),))] == 6 + n       # the steps of the apps' answers
+    finally:
+        run_cli("down", "-f", str(path))
+    assert tritonserver_pids(str(tmp_path)) == []
+
+
+def test_a_fan_out_step_runs_once_per_row_in_batches_the_model_takes(repo, tmp_path):
+    """fan_out: a step fed [K, *s] per request runs its model on K rows of [*s] (here 3 per request, in
+    requests of at most its max batch 4: 9 rows as 4 + 4 + 1) and answers [K, *o]; planned at K times
+    the app's rate."""
+    class Splitter(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack([x, 2 * x, 3 * x], dim=1)
+
+    torch.jit.save(torch.jit.script(Splitter()), str(tmp_path / "splitter.pt"))
+    head = _head(tmp_path / "head4.pt", 3, 4)
+    for name, f, extra in (("splitter", "splitter.pt", ["--output", "Y"]), ("head4", "head4.pt", ["--output", "Y"])):
+        if not (repo / name).exists():
+            add = run_cli("repo", "add", name, "--torchscript", str(tmp_path / f), "--input", "X:FP32:10", *extra,
+                          "--max-batch", "4" if name == "head4" else "32", "--slo-ms", "2000",
+                          "--repository", str(repo), timeout=120)
+            assert add.returncode == 0, add.stdout + add.stderr
+    apps = """\
+  - name: crops
+    rate: 4
+    slo_ms: 2000
+    steps:
+      - {model: splitter, inputs: {X: IN}}
+      - {model: head4, inputs: {X: splitter.Y}, fan_out: true}
+    outputs: {PARTS: splitter.Y, SCORES: head4.Y}
+"""
+    path = tmp_path / "crops.yaml"
+    path.write_text(DEPLOYMENT.format(apps=apps, repo=repo, run=tmp_path / "run"))
+    plan = run_cli("plan", "-f", str(path), "--json", timeout=120)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    doc = json.loads(plan.stdout)
+    assert doc["apps"]["crops"]["fan_out_rows"] == {"head4": 3} and doc["models"]["head4"]["rate"] == 12
+    up = run_cli("up", "-f", str(path), "--detach", timeout=400)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        r = json.loads((tmp_path / "run" / "state.json").read_text())["router"]
+        http = httpclient.InferenceServerClient(f"127.0.0.1:{r['http_port']}")
+        assert {o["name"]: o["shape"] for o in http.get_model_metadata("crops")["outputs"]} == \
+            {"PARTS": [-1, 3, 10], "SCORES": [-1, 3, 3]}
+        x = np.random.default_rng(2).random((3, 10), dtype=np.float32)
+        with torch.no_grad():
+            parts = torch.jit.load(str(tmp_path / "splitter.pt"))(torch.from_numpy(x))
+            want = head(parts.reshape(-1, 10)).reshape(3, 3, 3).numpy()
+        inp = httpclient.InferInput("IN", [3, 10], "FP32")
+        inp.set_data_from_numpy(x)
+        res = http.infer("crops", [inp])
+        np.testing.assert_allclose(res.as_numpy("PARTS"), parts.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(res.as_numpy("SCORES"), want, rtol=1e-4, atol=1e-6)
+        m = metrics(f"127.0.0.1:{r['http_port']}")
+        assert m[("router_requests_total", (("model", "head4"),))] == 3      # 9 rows: 4 + 4 + 1
     finally:
         run_cli("down", "-f", str(path))
     assert tritonserver_pids(str(tmp_path)) == []

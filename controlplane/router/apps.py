@@ -37,6 +37,7 @@ class AppRoute:
     slo_ms: float
     max_batch_size: int = 0
     version: str = "1"
+    fan_out: dict[str, int] | None = None       # fan-out step -> rows per request (K)
 
     def model_config(self) -> dict:
         """Its configuration in Triton's JSON form: tensors, the largest batch its steps all take, and
@@ -104,10 +105,39 @@ def _wants_binary(head: dict) -> bool:
 
 
 async def _step(router, app: AppRoute, model: str, values: dict[str, Tensor]) -> dict[str, Tensor]:
-    """One step: its inputs from ``values``, sent as a binary request; its outputs as the bytes answered."""
-    ins, parts = [], []
+    """One step: its inputs from ``values``, sent as a binary request; its outputs as the bytes answered.
+    A fan-out step's inputs [B, K, *s] go as B*K rows of [*s] (the same bytes), in requests of at most
+    the model's max batch, sent at once; its outputs come back as [B, K, *o]."""
+    rows = (app.fan_out or {}).get(model)
+    if rows is None:
+        return await _call(router, app, model, {n: values[r] for n, r in app.steps[model].items()})
+    flat = {}
     for name, ref in app.steps[model].items():
         dt, shape, raw = values[ref]
+        flat[name] = (dt, [shape[0] * shape[1], *shape[2:]], raw)
+    n = next(iter(flat.values()))[1][0]
+    cap = max(1, router.table.models[model].max_batch_size or n)
+    chunks = []
+    for lo in range(0, n, cap):
+        hi = min(n, lo + cap)
+        part = {}
+        for name, (dt, shape, raw) in flat.items():
+            row = len(raw) // n
+            part[name] = (dt, [hi - lo, *shape[1:]], raw[lo * row:hi * row])
+        chunks.append(part)
+    answers = await asyncio.gather(*(_call(router, app, model, c) for c in chunks))
+    out = {}
+    b = n // rows
+    for key in answers[0]:
+        dt, shape, _ = answers[0][key]
+        out[key] = (dt, [b, rows, *shape[1:]], b"".join(a[key][2] for a in answers))
+    return out
+
+
+async def _call(router, app: AppRoute, model: str, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One binary request to a model's gpu-lets; its outputs as the bytes answered."""
+    ins, parts = [], []
+    for name, (dt, shape, raw) in inputs.items():
         ins.append({"name": name, "datatype": dt, "shape": shape, "parameters": {"binary_data_size": len(raw)}})
         parts.append(raw)
     head = json.dumps({"inputs": ins, "parameters": {"binary_data_output": True}}, separators=(",", ":")).encode()

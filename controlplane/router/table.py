@@ -107,15 +107,17 @@ class RoutingTable:
 
 def _apps(dep: Deployment, repo: SourceRepository, models: dict[str, ModelRoute]) -> dict[str, AppRoute]:
     """The deployment's apps as the router runs them (their models must be routed)."""
-    from ..apps import app_tensors, levels
+    from ..apps import check_app, levels
 
     out = {}
     for i, a in enumerate(dep.apps):
-        ins, outs = app_tensors(a, repo, f"apps[{i}]")
+        ins, outs, rows = check_app(a, repo, f"apps[{i}]")
         unrouted = [st.model for st in a.steps if st.model not in models]
         if unrouted:
             raise KeyError(f"app {a.name!r}: no gpu-let serves {', '.join(unrouted)}")
         out[a.name] = AppRoute(name=a.name, inputs=ins, outputs=outs, sources=dict(a.outputs),
                                steps={st.model: dict(st.inputs) for st in a.steps}, levels=levels(a),
-                               slo_ms=a.slo_ms, max_batch_size=min(models[st.model].max_batch_size for st in a.steps))
+                               slo_ms=a.slo_ms, fan_out=rows,
+                               max_batch_size=min(models[st.model].max_batch_size for st in a.steps
+                                                  if st.model not in rows))
     return out
