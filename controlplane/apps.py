@@ -23,17 +23,8 @@ def _step_of(ref: str) -> str | None:
 
 
 def levels(app: AppSpec) -> list[list[str]]:
-    """The steps' models in rounds: each round's steps need only app inputs and earlier rounds' outputs
-    (so they run at once). AppSpec has already refused cycles."""
-    done: set[str] = set()
-    out = []
-    todo = list(app.steps)
-    while todo:
-        ready = [st for st in todo if all(_step_of(r) is None or _step_of(r) in done for r in st.inputs.values())]
-        out.append([st.model for st in ready])
-        done.update(st.model for st in ready)
-        todo = [st for st in todo if st not in ready]
-    return out
+    """The steps' models in rounds that run at once (:meth:`AppSpec.rounds`; its validation refused cycles)."""
+    return app.rounds()
 
 
 def paths(app: AppSpec) -> list[list[str]]:

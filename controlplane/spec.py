@@ -114,15 +114,23 @@ class AppSpec(_Strict):
             if "." not in ref or ref.split(".", 1)[0] not in models:
                 raise ValueError(f"outputs.{k}: {ref!r} is not STEP_MODEL.OUTPUT of a step "
                                  f"(steps: {', '.join(models)})")
+        self.rounds()                   # raises on a cycle
+        return self
+
+    def rounds(self) -> list[list[str]]:
+        """The steps' models in rounds: each round's steps need only app inputs and earlier rounds'
+        outputs (so they run at once); ValueError when some steps wait on each other."""
         done: set[str] = set()
+        out = []
         todo = list(self.steps)
         while todo:
             ready = [st for st in todo if all(("." not in r) or r.split(".", 1)[0] in done for r in st.inputs.values())]
             if not ready:
                 raise ValueError(f"steps: {', '.join(st.model for st in todo)} wait on each other (a cycle)")
+            out.append([st.model for st in ready])
             done.update(st.model for st in ready)
             todo = [st for st in todo if st not in ready]
-        return self
+        return out
 
 
 class RuntimeSpec(_Strict):
