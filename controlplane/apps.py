@@ -155,10 +155,10 @@ def check_app(app: AppSpec, repo: SourceRepository, where: str = "apps[0]"
     return list(app_inputs.values()), outs, rows
 
 
-def check(dep: Deployment, repo: SourceRepository) -> None:
-    """Every app of the deployment against the repository (ValueError naming the field)."""
-    for i, app in enumerate(dep.apps):
-        app_tensors(app, repo, f"apps[{i}]")
+def check(dep: Deployment, repo: SourceRepository) -> dict[str, dict[str, int]]:
+    """Every app of the deployment against the repository (ValueError naming the field); each app's
+    fan-out steps' rows per request."""
+    return {app.name: check_app(app, repo, f"apps[{i}]")[2] for i, app in enumerate(dep.apps)}
 
 
 def planned(dep: Deployment, plan) -> Deployment:

@@ -124,9 +124,7 @@ def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str
     from . import apps as appmod
     from .spec import AppSummary
 
-    repo_ = repo or repository_for(dep)
-    appmod.check(dep, repo_)
-    rows = {a.name: appmod.check_app(a, repo_, f"apps[{i}]")[2] for i, a in enumerate(dep.apps)}
+    rows = appmod.check(dep, repo or repository_for(dep))
     if isinstance(profile, ProfileStore):
         store = profile
     elif profile is not None:
