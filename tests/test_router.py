@@ -30,12 +30,12 @@ import tritonclient.grpc as tg
 import tritonclient.grpc.aio as tga
 import tritonclient.http as th
 import tritonclient.http.aio as tha
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from controlplane.router import RouterServer, RoutingTable
 from controlplane.spec import RouterSpec
 
+from helpers import metrics
 from router_helpers import MAX_BODY, deployment, example, one_gpulet_plan, reference, start_servers
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -55,13 +55,6 @@ def direct(backend):
 
 def _close(a, b):
     return np.allclose(a, b, rtol=RTOL, atol=ATOL)
-
-
-def _metrics(url: str) -> dict[tuple[str, tuple], float]:
-    """/metrics as {(sample name, sorted labels): value}."""
-    text = httpx.get(f"http://{url}/metrics").text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def _m(metrics: dict, name: str, **labels) -> float:
@@ -204,7 +197,7 @@ def test_concurrent_clients_get_their_own_rows_and_every_request_is_counted(serv
     gives are the gpu-let's (Triton's dynamic batcher did the batching: at most one execution per request)."""
     xs = [example("lenet", 1 + k % 3, seed=100 + k) for k in range(48)]
     rows = sum(x.shape[0] for x in xs)
-    m0, s0 = _metrics(server.http_url), _stats(server.http_url, "lenet")
+    m0, s0 = metrics(server.http_url), _stats(server.http_url, "lenet")
 
     async def run():
         hc = tha.InferenceServerClient(server.http_url)
@@ -230,7 +223,7 @@ def test_concurrent_clients_get_their_own_rows_and_every_request_is_counted(serv
         assert out.shape == (x.shape[0], 10)
         assert _close(out, reference(repo, "lenet", x))
 
-    m1 = _metrics(server.http_url)
+    m1 = metrics(server.http_url)
     for name, labels in (("router_requests_total", {"model": "lenet"}),
                          ("router_success_total", {"model": "lenet"}),
                          ("router_gpulet_requests_total", {"gpulet": GPULET, "model": "lenet"})):
@@ -258,7 +251,7 @@ def test_request_larger_than_planned_batch(server, repo):
 
 
 def test_metrics(server):
-    m = _metrics(server.http_url)
+    m = metrics(server.http_url)
     requests = _m(m, "router_requests_total", model="lenet")
     met = _m(m, "router_slo_met_total", model="lenet")
     assert requests > 0 and _m(m, "router_success_total", model="lenet") > 0
@@ -487,7 +480,7 @@ def test_every_refused_or_answered_request_is_counted_once(tiny_slo_server):
     a KServe 503 / UNAVAILABLE, and the router counts each once (requests = success + drops + failures)."""
     srv = tiny_slo_server
     x = example("lenet", 1, seed=31)
-    m0 = _metrics(srv.http_url)
+    m0 = metrics(srv.http_url)
 
     async def run():
         hc = tha.InferenceServerClient(srv.http_url)
@@ -513,7 +506,7 @@ def test_every_refused_or_answered_request_is_counted_once(tiny_slo_server):
     refused = [(s, msg) for s, msg in res if s != "ok"]
     assert all(s in ("503", "StatusCode.UNAVAILABLE") and "SLO" in msg for s, msg in refused), refused
     assert refused and ok                                  # the first one in is answered
-    m1 = _metrics(srv.http_url)
+    m1 = metrics(srv.http_url)
 
     def delta(name, **labels):
         return _m(m1, name, **labels) - _m(m0, name, **labels)
@@ -627,7 +620,7 @@ def test_router_processes_share_the_ports_and_sum_their_metrics(backend, repo):
             n += 2
 
         for _ in range(6):           # each on a new connection: answered by either process
-            m = _metrics(srv.http_url)
+            m = metrics(srv.http_url)
             assert _m(m, "router_requests_total", model="lenet") == n
             assert _m(m, "router_success_total", model="lenet") == n
             assert _m(m, "router_gpulet_requests_total", gpulet=GPULET, model="lenet") == n
@@ -701,7 +694,7 @@ def test_still_serving_after_fuzz(server, repo):
     i.set_data_from_numpy(x)
     assert _close(c.infer("lenet", [i]).as_numpy("OUTPUT"), reference(repo, "lenet", x))
     assert c.is_server_ready()
-    m = _metrics(server.http_url)
+    m = metrics(server.http_url)
     assert _m(m, "router_gpulet_ready", gpulet=GPULET) == 1.0
     assert _m(m, "router_gpulet_errors_total", gpulet=GPULET) == 0     # no broken connection to the gpu-let
 
