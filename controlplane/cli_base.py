@@ -45,3 +45,19 @@ def read_deployment(path: str) -> Deployment:
         return with_repository_slos(dep, repository_for(dep), str(p))     # SLOs the file leaves to the repository
     except (SpecError, RepositoryError) as e:
         fail(str(e))
+
+
+def plan_or_load(dep: Deployment, plan_file: Path | None, devices=None):
+    """The plan in ``plan_file`` (JSON), else the deployment planned for ``devices`` (default: its own);
+    exits 1 naming why it cannot be planned. For the commands that render a plan (compose, render)."""
+    from .spec import load_plan
+
+    if plan_file:
+        return load_plan(plan_file)
+    from . import devices as devmod
+    from .planning import make_plan
+
+    try:
+        return make_plan(dep, devices or devmod.resolve(dep.devices), log=lambda m: err.print(m))
+    except ValueError as e:
+        fail(str(e), 1)

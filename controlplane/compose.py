@@ -222,22 +222,13 @@ def compose_command(
                                      help="control plane image running the router (compose/build-controlplane-image.sh)"),
 ) -> None:
     """Render a deployment's plan as a compose file (router, MPS daemon, one service per gpu-let)."""
-    from .cli_base import console, err, fail, read_deployment
-    from .paths import RunPaths
     from . import devices as devmod
-    from .spec import load_plan
+    from .cli_base import console, fail, plan_or_load, read_deployment
+    from .paths import RunPaths
 
     dep = read_deployment(file)
     devices = devmod.resolve(dep.devices)
-    if plan_file:
-        plan = load_plan(plan_file)
-    else:
-        from .planning import make_plan
-
-        try:
-            plan = make_plan(dep, devices, log=lambda m: err.print(m))
-        except ValueError as e:
-            fail(str(e), 1)
+    plan = plan_or_load(dep, plan_file, devices)
     uuids = {i: g.uuid for i, g in enumerate(devices.gpus)} if devices.on_gpu and not devices.fleet else None
     out = out_dir or RunPaths.for_deployment(dep).compose
     if mps not in ("container", "host", "none"):

@@ -284,22 +284,12 @@ def render_command(
     namespace: Optional[str] = typer.Option(None, "--namespace", "-n"),
 ) -> None:
     """Render a deployment's plan as Kubernetes manifests (`kubectl apply -f DIR`)."""
-    from . import devices as devmod
-    from .cli_base import console, err, fail, read_deployment
-    from .spec import load_plan
+    from .cli_base import console, fail, plan_or_load, read_deployment
 
     if what != "k8s":
         fail(f"unknown target {what!r}: `controlplane render k8s`")
     dep = read_deployment(file)
-    if plan_file:
-        plan = load_plan(plan_file)
-    else:
-        from .planning import make_plan
-
-        try:
-            plan = make_plan(dep, devmod.resolve(dep.devices), log=lambda m: err.print(m))
-        except ValueError as e:
-            fail(str(e), 1)
+    plan = plan_or_load(dep, plan_file)
     try:
         manifests = render_k8s(dep, plan, image=image, router_image=router_image, nodes=nodes or None,
                                gpus_per_node=gpus_per_node, artifacts_claim=artifacts_claim, namespace=namespace)
