@@ -147,15 +147,11 @@ async def _call(router, app: AppRoute, model: str, inputs: dict[str, Tensor]) ->
     if ans.status != 200:
         status = ans.status if ans.status in (400, 503, 504) else 502
         raise RouterError(status, f"app {app.name!r}: step {model!r} failed: {ans.error_message()}")
-    hlen = next((int(v) for k, v in ans.headers if k == b"inference-header-content-length"), len(ans.body))
-    got = json.loads(ans.body[:hlen])
-    off, out = hlen, {}
-    for o in got.get("outputs", []):
-        size = (o.get("parameters") or {}).get("binary_data_size")
-        if size is None:
+    out = {}
+    for o, data in ans.outputs()[1]:
+        if data is None:
             raise RouterError(502, f"app {app.name!r}: step {model!r} answered {o['name']!r} without binary data")
-        out[f"{model}.{o['name']}"] = (o["datatype"], list(o["shape"]), ans.body[off:off + size])
-        off += size
+        out[f"{model}.{o['name']}"] = (o["datatype"], list(o["shape"]), data)
     return out
 
 

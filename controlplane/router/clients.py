@@ -38,6 +38,17 @@ class HttpAnswer:
     headers: list[tuple[bytes, bytes]]    # the ANSWER_HEADERS Triton sent (lower-case names)
     body: bytes
 
+    def outputs(self) -> tuple[dict, list[tuple[dict, bytes | None]]]:
+        """An infer answer's JSON header and each output with its binary data (None where it came as JSON)."""
+        hlen = next((int(v) for k, v in self.headers if k == b"inference-header-content-length"), len(self.body))
+        head = json.loads(self.body[:hlen])
+        off, out = hlen, []
+        for o in head.get("outputs", []):
+            size = (o.get("parameters") or {}).get("binary_data_size")
+            out.append((o, None if size is None else self.body[off:off + size]))
+            off += size or 0
+        return head, out
+
     def error_message(self) -> str:
         try:
             return str(json.loads(self.body).get("error", ""))

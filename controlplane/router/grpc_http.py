@@ -81,20 +81,16 @@ def to_grpc(ans: HttpAnswer) -> bytes:
     if ans.status != 200:
         code = _HTTP_TO_GRPC.get(ans.status, grpc.StatusCode.INTERNAL)
         raise RouterError(ans.status if ans.status in _HTTP_TO_GRPC else 502, ans.error_message(), code)
-    hlen = next((int(v) for k, v in ans.headers if k == b"inference-header-content-length"), None)
-    body = ans.body
-    head = json.loads(body[:hlen] if hlen is not None else body)
+    head, outputs = ans.outputs()
     resp = pb.ModelInferResponse(model_name=head.get("model_name", ""), model_version=head.get("model_version", ""),
                                  id=head.get("id", ""))
     _set_params(resp.parameters, head.get("parameters") or {})
-    off = hlen or 0
-    for o in head.get("outputs", []):
+    for o, data in outputs:
         t = resp.outputs.add(name=o["name"], datatype=o["datatype"], shape=o["shape"])
         params = dict(o.get("parameters") or {})
-        size = params.pop("binary_data_size", None)
+        params.pop("binary_data_size", None)
         _set_params(t.parameters, params)
-        if size is None:
+        if data is None:
             raise RouterError(502, f"the gpu-let answered output {o['name']!r} without binary data")
-        resp.raw_output_contents.append(body[off:off + size])
-        off += size
+        resp.raw_output_contents.append(data)
     return resp.SerializeToString()
