@@ -170,20 +170,14 @@ run_dir: {tmp_path / "run"}
         img = np.random.default_rng(6).random((2, 3, 8, 8), dtype=np.float32)
         scale = np.array([[0.5], [2.0]], dtype=np.float32)
         scores, mean = onnxruntime.InferenceSession(str(onnx_model)).run(None, {"IMAGE": img, "SCALE": scale})
-        hi = httpclient.InferInput("IMAGE", [2, 3, 8, 8], "FP32")
-        hi.set_data_from_numpy(img)
-        hs = httpclient.InferInput("SCALE", [2, 1], "FP32")
-        hs.set_data_from_numpy(scale)
-        res = http.infer("tagger", [hi, hs])
-        np.testing.assert_allclose(res.as_numpy("SCORES"), scores, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(res.as_numpy("MEAN"), mean, rtol=1e-4, atol=1e-6)
-        gi = grpcclient.InferInput("IMAGE", [2, 3, 8, 8], "FP32")
-        gi.set_data_from_numpy(img)
-        gs = grpcclient.InferInput("SCALE", [2, 1], "FP32")
-        gs.set_data_from_numpy(scale)
-        res = grpc.infer("tagger", [gi, gs])
-        np.testing.assert_allclose(res.as_numpy("SCORES"), scores, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(res.as_numpy("MEAN"), mean, rtol=1e-4, atol=1e-6)
+        for mod, client in ((httpclient, http), (grpcclient, grpc)):
+            inputs = []
+            for name, x in (("IMAGE", img), ("SCALE", scale)):
+                inputs.append(mod.InferInput(name, list(x.shape), "FP32"))
+                inputs[-1].set_data_from_numpy(x)
+            res = client.infer("tagger", inputs)
+            np.testing.assert_allclose(res.as_numpy("SCORES"), scores, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(res.as_numpy("MEAN"), mean, rtol=1e-4, atol=1e-6)
     finally:
         down = run_cli("down", "-f", str(dep), cwd=tmp_path, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
