@@ -1,9 +1,9 @@
-"""Serving benchmark on one GPU: the highest load each system serves at its SLOs, side by side, in one run.
+"""Serving benchmark on one GPU (or ``--gpus N``): the highest load each system serves at its SLOs, side by side, in one run.
 
 Run on a GPU machine (see docs/benchmarks.md, "Serving", for the exact call):
 
     python benchmarks/serving.py --out DIR [--mixes gpu-run,scen1,bert-heavy] [--systems ...]
-                                 [--duration 8] [--points 4] [--profile profiles/h200]
+                                 [--duration 8] [--points 4] [--profile profiles/h200] [--gpus 2]
     python benchmarks/serving.py --render DIR/serving.json    # its table into docs/benchmarks.md (Serving)
 
 For each mix (a deployment file whose rates are scaled together by one factor),
@@ -13,12 +13,15 @@ with ``--protocol grpc``, from `controlplane loadgen` worker processes; a point 
 schedule does not count as a pass). Systems:
 
 - ``gpulet``: ``controlplane up`` with the gpu-let plan made for the planner's own
-  max scale on one GPU (its *predicted* max scale), through the router;
+  max scale on the GPUs (its *predicted* max scale), through the router;
 - ``direct``: the same gpu-let servers, addressed directly (no router);
 - ``temporal``: ``controlplane up`` with the temporal-only plan (one 100 % gpu-let);
 - ``triton1`` / ``triton2`` / ``triton4``: one plain tritonserver holding every
-  model, Triton's ``dynamic_batching { }``, 1 / 2 / 4 instances per model, no MPS,
-  no router — what a user running Triton alone would deploy.
+  model, Triton's ``dynamic_batching { }``, 1 / 2 / 4 instances per model on each GPU, no MPS,
+  no router — what a user running Triton alone would deploy;
+- ``split`` (``--gpus`` > 1): one plain tritonserver per GPU, the models divided between them
+  as a user would even them out (largest GPU demand first, onto the least loaded GPU, by the
+  profile), 1 instance each, the clients sending each model to its server.
 
 Every system runs the same python-backend ``model.py`` and TorchScript
 artifacts, the same tritonserver flags. The search: test the guess, then grow or
@@ -51,11 +54,18 @@ MIXES = {
     "bert-heavy": ROOT / "deployments" / "bert-heavy.yaml",
     "vision-bert": ROOT / "deployments" / "vision-bert.yaml",
 }
-SYSTEMS = ["gpulet", "direct", "temporal", "triton1", "triton2", "triton4"]
+SYSTEMS = ["gpulet", "direct", "temporal", "triton1", "triton2", "triton4", "split"]
+PLAIN = ["triton1", "triton2", "triton4", "split"]
 ATTAIN = 0.99
 PROTOCOL = "http"          # the clients' protocol, for every system (--protocol)
 ROUTER_WORKERS = 0         # router processes of the gpu-let deployments (0: RouterSpec's default)
-BEGIN, END = "<!-- serving-table:begin -->", "<!-- serving-table:end -->"  # the latest run's table
+GPUS = 1                   # GPUs every system gets (--gpus)
+
+
+def markers(gpus: int) -> tuple[str, str]:
+    """Where docs/benchmarks.md keeps the latest run's table on this many GPUs."""
+    tag = "serving-table" if gpus == 1 else f"serving-table-{gpus}gpu"
+    return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
 
 
 def log(*a) -> None:
@@ -75,12 +85,12 @@ def scaled(dep: Deployment, s: float) -> Deployment:
 
 
 def planner_max(dep: Deployment, store, algorithm: str, steps: int = 12) -> tuple[float, Plan | None]:
-    """The largest scale the planner fits on one GPU (bisection), and its plan there."""
+    """The largest scale the planner fits on ``GPUS`` GPUs (bisection), and its plan there."""
     from controlplane.planning import make_plan
 
     def fit(s: float) -> Plan | None:
         try:
-            return make_plan(scaled(dep, s), profile=store, algorithm=algorithm, gpus=1)
+            return make_plan(scaled(dep, s), profile=store, algorithm=algorithm, gpus=GPUS)
         except Exception:  # noqa: BLE001 - SchedulingError and unreachable SLOs alike: does not fit
             return None
 
@@ -144,6 +154,9 @@ class Deployed:
         """HTTP endpoints of the tritonservers (for their statistics)."""
         return [g["http"] for g in self.state["gpulets"].values()]
 
+    def server_names(self) -> dict[str, str]:
+        return {gid: g["http"] for gid, g in self.state["gpulets"].items()}
+
     def router_metrics(self) -> str:
         import httpx
 
@@ -157,25 +170,42 @@ class Deployed:
                        capture_output=True, text=True, timeout=120)
 
 
+def even_split(dep: Deployment, store, gpus: int) -> list[list[str]]:
+    """The models divided between ``gpus`` servers as a user evening out the load would: each model's GPU
+    demand (its rate over its profiled throughput at 100 %, at the largest batch that runs within half its
+    SLO), largest first, onto the least loaded GPU."""
+    def demand(m) -> float:
+        best = 0.0
+        for b in store.batches(m.name):
+            if store.latency(m.name, 100, b) <= m.slo_ms / 2:
+                best = max(best, store.throughput(m.name, 100, b))
+        return m.rate / best if best else math.inf
+
+    load = [0.0] * gpus
+    out: list[list[str]] = [[] for _ in range(gpus)]
+    for m in sorted(dep.models, key=demand, reverse=True):
+        i = load.index(min(load))
+        out[i].append(m.name)
+        load[i] += demand(m)
+    return [names for names in out if names]
+
+
 class PlainTriton:
-    """One tritonserver with every model of the mix, Triton's dynamic batcher, N instances each, no MPS."""
+    """Plain tritonservers, Triton's dynamic batcher, no MPS, no router: one holding every model of the mix
+    with ``instances`` instances on each GPU (``groups`` None), or one per GPU holding its group of models."""
 
-    def __init__(self, dep: Deployment, instances: int, out: Path, on_gpu: bool = True) -> None:
-        self.dep, self.instances, self.out, self.on_gpu = dep, instances, out, on_gpu
+    def __init__(self, dep: Deployment, instances: int, out: Path, on_gpu: bool = True,
+                 groups: list[list[str]] | None = None) -> None:
+        self.dep, self.instances, self.out, self.on_gpu, self.groups = dep, instances, out, on_gpu, groups
 
-    def start(self) -> None:
+    def _repository(self, root: Path, names: list[str], gpus: list[int]) -> None:
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2 as mc
 
         from controlplane.repository import MODEL_TEMPLATE, build_artifacts, repository_for
-        from controlplane.runtime.base import Launch
-        from controlplane.runtime.process import ProcessRuntime
-        from controlplane.spec import Assignment, GpuLet
 
         repo = repository_for(self.dep)
-        names = [m.name for m in self.dep.models]
         build_artifacts(repo, names)
-        root = self.out / "repository"
         shutil.rmtree(root, ignore_errors=True)
         for n in names:
             info = repo[n]
@@ -185,35 +215,87 @@ class PlainTriton:
             cfg.ClearField("instance_group")
             cfg.dynamic_batching.SetInParent()
             if self.on_gpu:
-                cfg.instance_group.add(count=self.instances, kind=mc.ModelInstanceGroup.KIND_GPU).gpus.append(0)
+                cfg.instance_group.add(count=self.instances, kind=mc.ModelInstanceGroup.KIND_GPU).gpus.extend(gpus)
             else:   # CPU: only to try the script on a machine without a GPU
                 cfg.instance_group.add(count=self.instances, kind=mc.ModelInstanceGroup.KIND_CPU)
             (root / n / "1").mkdir(parents=True)
             (root / n / "config.pbtxt").write_text(text_format.MessageToString(cfg))
             shutil.copy2(MODEL_TEMPLATE, root / n / "1" / "model.py")
             shutil.copy2(info.artifact(), root / n / "1" / "model.pt")
-        gl = GpuLet(id="triton", gpu=0, share=100, models=[Assignment(model=n, batch=1, rate=0) for n in names])
+
+    def start(self) -> None:
+        from controlplane.runtime.base import Launch
+        from controlplane.runtime.process import ProcessRuntime
+        from controlplane.spec import Assignment, GpuLet
+
+        launches = []
+        # one server on every GPU (its instances on each), or one per GPU seeing only that GPU
+        servers = ([(list(range(GPUS)), [m.name for m in self.dep.models])] if self.groups is None
+                   else [([i], names) for i, names in enumerate(self.groups)])
+        for i, (gpus, names) in enumerate(servers):
+            root = self.out / f"repository{i}"
+            # CUDA_VISIBLE_DEVICES renumbers what a server sees from 0
+            self._repository(root, names, list(range(len(gpus))))
+            gl = GpuLet(id=f"triton{i}", gpu=gpus[0], share=100,
+                        models=[Assignment(model=n, batch=1, rate=0) for n in names])
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)) if self.on_gpu else ""}
+            launches.append(Launch(gpulet=gl, repository=root.resolve(), log_path=(self.out / f"triton{i}.log").resolve(),
+                                   gpu_index=gpus[0] if self.on_gpu else None,
+                                   gpu_uuid=str(gpus[0]) if self.on_gpu else None, env=env))
         self.rt = ProcessRuntime(startup_timeout_s=600)
         t0 = time.monotonic()
-        env = {"CUDA_VISIBLE_DEVICES": "0"} if self.on_gpu else {"CUDA_VISIBLE_DEVICES": ""}
-        eps = self.rt.start([Launch(gpulet=gl, repository=root.resolve(), log_path=(self.out / "triton.log").resolve(),
-                                    gpu_index=0 if self.on_gpu else None, gpu_uuid="0" if self.on_gpu else None,
-                                    env=env)])
+        eps = self.rt.start(launches)
         self.up_s = time.monotonic() - t0
-        self.url = eps["triton"].grpc if PROTOCOL == "grpc" else eps["triton"].http
-        self.http = eps["triton"].http
+        self.ends = [(eps[la.gpulet.id], {a.model: 1.0 for a in la.gpulet.models}) for la in launches]
 
     def servers(self) -> list[str]:
-        return [self.http]
+        return [ep.http for ep, _ in self.ends]
+
+    def server_names(self) -> dict[str, str]:
+        return {f"triton{i}": ep.http for i, (ep, _) in enumerate(self.ends)}
 
     def urls(self, direct: bool = False) -> list[tuple[str, dict[str, float]]]:
-        return [(self.url, {m.name: 1.0 for m in self.dep.models})]
+        return [(ep.grpc if PROTOCOL == "grpc" else ep.http, frac) for ep, frac in self.ends]
 
     def router_metrics(self) -> str:
         return ""
 
     def stop(self) -> None:
         self.rt.stop()
+
+
+# --------------------------------------------------------------------------- GPU memory
+
+
+def gpu_memory() -> dict:
+    """GPU memory in use, MiB: per GPU, and per tritonserver (its own and its python-backend stubs'
+    allocations, read from nvidia-smi's compute processes, keyed by the server's HTTP port)."""
+    import psutil
+
+    def smi(*q: str) -> list[list[str]]:
+        try:
+            p = subprocess.run(["nvidia-smi", *q, "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                               timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        return [[c.strip() for c in ln.split(",")] for ln in p.stdout.splitlines() if ln.strip()]
+
+    per_gpu = {r[0]: float(r[1]) for r in smi("--query-gpu=index,memory.used") if len(r) == 2 and r[1].isdigit()}
+    servers: dict[str, float] = {}
+    for r in smi("--query-compute-apps=pid,used_memory"):
+        if len(r) != 2 or not r[0].isdigit() or not r[1].isdigit():
+            continue
+        try:
+            proc = psutil.Process(int(r[0]))
+            while proc is not None and proc.name() != "tritonserver":
+                proc = proc.parent()
+            args = proc.cmdline() if proc is not None else []
+        except psutil.Error:
+            continue
+        port = next((a.split("=", 1)[1] for a in args if a.startswith("--http-port=")), None)
+        if port:
+            servers[port] = servers.get(port, 0.0) + float(r[1])
+    return {"gpus": per_gpu, "servers": servers}
 
 
 # --------------------------------------------------------------------------- where the CPU goes
@@ -406,7 +488,7 @@ def run(args) -> dict:
     doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "gpu": gpu_name(),
            "commit": _commit(),
            "command": " ".join(sys.argv), "protocol": PROTOCOL, "cpus": os.cpu_count(), "profile": str(args.profile), "profile_device": store.device,
-           "duration_s": args.duration, "attainment": ATTAIN, "mixes": {}}
+           "duration_s": args.duration, "attainment": ATTAIN, "gpus": GPUS, "mixes": {}}
     jpath = out / "serving.json"
     if jpath.exists() and args.resume:
         prev = json.loads(jpath.read_text())
@@ -438,14 +520,14 @@ def run(args) -> dict:
             if time.monotonic() > deadline:
                 log(f"budget spent: {mix}/{sysname} not run")
                 continue
-            if sysname == "direct":
-                continue   # measured with gpulet's servers, below
+            if sysname == "direct" or (sysname == "split" and GPUS == 1):
+                continue   # direct: measured with gpulet's servers, below; split: one GPU has nothing to split
             entry = mdoc["systems"][sysname] = {"points": []}
             best = None        # plain Triton with more instances starts at triton1's max scale
             if sysname in ("gpulet", "temporal"):
                 plan = plans[sysname]
                 if plan is None:
-                    entry["note"] = f"the {sysname} planner fits no scale of this mix on one GPU"
+                    entry["note"] = f"the {sysname} planner fits no scale of this mix on {GPUS} GPU(s)"
                     save()
                     continue
                 entry["plan"] = json.loads(plan.model_dump_json())
@@ -453,6 +535,10 @@ def run(args) -> dict:
                 guess = pred[sysname]
                 if sysname == "temporal":   # its ratio to the gpu-let's max is what is asked: start there
                     guess = mdoc["systems"].get("gpulet", {}).get("max_scale") or guess
+            elif sysname == "split":
+                entry["groups"] = even_split(dep, store, GPUS)
+                system = PlainTriton(dep, 1, args.work / mix / sysname, on_gpu, groups=entry["groups"])
+                guess = mdoc["systems"].get("triton1", {}).get("max_scale") or args.triton_guess
             else:
                 system = PlainTriton(dep, int(sysname.removeprefix("triton")), args.work / mix / sysname, on_gpu)
                 best = mdoc["systems"].get("triton1", {}).get("max_scale")
@@ -464,8 +550,12 @@ def run(args) -> dict:
                 # warm-up, results discarded: the batch sizes the load will make (CUDA kernels, allocator)
                 measure(system, dep, guess * 0.5, 3.0, seed=7)
                 measure(system, dep, guess, 4.0, seed=8)
+                mem = gpu_memory()      # after the warm-up: the batches the load makes are allocated
+                by_port = {u.rsplit(":", 1)[-1]: name for name, u in system.server_names().items()}
+                entry["gpu_memory_mib"] = {"gpus": mem["gpus"],
+                                           "servers": {by_port.get(k, k): v for k, v in mem["servers"].items()}}
                 entry.update(search(system, dep, guess, args.duration, args.points, entry["points"].append,
-                                    below=sysname not in ("gpulet", "temporal", "triton1") and bool(best)))
+                                    below=sysname in ("triton2", "triton4") and bool(best)))
                 save()
                 log(f"{mix}/{sysname}: max scale {entry['max_scale']:.3g}")
                 if sysname == "gpulet" and "direct" in args.systems:
@@ -512,11 +602,12 @@ def gpu_name() -> str:
 
 
 def render(doc: dict) -> str:
-    lines = [f"Run {doc['date']} on {doc['gpu']} ({doc.get('cpus', '?')} cores); `{doc['command']}`; clients over "
+    gpus = doc.get("gpus", 1)
+    lines = [f"Run {doc['date']} on {gpus} x {doc['gpu']} ({doc.get('cpus', '?')} cores); `{doc['command']}`; clients over "
              f"{doc.get('protocol', 'grpc')}; plans from `{doc['profile']}` "
              f"({doc['profile_device']}); {doc['duration_s']:g} s per point, pass = every model >= "
              f"{100 * doc['attainment']:g} % within its SLO and the client on schedule.", ""]
-    cols = SYSTEMS
+    cols = [k for k in SYSTEMS if k != "split" or gpus > 1]
     lines.append("| mix | predicted (gpu-let plan) | " + " | ".join(cols) +
                  " | gpu-let / best plain Triton | gpu-let / temporal | router / direct |")
     lines.append("| --- " * (len(cols) + 5) + "|")
@@ -538,7 +629,7 @@ def render(doc: dict) -> str:
         def ratio(a: float | None, b: float | None) -> str:
             return "—" if not a or not b else f"{a / b:.2f}x"
 
-        plain = [v for v in (mx("triton1"), mx("triton2"), mx("triton4")) if v]
+        plain = [v for v in map(mx, PLAIN) if v]
         lines.append(f"| {mix} | {m.get('predicted', {}).get('gpulet', 0):.3g} | " +
                      " | ".join(cell(k) for k in cols) +
                      f" | {ratio(mx('gpulet'), max(plain) if plain else None)} | {ratio(mx('gpulet'), mx('temporal'))}"
@@ -550,12 +641,15 @@ def render(doc: dict) -> str:
 
 def write_docs(doc: dict, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    body = f"{BEGIN}\n{render(doc)}\n{END}"
-    if BEGIN in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
+    gpus = doc.get("gpus", 1)
+    begin, end = markers(gpus)
+    body = f"{begin}\n{render(doc)}\n{end}"
+    if begin in text:
+        a, b = text.index(begin), text.index(end) + len(end)
         text = text[:a] + body + text[b:]
     else:
-        text += "\n## Serving: max load at the SLOs on one GPU\n\n" + body + "\n"
+        where = "one GPU" if gpus == 1 else f"{gpus} GPUs of one host"
+        text += f"\n## Serving: max load at the SLOs on {where}\n\n" + body + "\n"
     path.write_text(text)
 
 
@@ -570,14 +664,15 @@ def main() -> None:
     ap.add_argument("--protocol", choices=["http", "grpc"], default="http", help="the clients' protocol")
     ap.add_argument("--router-workers", type=int, default=0, help="router processes (0: the default)")
     ap.add_argument("--points", type=int, default=4, help="tests per system")
+    ap.add_argument("--gpus", type=int, default=1, help="GPUs every system gets (plans, plain tritonservers)")
     ap.add_argument("--profile", type=Path, default=ROOT / "profiles" / "h200")
     ap.add_argument("--triton-guess", type=float, default=1.0)
     ap.add_argument("--budget-s", type=float, default=math.inf, help="start no system after this many seconds")
     ap.add_argument("--resume", action="store_true", help="keep systems already in OUT/serving.json")
     ap.add_argument("--render", type=Path, help="only write docs/benchmarks.md from this serving.json")
     args = ap.parse_args()
-    global PROTOCOL, ROUTER_WORKERS
-    PROTOCOL, ROUTER_WORKERS = args.protocol, args.router_workers
+    global PROTOCOL, ROUTER_WORKERS, GPUS
+    PROTOCOL, ROUTER_WORKERS, GPUS = args.protocol, args.router_workers, args.gpus
     if args.render:
         doc = json.loads(args.render.read_text())
     else:
