@@ -36,7 +36,7 @@ from controlplane.router import RouterServer, RoutingTable
 from controlplane.spec import RouterSpec
 
 from helpers import metrics
-from router_helpers import MAX_BODY, deployment, example, one_gpulet_plan, reference, start_servers
+from router_helpers import MAX_BODY, deployment, example, free_endpoint, one_gpulet_plan, reference, start_servers
 
 RTOL, ATOL = 1e-4, 1e-5
 GPULET = "cpu0-a"     # the gpu-let of the `backend` fixture (conftest.py)
@@ -705,7 +705,6 @@ def test_create_app_alone_without_ready_gpulets():
 
     from controlplane.repository import SourceRepository
     from controlplane.router import create_app
-    from router_helpers import free_endpoint
 
     plan = one_gpulet_plan()
     table = RoutingTable.from_plan(plan, {GPULET: free_endpoint()}, SourceRepository(), deployment())
@@ -729,6 +728,41 @@ def test_inflight_limit_leaves_room_for_a_random_spread():
     assert inflight_limit(200, TINY_SLO_MS) == 1
     assert inflight_limit(0, 22) is None and inflight_limit(100, None) is None
     assert inflight_limit(1000, 50, processes=4) < inflight_limit(1000, 50, processes=1)
+
+
+def test_requests_follow_the_plans_split_between_gpulets(repo):
+    """Three gpu-lets planned 300 / 100 / 100 req/s of lenet: of every 5 requests a router process sends,
+    3, 1 and 1 go to them, interleaved, as clients splitting by the plan would send (on the H200 the
+    fewest-in-flight rule sent a router process's requests mostly to the largest); a gpu-let out of the
+    rotation gets none and the others keep their ratio."""
+    from collections import Counter
+
+    from controlplane.router.core import Router
+    from controlplane.router.errors import RouterError
+    from controlplane.spec import Assignment, GpuLet, Plan
+
+    plan = Plan(gpus=1, gpulets=[GpuLet(id=f"cpu0-{c}", gpu=0, share=30, models=[
+        Assignment(model="lenet", batch=4, rate=r, throughput=2 * r)]) for c, r in zip("abc", (300.0, 100.0, 100.0))])
+    table = RoutingTable.from_plan(plan, {g.id: free_endpoint() for g in plan.gpulets}, repo, deployment())
+
+    async def picks() -> tuple[list[str], list[str]]:
+        router = Router(table)
+        await router.set_table(table)            # nothing listens there: every gpu-let out of the rotation
+        try:
+            with pytest.raises(RouterError, match="no ready gpu-let"):
+                router.pick("lenet")
+            for be in router.servers.values():
+                be.set_ready(True)
+            first = [router.pick("lenet").backend.id for _ in range(500)]
+            router.servers["cpu0-a"].set_ready(False)
+            return first, [router.pick("lenet").backend.id for _ in range(100)]
+        finally:
+            await router.close()
+
+    first, without_a = asyncio.run(picks())
+    for k in range(0, len(first), 5):
+        assert Counter(first[k:k + 5]) == {"cpu0-a": 3, "cpu0-b": 1, "cpu0-c": 1}, first[k:k + 5]
+    assert Counter(without_a) == {"cpu0-b": 50, "cpu0-c": 50}
 
 
 def test_stalled_bodies_time_out_and_others_keep_being_served(backend, repo):

@@ -32,8 +32,9 @@ class GpuletRoute:
 
     @property
     def weight(self) -> float:
-        """Capacity used to share load among a model's gpu-lets."""
-        return self.throughput or self.rate or float(self.batch * self.share)
+        """This gpu-let's part of the model's load: the rate the plan gave it, as clients splitting by the
+        plan would send (else its predicted throughput, else its batch x share)."""
+        return self.rate or self.throughput or float(self.batch * self.share)
 
 
 @dataclass
