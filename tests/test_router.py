@@ -251,6 +251,9 @@ def test_request_larger_than_planned_batch(server, repo):
 
 
 def test_metrics(server):
+    i = th.InferInput("INPUT", list(_X.shape), "FP32")      # one request of its own: passes run alone too
+    i.set_data_from_numpy(_X)
+    th.InferenceServerClient(server.http_url).infer("lenet", [i])
     m = metrics(server.http_url)
     requests = _m(m, "router_requests_total", model="lenet")
     met = _m(m, "router_slo_met_total", model="lenet")
