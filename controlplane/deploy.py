@@ -406,7 +406,8 @@ class Controller:
                                  f"changing it needs `down` and `up`")
         repo = repository_for(dep)
         calibration = self.calibration if calibration is None else calibration
-        plan = make_plan(dep, self.devices, repo=repo, profile_missing=True, log=self.log, calibration=calibration)
+        plan = make_plan(dep, self.devices, repo=repo, profile_missing=True, log=self.log, calibration=calibration,
+                         previous=self.plan)
         if self.devices.on_gpu and plan.gpulets and max(g.gpu for g in plan.gpulets) >= self.devices.count():
             raise ValueError(f"the plan needs {plan.gpus} GPU(s) but the deployment has {self.devices.count()}")
         build_artifacts(repo, plan.model_names(), progress=lambda n: self.log(f"building model {n} ..."))

@@ -110,7 +110,7 @@ def trivial_plan(deployment: Deployment, device: str = "cpu", max_batch: dict[st
 def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str | Path | ProfileStore | None = None,
               algorithm: str | None = None, gpus: int | None = None, repo: SourceRepository | None = None,
               profile_missing: bool = False, log: Callable[[str], None] = print,
-              calibration: Mapping[str, float] | None = None) -> Plan:
+              calibration: Mapping[str, float] | None = None, previous: Plan | None = None) -> Plan:
     """Plan a deployment (:func:`plan_models`); its apps first: checked against the repository, each
     app's SLO split over its steps by their profiled latencies (batch 1, the largest share), and the
     steps' models planned at the app's rate with their budgets as SLOs (``plan.apps`` says the split)."""
@@ -118,7 +118,7 @@ def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str
 
     dep = with_repository_slos(dep, repo)
     kw = dict(profile=profile, algorithm=algorithm, gpus=gpus, repo=repo, profile_missing=profile_missing, log=log,
-              calibration=calibration)
+              calibration=calibration, previous=previous)
     if not dep.apps:
         return plan_models(dep, devices, **kw)
     from . import apps as appmod
@@ -152,7 +152,7 @@ def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str
 def plan_models(dep: Deployment, devices: DeviceSet | None = None, *, profile: str | Path | ProfileStore | None = None,
                 algorithm: str | None = None, gpus: int | None = None, repo: SourceRepository | None = None,
                 profile_missing: bool = False, log: Callable[[str], None] = print,
-                calibration: Mapping[str, float] | None = None) -> Plan:
+                calibration: Mapping[str, float] | None = None, previous: Plan | None = None) -> Plan:
     """Plan a deployment's models.
 
     devices: what it runs on (resolved from ``dep.devices`` when not given). profile: plan against
@@ -162,6 +162,8 @@ def plan_models(dep: Deployment, devices: DeviceSet | None = None, *, profile: s
     profile_missing: measure models the profile lacks (logged first) instead of raising
     :class:`MissingProfile`. calibration: per source model, measured serving time over the
     profile's; the profile's latencies are scaled by it (a running deployment's recalibration).
+    previous: the running plan, whose gpu-lets of unchanged models are kept where that costs no GPU
+    (:mod:`controlplane.scheduler.incremental`).
     """
     algorithm = algorithm or dep.scheduler.algorithm
     gpus = gpus or dep.scheduler.gpus
@@ -173,7 +175,7 @@ def plan_models(dep: Deployment, devices: DeviceSet | None = None, *, profile: s
             return trivial_plan(dep, store.device, _model_limits(dep, repo))
         from . import scheduler
 
-        return scheduler.plan(dep, store, algorithm=algorithm, gpus=gpus)
+        return scheduler.plan(dep, store, algorithm=algorithm, gpus=gpus, previous=previous)
     if devices is None:
         from . import devices as devmod
 
@@ -195,7 +197,8 @@ def plan_models(dep: Deployment, devices: DeviceSet | None = None, *, profile: s
         store = store.scaled(calibration)
     from . import scheduler
 
-    return scheduler.plan(dep, store, algorithm=algorithm, gpus=gpus or (devices.count() if devices.on_gpu else None))
+    return scheduler.plan(dep, store, algorithm=algorithm, gpus=gpus or (devices.count() if devices.on_gpu else None),
+                          previous=previous)
 
 
 def _model_limits(dep: Deployment, repo: SourceRepository | None) -> dict[str, int]:

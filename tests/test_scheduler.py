@@ -477,3 +477,60 @@ def test_bursts_padded_within_half_the_slo_and_overhead_comes_off_the_slo():
     assert validate_plan(full, slow, TINY, margin=1.0) != []      # planned without the overhead: too slow
     with pytest.raises(SchedulingError, match="overhead_ms"):
         plan(dep(models, overhead_ms=40.0), TINY, algorithm="gpulet")
+
+
+def _let_key(g) -> tuple:
+    """A gpu-let as its server is started (its GPU index aside: to_plan renumbers past an emptied GPU)."""
+    return (g.share, tuple(sorted((a.model, a.batch) for a in g.models)))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(wl=workloads, which=st.integers(0, 3), factor=st.sampled_from([0.0, 0.4, 1.6, 3.0]), add=st.booleans(),
+       interference=st.booleans())
+def test_replanning_keeps_the_gpulets_of_unchanged_models(wl, which, factor, add, interference):
+    """One model's rate changes (or a model is added): the incremental candidate keeps every gpu-let whose
+    models kept their rate; the plan taken is feasible and uses no more GPUs than planning afresh."""
+    from collections import Counter
+
+    from controlplane.scheduler import ALGORITHMS, make_ctx, to_plan
+    from controlplane.scheduler.incremental import incremental
+
+    d0 = dep([{"name": m, "rate": r, "slo_ms": SLO[m]} for m, r in wl], latency_margin=1.1, interference=interference)
+    p0 = plan(d0, SYN)
+    changed = wl[which % len(wl)][0]
+    models = [{"name": m, "rate": r * factor if m == changed else r, "slo_ms": SLO[m]} for m, r in wl]
+    extra = next(m for m in SLO if m not in dict(wl))
+    if add:
+        models.append({"name": extra, "rate": 300, "slo_ms": SLO[extra]})
+    d1 = dep(models, latency_margin=1.1, interference=interference)
+    im = LinearUtilInterference() if interference else NoInterference()
+    inc = plan(d1, SYN, previous=p0)
+    assert validate_plan(inc, d1, SYN, interference=im) == []
+    assert inc.gpus <= plan(d1, SYN).gpus
+    ctx = make_ctx(d1, SYN)
+    got = incremental(ctx, p0, ALGORITHMS["gpulet"], None)
+    unchanged = [g for g in p0.gpulets if changed not in {a.model for a in g.models}]
+    if got is not None:
+        cand = to_plan(ctx, got, "t", "gpulet")
+        if not interference:     # with it, a kept gpu-let's batches follow its new neighbours' interference
+            assert not Counter(map(_let_key, unchanged)) - Counter(map(_let_key, cand.gpulets))
+        assert validate_plan(cand, d1, SYN, interference=im) == []
+    elif unchanged and not interference:
+        # without interference, kept gpu-lets always hold: only a model that fits nowhere makes it give up
+        assert add or factor > 1
+
+
+def test_replanning_one_model_moves_only_that_model():
+    """The nine models on the synthetic profile, bert's rate down from 400 to 100 req/s: only bert's
+    gpu-let (and any model it shared one with) is planned again, on less share; the rest stays."""
+    d0 = dep([{"name": m, "rate": 400, "slo_ms": s} for m, s in SLO.items()], latency_margin=1.1)
+    p0 = plan(d0, SYN)
+    d1 = dep([{"name": m, "rate": 100 if m == "bert" else 400, "slo_ms": s} for m, s in SLO.items()],
+             latency_margin=1.1)
+    inc = plan(d1, SYN, previous=p0)
+    moved = [g for g in p0.gpulets if _let_key(g) not in set(map(_let_key, inc.gpulets))]
+    assert moved and {a.model for g in moved for a in g.models} <= {a.model for g in p0.gpulets_for("bert")
+                                                                   for a in g.models}
+    assert inc.models["bert"].throughput >= 100
+    assert sum(g.share for g in inc.gpulets_for("bert")) < sum(g.share for g in p0.gpulets_for("bert"))
+    assert validate_plan(inc, d1, SYN) == []

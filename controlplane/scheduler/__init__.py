@@ -155,13 +155,16 @@ def gpu_limit(deployment: Deployment, gpus: int | None) -> int | None:
 
 
 def plan(deployment: Deployment, profiles: ProfileStore, *, algorithm: str | None = None, gpus: int | None = None,
-         interference: InterferenceModel | str | bool | None = None, **options) -> Plan:
+         interference: InterferenceModel | str | bool | None = None, previous: Plan | None = None,
+         **options) -> Plan:
     """Plan ``deployment`` on the device ``profiles`` describes, with the fewest GPUs.
 
     ``gpus`` caps the GPUs (default: ``scheduler.gpus``, else the number of listed
     devices, else no cap). ``interference``: a model, a name ('none',
     'linear-2080ti', a fitted JSON path), True/False, or None for the
-    deployment's setting. ``options``: pad_rates, max_models, max_lets_per_gpu,
+    deployment's setting. ``previous``: the running plan; its gpu-lets whose models
+    did not change are kept where that needs no more GPUs than a full plan
+    (:func:`.incremental.incremental`). ``options``: pad_rates, max_models, max_lets_per_gpu,
     memory_check, pct. Raises SchedulingError saying what is impossible and why.
     """
     name = algorithm or deployment.scheduler.algorithm
@@ -187,6 +190,12 @@ def plan(deployment: Deployment, profiles: ProfileStore, *, algorithm: str | Non
             ) from None
         if limit is not None and len(out) > limit:
             raise SchedulingError(f"{name}: not enough GPUs: the plan needs {len(out)} GPU(s), only {limit} available")
+        if previous is not None:
+            from .incremental import incremental
+
+            inc = incremental(ctx, previous, fn, limit)
+            if inc is not None and sum(1 for g in inc if g.lets) <= len(out):
+                out = inc
     else:
         out = fn(ctx, limit)
     return to_plan(ctx, out, deployment.name, name)
