@@ -344,6 +344,31 @@ def test_down_leaves_no_actor_server_or_stub(deployment):
     assert not (path.parent / "run" / "state.json").exists()
 
 
+def test_a_killed_controller_takes_its_actors_and_servers_with_it(cluster, tmp_path):
+    """kill -9 of `up`: Ray kills the actors it owned (owner fate-sharing), the servers die with their
+    actors (parent-death signal); `down` then only clears the state file."""
+    address, _ = cluster
+    name = f"{NAME}-orphan"
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(DEPLOYMENT.format(name=name, address=address, run_dir=tmp_path / "run")
+                    .replace("  - {name: mobilenet_v2, rate: 2, slo_ms: 5000}\n", "")
+                    .replace("ship_repositories: true", "ship_repositories: false"))
+    up = run_cli("up", "-f", str(path), "--detach", timeout=400)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = json.loads((tmp_path / "run" / "state.json").read_text())
+        assert len(_actors(name)) == 1 and len(_ours(str(tmp_path / "run" / "repos"))) >= 2    # server + stub
+        os.kill(state["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while _actors(name) or _ours(str(tmp_path / "run" / "repos")):
+            assert time.monotonic() < deadline, (_actors(name), _ours(str(tmp_path / "run" / "repos")))
+            time.sleep(0.5)
+    finally:
+        down = run_cli("down", "-f", str(path))
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not (tmp_path / "run" / "state.json").exists()
+
+
 def test_by_default_the_actor_serves_the_repository_at_its_path_in_the_run_directory(cluster, tmp_path):
     """Without ship_repositories (the default) the server on the node reads the repository the controller
     wrote, at its path (every node of this cluster sees this machine's files); stop leaves nothing."""
