@@ -369,9 +369,12 @@ def test_a_killed_controller_takes_its_actors_and_servers_with_it(cluster, tmp_p
     assert not (tmp_path / "run" / "state.json").exists()
 
 
-def test_by_default_the_actor_serves_the_repository_at_its_path_in_the_run_directory(cluster, tmp_path):
+def test_by_default_the_actor_serves_the_repository_at_its_path_and_gpulets_come_and_go(cluster, tmp_path):
     """Without ship_repositories (the default) the server on the node reads the repository the controller
-    wrote, at its path (every node of this cluster sees this machine's files); stop leaves nothing."""
+    wrote, at its path (every node of this cluster sees this machine's files). A running runtime takes
+    another gpu-let and drops one (what `apply` does); stop leaves nothing."""
+    import psutil
+
     from controlplane.repository import build_artifacts, write_gpulet_repositories
     from controlplane.runtime.base import Launch, ReplicaState, cpu_cores_for, gpulet_env
     from controlplane.runtime.ray import RayRuntime
@@ -380,37 +383,48 @@ def test_by_default_the_actor_serves_the_repository_at_its_path_in_the_run_direc
     from helpers import check_lenet
 
     address, _ = cluster
-    plan = Plan(gpus=1, gpulets=[GpuLet(id="cpu0-a", gpu=0, share=50, models=[
-        Assignment(model="lenet", batch=4, rate=1)])])
+    plan = Plan(gpus=2, gpulets=[GpuLet(id=gid, gpu=gpu, share=50, models=[Assignment(model="lenet", batch=4, rate=1)])
+                                 for gid, gpu in (("cpu0-a", 0), ("cpu1-a", 1))])
     repo = SourceRepository()
     build_artifacts(repo, ["lenet"])
     repos = write_gpulet_repositories(repo, plan, tmp_path / "repos", on_gpu=False)
     cores = cpu_cores_for(plan.gpulets)
-    g = plan.gpulets[0]
-    launch = Launch(gpulet=g, repository=repos[g.id].resolve(), log_path=tmp_path / "logs" / "cpu0-a.log",
-                    cores=cores[g.id], env=gpulet_env(g, None, cores[g.id], None))
+    first, second = (Launch(gpulet=g, repository=repos[g.id].resolve(), log_path=tmp_path / "logs" / f"{g.id}.log",
+                            cores=cores[g.id], env=gpulet_env(g, None, cores[g.id], None)) for g in plan.gpulets)
     deployment = f"{NAME}-path"
     rt = RayRuntime(address=address, deployment=deployment, startup_timeout_s=120)
     try:
-        (ep,) = rt.start([launch]).values()
+        (ep,) = rt.start([first]).values()
         check_lenet(repo, ep.http, n=2, seed=5)
         st = rt.status()["cpu0-a"]
-        assert st.state is ReplicaState.READY and st.log == str(launch.log_path)
-        assert "Started HTTPService" in rt.logs("cpu0-a") and launch.log_path.exists()
-        servers = [p for p in tritonserver_pids() if p in _ours(f"--model-repository={launch.repository}")]
+        assert st.state is ReplicaState.READY and st.log == str(first.log_path)
+        assert "Started HTTPService" in rt.logs("cpu0-a") and first.log_path.exists()
+        servers = [p for p in tritonserver_pids() if p in _ours(f"--model-repository={first.repository}")]
         assert len(servers) == 1
         # the gpu-let's share of the node's cores (the node is this machine: the same cores) and its environment
-        import psutil
-
-        assert psutil.Process(servers[0]).cpu_affinity() == cores[g.id]
-        env = dict(kv.split("=", 1) for kv in Path(f"/proc/{servers[0]}/environ").read_bytes().decode().split("\0") if "=" in kv)
+        assert psutil.Process(servers[0]).cpu_affinity() == cores["cpu0-a"]
+        env = dict(kv.split("=", 1) for kv in Path(f"/proc/{servers[0]}/environ").read_bytes().decode().split("\0")
+                   if "=" in kv)
         assert env["CONTROLPLANE_GPULET"] == "cpu0-a" and env["CONTROLPLANE_SHARE"] == "50"
-        assert env["OMP_NUM_THREADS"] == str(len(cores[g.id])) and env["CUDA_VISIBLE_DEVICES"] == ""
+        assert env["OMP_NUM_THREADS"] == str(len(cores["cpu0-a"])) and env["CUDA_VISIBLE_DEVICES"] == ""
         assert _actors(deployment) == [f"{deployment}/cpu0-a#1"]
+
+        with pytest.raises(StartError, match="already running"):
+            rt.start([first])
+        (ep2,) = rt.start([second]).values()                 # added beside the running one, on the other node
+        check_lenet(repo, ep2.http, n=1, seed=6)
+        assert rt.status()["cpu1-a"].node != rt.status()["cpu0-a"].node
+        rt.remove(["cpu0-a"])
+        assert sorted(rt.status()) == ["cpu1-a"]
+        deadline = time.monotonic() + 30
+        while _actors(deployment) != [f"{deployment}/cpu1-a#2"] or _ours(str(first.repository)):
+            assert time.monotonic() < deadline, (_actors(deployment), _ours(str(first.repository)))
+            time.sleep(0.3)
+        check_lenet(repo, ep2.http, n=1, seed=7)             # the other one kept serving
     finally:
         rt.stop()
     assert _actors(deployment) == []
-    assert _ours(str(launch.repository)) == []          # no server, no stub
+    assert _ours(str(tmp_path / "repos")) == []          # no server, no stub
 
 
 def test_a_repository_the_node_cannot_see_fails_the_start_and_leaves_nothing(cluster, tmp_path):
