@@ -200,6 +200,7 @@ def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -
             "models": ", ".join(f"{a.model}(b{a.batch})" for a in g.models),
             "http": info.http, "grpc": info.grpc, "pid": info.pid,
             "restarts": info.restarts, "ready": ready(info.http),
+            **({"node": info.node, "node_gpu": info.node_gpu} if state.runtime == "ray" else {}),
         })
     if as_json:
         console.print_json(json.dumps({"deployment": dep.name, "state": state.state, "router": router_addr,
@@ -210,10 +211,14 @@ def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -
     console.print(f"deployment [bold]{dep.name}[/] ({state.state}, {state.runtime} runtime, "
                   f"device {state.device}); router http://{router_addr} "
                   f"{'ready' if ready(router_addr) else 'NOT ready'}")
-    t = Table("gpu-let", "GPU", "share %", "models (batch)", "HTTP", "gRPC", "pid", "restarts", "health")
+    on_ray = state.runtime == "ray"       # a node of the cluster (and its GPU) instead of a local pid
+    t = Table("gpu-let", "GPU", *(("node", "node GPU") if on_ray else ()), "share %", "models (batch)", "HTTP",
+              "gRPC", *(() if on_ray else ("pid",)), "restarts", "health")
     for row in rows:
-        t.add_row(row["gpulet"], str(row["gpu"]), str(row["share"]), row["models"], str(row["http"]),
-                  str(row["grpc"]), str(row["pid"]), str(row["restarts"]),
+        where = ((str(row["node"]), "-" if row["node_gpu"] is None else str(row["node_gpu"])) if on_ray
+                 else ())
+        t.add_row(row["gpulet"], str(row["gpu"]), *where, str(row["share"]), row["models"], str(row["http"]),
+                  str(row["grpc"]), *(() if on_ray else (str(row["pid"]),)), str(row["restarts"]),
                   "[green]ready[/]" if row["ready"] else "[red]not ready[/]")
     console.print(t)
     if state.replans:
@@ -234,9 +239,10 @@ def logs(gpulet: str, file: str = FileOpt, tail: int = typer.Option(100, "--tail
 
         console.print(container_logs(info.container, tail), highlight=False, markup=False)
         return
-    path = RunPaths.for_deployment(dep).logs / f"{gpulet}.log"
+    path = Path(info.log) if info and info.log else RunPaths.for_deployment(dep).logs / f"{gpulet}.log"
     if not path.exists():
-        fail(f"no log for gpu-let {gpulet!r} at {path}", 1)
+        where = f" (on node {info.node})" if info and info.node else ""
+        fail(f"no log for gpu-let {gpulet!r} at {path}{where}", 1)
     console.print("\n".join(path.read_text(errors="replace").splitlines()[-tail:]), highlight=False, markup=False)
 
 

@@ -177,12 +177,15 @@ class Controller:
 
     def prepare(self, plan: Plan | None = None) -> Plan:
         self.devices = devmod.resolve(self.dep.devices)
-        if self.devices.fleet:
+        ray = self.dep.runtime.kind == "ray"
+        if self.devices.fleet and not ray:
             raise ValueError("devices: {gpus, model} describes GPUs to plan for elsewhere (`plan`, `compose`, "
-                             "`render k8s`); `up` runs on this machine's: devices auto or a list of GPU indices")
+                             "`render k8s`); `up` runs on this machine's: devices auto or a list of GPU indices (or, with "
+                             "runtime: ray, on the cluster's GPUs)")
         if plan is None:   # up measures what its device's profile lacks (saying so) rather than fail
             plan = make_plan(self.dep, self.devices, repo=self.repo, profile_missing=True, log=self.log)
-        if self.devices.on_gpu and plan.gpulets and max(g.gpu for g in plan.gpulets) >= self.devices.count():
+        if (self.devices.on_gpu and not ray and plan.gpulets
+                and max(g.gpu for g in plan.gpulets) >= self.devices.count()):      # ray: the runtime checks the cluster
             raise ValueError(f"the plan needs {plan.gpus} GPU(s) but the deployment has {self.devices.count()}")
         build_artifacts(self.repo, plan.model_names(), progress=lambda n: self.log(f"building model {n} ..."))
         self.plan = plan
@@ -223,6 +226,15 @@ class Controller:
 
             return DockerRuntime(image=rt.image, deployment=self.dep.name,
                                  startup_timeout_s=rt.startup_timeout_s, restart=rt.restart)
+        if rt.kind == "ray":
+            from .runtime.ray import RayRuntime
+
+            mps = self.paths.mps(self.dep.name)
+            return RayRuntime(address=rt.ray_address, deployment=self.dep.name, tritonserver=rt.tritonserver,
+                              startup_timeout_s=rt.startup_timeout_s, restart=rt.restart,
+                              ship_repositories=rt.ship_repositories, cores=list(self.devices.cores),
+                              mps_pipe_dir=str(self._mps_pipe_dir()), mps_log_dir=str(mps / "log"),
+                              mps_private=not rt.mps_pipe_dir)
         from .runtime.process import ProcessRuntime
 
         return ProcessRuntime(rt.tritonserver, startup_timeout_s=rt.startup_timeout_s, restart=rt.restart)
@@ -250,7 +262,7 @@ class Controller:
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self._write_state("starting")
         try:
-            if self.devices.on_gpu:
+            if self.devices.on_gpu and self.dep.runtime.kind != "ray":    # ray: one per node, by the runtime
                 from .runtime.mps import Daemon
 
                 self.mps = Daemon(self._mps_pipe_dir(), self.paths.mps(self.dep.name) / "log",
@@ -462,7 +474,7 @@ class Controller:
     def _check_memory(self, gpulets) -> None:
         """Refuse a transition whose new gpu-lets would not fit in the GPU memory free now (NVML), beside
         the running ones that keep serving until the switch: an OOM there would fail them too."""
-        if not gpulets or not self.devices.on_gpu:
+        if not gpulets or not self.devices.on_gpu or self.dep.runtime.kind == "ray":   # ray: not this host's GPUs
             return
         from .planning import load_profiles
 
@@ -670,8 +682,8 @@ class Controller:
             gpulets={gid: GpuletState(http=s.endpoint.http if s.endpoint else None,
                                       grpc=s.endpoint.grpc if s.endpoint else None,
                                       pid=s.pid, started=started_at(s.pid), container=s.container,
-                                      restarts=s.restarts,
-                                      log=str(self.paths.logs / f"{gid}.log"))
+                                      node=s.node, node_gpu=s.node_gpu, restarts=s.restarts,
+                                      log=s.log or str(self.paths.logs / f"{gid}.log"))
                      for gid, s in statuses.items()},
             plan=self.plan, replans=self.replans, last_replan=self.last_replan, calibration=self.calibration)
         self.paths.root.mkdir(parents=True, exist_ok=True)

@@ -133,17 +133,54 @@ class AppSpec(_Strict):
         return out
 
 
-class RuntimeSpec(_Strict):
-    """How gpu-lets are run: local tritonserver processes or Docker containers."""
+#: where the Ray runtime finds its cluster: auto, ray://HOST:PORT (Ray Client) or HOST:PORT (the head's GCS)
+RAY_ADDRESS = r"^(auto|ray://[A-Za-z0-9_.\[\]:-]+:[0-9]{1,5}|[A-Za-z0-9_.\[\]:-]+:[0-9]{1,5})$"
 
-    kind: Literal["process", "docker"] = "process"
+
+class RuntimeSpec(_Strict):
+    """How gpu-lets are run: local tritonserver processes, Docker containers, or Ray actors on a cluster."""
+
+    kind: Literal["process", "docker", "ray"] = "process"
     tritonserver: str | None = Field(
-        default=None, description="tritonserver binary; default: the nvidia-pytriton wheel's, then PATH"
+        default=None, description="tritonserver binary; default: the nvidia-pytriton wheel's, then PATH "
+        "(ray: looked for on each node)"
     )
     image: str = Field(default="gpulet-triton-cpu:latest", description="Triton image (docker runtime)")
     startup_timeout_s: float = Field(default=180.0, gt=0)
     restart: bool = Field(default=True, description="restart a tritonserver that dies")
     mps_pipe_dir: str | None = Field(default=None, description="CUDA_MPS_PIPE_DIRECTORY; default under the run dir")
+    address: str | None = Field(
+        default=None, max_length=300,
+        description="ray runtime: the cluster to run on: 'auto' (RAY_ADDRESS, else the cluster `ray start` "
+        "started on this machine; the default), ray://HEAD:10001 (Ray Client), or HEAD:PORT (the head's GCS "
+        "address that `ray start --head` prints). Each gpu-let is one Ray actor on a node of the cluster that "
+        "owns its tritonserver; the plan's GPU i is the cluster's i-th GPU (nodes in order of address, each "
+        "node's GPUs in index order); on a cluster without GPUs each node is one virtual CPU device")
+    ship_repositories: bool = Field(
+        default=False, description="ray runtime: send each gpu-let's generated model repository to its node with "
+        "the actor (through Ray's object store) instead of passing its path, which every node must then see "
+        "(a shared run directory)")
+
+    @field_validator("address")
+    @classmethod
+    def _ray_address(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None and not re.match(RAY_ADDRESS, v):
+            raise ValueError(f"{v!r} is not a Ray cluster address: auto, ray://HOST:PORT or HOST:PORT")
+        return v
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> "RuntimeSpec":
+        if self.kind != "ray":     # values, not fields set: a dumped deployment (defaults written out) validates
+            for name, unset in (("address", None), ("ship_repositories", False)):
+                if getattr(self, name) != unset:
+                    raise ValueError(f"{name} is an option of the ray runtime (kind: ray), not of kind {self.kind!r}")
+        return self
+
+    @property
+    def ray_address(self) -> str:
+        return self.address or "auto"
 
 
 class RouterSpec(_Strict):
@@ -447,6 +484,8 @@ class GpuletState(_Strict):
     pid: int | None = None        # process runtime: the server's process group leader
     started: float | None = None  # its start time (psutil), so a reused pid is not taken for it
     container: str | None = None  # docker runtime
+    node: str | None = None       # ray runtime: the node's address and id ("10.0.0.5 1a2b3c4d")
+    node_gpu: int | None = None   # ray runtime: the GPU's index on that node (None on a CPU)
     restarts: int = 0
     log: str | None = None
 

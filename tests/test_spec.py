@@ -36,7 +36,7 @@ def test_valid_deployment_loads(tmp_path):
         (GOOD.replace("rate: 2.5", "rate: -1"), ["models[1].rate", "greater than or equal to 0"]),
         (GOOD.replace(", slo_ms: 50}", ", slo_ms: 0}"), ["models[0].slo_ms", "greater than 0"]),
         (GOOD.replace("devices: cpu", "devices: [cpu"), ["broken YAML", "line"]),
-        (GOOD.replace("runtime: process", "runtime: kubernetes"), ["runtime.kind", "'process' or 'docker'"]),
+        (GOOD.replace("runtime: process", "runtime: kubernetes"), ["runtime.kind", "'process', 'docker' or 'ray'"]),
         (GOOD + "colour: blue\n", ["colour", "unknown field"]),
         ("- just\n- a list\n", ["expected a mapping"]),
         (GOOD.replace("name: t\n", "name: t\n").replace("mobilenet_v2, rate", "lenet, rate"), ["listed twice"]),

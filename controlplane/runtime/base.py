@@ -133,6 +133,9 @@ class ReplicaStatus:
     container: str | None = None      # docker runtime
     restarts: int = 0
     message: str = ""
+    node: str | None = None           # ray runtime: the node's address and id
+    node_gpu: int | None = None       # ray runtime: the GPU's index on that node (None: CPU)
+    log: str | None = None            # where the server's log is, when not <run dir>/logs/<gpu-let>.log
 
 
 def gpulet_env(launch_gpulet: GpuLet, gpu_index: int | None, cores: list[int] | None,
@@ -175,7 +178,7 @@ def cpu_cores_for(gpulets: list[GpuLet], available: list[int] | None = None) -> 
 
 
 class Runtime(ABC):
-    """One tritonserver per gpu-let, behind one interface (process or docker)."""
+    """One tritonserver per gpu-let, behind one interface (process, docker or ray)."""
 
     #: called after each server process is spawned, before it is ready (the controller records its pid)
     on_spawn: Callable[[], None] | None = None

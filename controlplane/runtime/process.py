@@ -46,6 +46,74 @@ def _wrappers(cores: list[int] | None) -> list[str]:
     return prefix
 
 
+# --------------------------------------------------------------------------- one server, whoever runs it
+# (the process runtime here, and each gpu-let actor of the Ray runtime on its node)
+
+
+def server_command(install: TritonInstall, repository: Path | str, endpoint: Endpoint,
+                   cores: list[int] | None = None) -> list[str]:
+    """The command line of a gpu-let's tritonserver: die with its parent, on its cores, on the
+    endpoint's address and ports, exiting on any model's error, with the admin APIs restricted."""
+    e, cmd = endpoint, [*_wrappers(cores), str(install.binary)]
+    cmd += [
+        f"--model-repository={repository}",
+        f"--http-address={e.host}", f"--http-port={e.http_port}",
+        f"--grpc-address={e.host}", f"--grpc-port={e.grpc_port}",
+        f"--metrics-address={e.host}", f"--metrics-port={e.metrics_port}",
+        "--exit-on-error=true", "--strict-readiness=true", "--exit-timeout-secs=5",
+        *restricted_api_args(),
+    ]
+    if install.backend_dir:
+        cmd.append(f"--backend-directory={install.backend_dir}")
+    return cmd
+
+
+def server_env(install: TritonInstall, extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment, plus what the python backend needs, plus the gpu-let's."""
+    env = dict(os.environ)
+    env.update(python_env())
+    libs = ":".join(str(p) for p in install.lib_dirs)
+    env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else libs
+    env.update(extra)
+    return env
+
+
+def kill_server(p: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM a server's process group (it runs in a session of its own), wait, then SIGKILL what
+    is left of the group (the python-backend stubs)."""
+    if p is not None and p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    if p is not None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def stubs_missing(pid: int, models: int) -> int:
+    """How many of a gpu-let's python-backend stubs (one per model instance) are gone from the process
+    tree of its tritonserver (pid); 0 when they cannot be counted."""
+    import psutil
+
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+        alive = sum(1 for k in kids if k.name().startswith("triton_python_b") and k.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return 0
+    return max(0, models - alive)
+
+
 @dataclass
 class _Replica:
     launch: Launch
@@ -60,16 +128,7 @@ class _Replica:
 
 
 def _stubs_missing(r: "_Replica") -> int:
-    """How many of the gpu-let's python-backend stubs (one per model instance) are gone from its
-    tritonserver's process tree; 0 when they cannot be counted."""
-    import psutil
-
-    try:
-        kids = psutil.Process(r.proc.pid).children(recursive=True)
-        alive = sum(1 for k in kids if k.name().startswith("triton_python_b") and k.status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return 0
-    return max(0, len(r.launch.gpulet.models) - alive)
+    return stubs_missing(r.proc.pid, len(r.launch.gpulet.models))
 
 
 class ProcessRuntime(Runtime):
@@ -87,26 +146,10 @@ class ProcessRuntime(Runtime):
     # ------------------------------------------------------------------ process control
 
     def _command(self, r: _Replica) -> list[str]:
-        e, cmd = r.endpoint, [*_wrappers(r.launch.cores), str(self.install.binary)]
-        cmd += [
-            f"--model-repository={r.launch.repository}",
-            f"--http-address={e.host}", f"--http-port={e.http_port}",
-            f"--grpc-address={e.host}", f"--grpc-port={e.grpc_port}",
-            f"--metrics-address={e.host}", f"--metrics-port={e.metrics_port}",
-            "--exit-on-error=true", "--strict-readiness=true", "--exit-timeout-secs=5",
-            *restricted_api_args(),
-        ]
-        if self.install.backend_dir:
-            cmd.append(f"--backend-directory={self.install.backend_dir}")
-        return cmd
+        return server_command(self.install, r.launch.repository, r.endpoint, r.launch.cores)
 
     def _env(self, launch: Launch) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(python_env())
-        libs = ":".join(str(p) for p in self.install.lib_dirs)
-        env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else libs
-        env.update(launch.env)
-        return env
+        return server_env(self.install, launch.env)
 
     def _spawn(self, r: _Replica) -> None:
         r.launch.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,26 +194,7 @@ class ProcessRuntime(Runtime):
                 time.sleep(0.25)
 
     def _kill(self, r: _Replica, timeout: float = 10.0) -> None:
-        p = r.proc
-        if p is not None and p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        if p is not None:
-            # Also the python-backend stubs left in the group.
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+        kill_server(r.proc, timeout)
         if r.log_file:
             r.log_file.close()
             r.log_file = None
