@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -136,6 +137,33 @@ class ReplicaStatus:
     node: str | None = None           # ray runtime: the node's address and id
     node_gpu: int | None = None       # ray runtime: the GPU's index on that node (None: CPU)
     log: str | None = None            # where the server's log is, when not <run dir>/logs/<gpu-let>.log
+
+
+def restart(r, why: str, allowed: bool, kill: Callable[[], None], start: Callable[[], None]) -> bool:
+    """One supervision step for a replica that stopped serving (``why``), the same in every runtime that
+    restarts its own servers: FAILED when restarting is off; else what is left of it is killed and ``start``
+    (spawn and wait ready; raises :class:`StartError`) runs again, with no limit on attempts, the next one
+    1, 2, 4 ... 30 s after a failed one (``r.retry_at``). ``r``: the runtime's replica record (state,
+    message, restarts, failures, retry_at). True when it serves again."""
+    if not allowed:
+        r.state, r.message = ReplicaState.FAILED, why
+        return False
+    if r.state is ReplicaState.READY:
+        r.message = f"{why}; restarting"
+    r.state = ReplicaState.RESTARTING
+    kill()
+    r.restarts += 1
+    try:
+        start()
+    except StartError as e:
+        kill()
+        r.failures += 1
+        r.state = ReplicaState.RESTARTING
+        r.retry_at = time.monotonic() + min(30.0, 2.0 ** (min(r.failures, 6) - 1))
+        r.message = f"restart {r.restarts} failed, next try in {r.retry_at - time.monotonic():.0f} s: {e}"
+        return False
+    r.message, r.retry_at, r.failures = "", 0.0, 0
+    return True
 
 
 def gpulet_env(launch_gpulet: GpuLet, gpu_index: int | None, cores: list[int] | None,

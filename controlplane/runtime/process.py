@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from .base import (Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports,
+from .base import (Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports, restart,
                    restricted_api_args, server_ready)
 from .triton import TritonInstall, find_tritonserver, python_env
 
@@ -239,26 +239,14 @@ class ProcessRuntime(Runtime):
                     why = f"{lost} python-backend stub(s) died"
                 if why is None or time.monotonic() < r.retry_at:
                     continue
-                if not self.restart:
-                    r.state, r.message = ReplicaState.FAILED, why
-                    continue
-                if r.state is ReplicaState.READY:
-                    r.message = f"{why}; restarting"
-                r.state = ReplicaState.RESTARTING
-                self._kill(r)
-                r.restarts += 1
-                r.endpoint = Endpoint(self.host, *free_ports(3, self.host))
-                self._spawn(r)
-                try:
+
+                def start(r=r) -> None:
+                    r.endpoint = Endpoint(self.host, *free_ports(3, self.host))
+                    self._spawn(r)
                     self._wait_ready([r])
-                    r.message, r.retry_at, r.failures = "", 0.0, 0
+
+                if restart(r, why, self.restart, lambda r=r: self._kill(r), start):
                     restarted.append(gid)
-                except StartError as e:
-                    self._kill(r)
-                    r.failures += 1
-                    r.state = ReplicaState.RESTARTING
-                    r.retry_at = time.monotonic() + min(30.0, 2.0 ** (min(r.failures, 6) - 1))
-                    r.message = f"restart {r.restarts} failed, next try in {r.retry_at - time.monotonic():.0f} s: {e}"
         return restarted
 
     def status(self) -> dict[str, ReplicaStatus]:

@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import (Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports, gpulet_env,
+from .base import (Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports, gpulet_env, restart,
                    server_ready)
 
 #: the Ray namespace of every actor the control plane creates; names are "<deployment>/<gpu-let>#<n>"
@@ -489,24 +489,9 @@ class RayRuntime(Runtime):
                     why = self._check(r)
                 if why is None or time.monotonic() < r.retry_at:
                     continue
-                if not self.restart:
-                    r.state, r.message = ReplicaState.FAILED, why
-                    continue
-                if r.state is ReplicaState.READY:
-                    r.message = f"{why}; restarting"
-                r.state = ReplicaState.RESTARTING
-                self._kill(r)
-                r.restarts += 1
-                try:
-                    self._wait_ready([r], {gid: self._spawn(r)})
-                    r.message, r.retry_at, r.failures = "", 0.0, 0
+                if restart(r, why, self.restart, lambda r=r: self._kill(r),
+                           lambda r=r, gid=gid: self._wait_ready([r], {gid: self._spawn(r)})):
                     restarted.append(gid)
-                except StartError as e:
-                    self._kill(r)
-                    r.failures += 1
-                    r.state = ReplicaState.RESTARTING
-                    r.retry_at = time.monotonic() + min(30.0, 2.0 ** (min(r.failures, 6) - 1))
-                    r.message = f"restart {r.restarts} failed, next try in {r.retry_at - time.monotonic():.0f} s: {e}"
         return restarted
 
     def status(self) -> dict[str, ReplicaStatus]:
