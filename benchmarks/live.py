@@ -1,6 +1,7 @@
 """Live re-planning on a rate trace: a deployment that re-plans from its measured load, against two static plans.
 
     python benchmarks/live.py --out DIR [--deployment deployments/gpu-run.yaml] [--segment-s 20] [--epoch-s 10]
+                              [--systems live,static-peak,static-start] [--resume]
     python benchmarks/live.py --render DIR/live.json    # its table into docs/benchmarks.md ("Live re-planning")
 
 The trace, in segments of ``--segment-s`` seconds, each a factor on the deployment's rates: steady (1x),
@@ -17,6 +18,9 @@ failed requests (errors other than the router's or Triton's deadline refusals). 
 seconds held (the running plan's shares summed, / 100, integrated over the trace; read from the
 deployment's state file twice a second) and, for ``live``, the time from each load change to the first
 re-plan after it. A PNG of attainment and share over time goes to DIR (not into the repository).
+A system takes about 10 segments plus its start (~260 s with 20 s segments on the H200): on a GPU machine
+whose calls are limited to 10 minutes, run the systems over several calls with ``--resume``, which keeps
+the systems already in DIR/live.json.
 """
 
 from __future__ import annotations
@@ -193,6 +197,7 @@ def main() -> None:
     ap.add_argument("--epoch-s", type=float, default=10.0)
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpulet-live"), help="run directories")
+    ap.add_argument("--resume", action="store_true", help="keep the systems already in OUT/live.json")
     ap.add_argument("--render", type=Path, help="only write docs/benchmarks.md from this live.json")
     args = ap.parse_args()
     if args.render:
@@ -208,14 +213,22 @@ def main() -> None:
            "machine": f"{gpu_name()} ({os.cpu_count()} cores)", "command": " ".join(sys.argv),
            "segment_s": args.segment_s, "epoch_s": args.epoch_s, "trace": segments, "systems": {}}
     args.out.mkdir(parents=True, exist_ok=True)
-    for system in [s for s in args.systems.split(",") if s]:
+    jpath = args.out / "live.json"
+    if args.resume and jpath.exists():
+        prev = json.loads(jpath.read_text())
+        doc["systems"] = prev["systems"]
+        doc["command"] = f"{prev['command']} && {doc['command']}"      # one run over several calls
+    for system in [s for s in args.systems.split(",") if s and s not in doc["systems"]]:
         d = deployment_for(dep, system, segments, args.epoch_s, args.work)
         print(time.strftime("%H:%M:%S"), f"{system}: up", flush=True)
         doc["systems"][system] = run_system(d, {m.name: m.rate for m in dep.models}, segments, args.segment_s,
                                             lambda *a: print(time.strftime("%H:%M:%S"), *a, flush=True))
-        (args.out / "live.json").write_text(json.dumps(doc, indent=1))
+        jpath.write_text(json.dumps(doc, indent=1))
     print(render(doc))
-    plot(doc, args.out / "live.png")
+    try:
+        plot(doc, args.out / "live.png")
+    except ImportError as e:     # a GPU machine without matplotlib: the JSON has it all
+        print(f"no plot: {e}")
 
 
 def write_docs(doc: dict, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
