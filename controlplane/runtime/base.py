@@ -139,6 +139,22 @@ class ReplicaStatus:
     log: str | None = None            # where the server's log is, when not <run dir>/logs/<gpu-let>.log
 
 
+class OwnReplicas:
+    """``remove`` for a runtime that keeps its replicas itself (process, ray): ``self.replicas`` maps a gpu-let
+    id to its record (``state``, ``launch``), ``self._kill(record)`` stops one, under ``self._lock``."""
+
+    def remove(self, gpulets: list[str]) -> None:
+        with self._lock:
+            self._remove([self.replicas[g] for g in gpulets if g in self.replicas])
+
+    def _remove(self, reps: list) -> None:
+        for r in reps:
+            r.state = ReplicaState.STOPPING
+            self._kill(r)
+            r.state = ReplicaState.STOPPED
+            self.replicas.pop(r.launch.gpulet.id, None)
+
+
 def restart(r, why: str, allowed: bool, kill: Callable[[], None], start: Callable[[], None]) -> bool:
     """One supervision step for a replica that stopped serving (``why``), the same in every runtime that
     restarts its own servers: FAILED when restarting is off; else what is left of it is killed and ``start``

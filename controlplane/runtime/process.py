@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from .base import (Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports, restart,
-                   restricted_api_args, server_ready)
+from .base import (Endpoint, Launch, OwnReplicas, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports,
+                   restart, restricted_api_args, server_ready)
 from .triton import TritonInstall, find_tritonserver, python_env
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -131,7 +131,7 @@ def _stubs_missing(r: "_Replica") -> int:
     return stubs_missing(r.proc.pid, len(r.launch.gpulet.models))
 
 
-class ProcessRuntime(Runtime):
+class ProcessRuntime(OwnReplicas, Runtime):
     """tritonserver subprocesses on this machine."""
 
     def __init__(self, tritonserver: str | None = None, host: str = "127.0.0.1",
@@ -259,17 +259,6 @@ class ProcessRuntime(Runtime):
 
     def logs(self, gpulet: str, tail: int = 100) -> str:
         return log_tail(self.replicas[gpulet].launch.log_path, tail)
-
-    def remove(self, gpulets: list[str]) -> None:
-        with self._lock:
-            self._remove([self.replicas[g] for g in gpulets if g in self.replicas])
-
-    def _remove(self, reps: list[_Replica]) -> None:
-        for r in reps:
-            r.state = ReplicaState.STOPPING
-            self._kill(r)
-            r.state = ReplicaState.STOPPED
-            self.replicas.pop(r.launch.gpulet.id, None)
 
     def stop(self) -> None:
         with self._lock:

@@ -53,8 +53,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import (Endpoint, Launch, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports, gpulet_env, restart,
-                   server_ready)
+from .base import (Endpoint, Launch, OwnReplicas, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports,
+                   gpulet_env, restart, server_ready)
 
 #: the Ray namespace of every actor the control plane creates; names are "<deployment>/<gpu-let>#<n>"
 NAMESPACE = "gpulet"
@@ -269,7 +269,7 @@ class _Replica:
     failures: int = 0
 
 
-class RayRuntime(Runtime):
+class RayRuntime(OwnReplicas, Runtime):
     """One actor per gpu-let on a Ray cluster; see the module docstring.
 
     ``up`` builds it as ``RayRuntime(address=dep.runtime.ray_address, deployment=dep.name,
@@ -514,17 +514,6 @@ class RayRuntime(Runtime):
         ray = self.connect()
         return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                       if a["namespace"] == NAMESPACE and a["name"].startswith(f"{self.deployment}/"))
-
-    def remove(self, gpulets: list[str]) -> None:
-        with self._lock:
-            self._remove([self.replicas[g] for g in gpulets if g in self.replicas])
-
-    def _remove(self, reps: list[_Replica]) -> None:
-        for r in reps:
-            r.state = ReplicaState.STOPPING
-            self._kill(r)
-            r.state = ReplicaState.STOPPED
-            self.replicas.pop(r.launch.gpulet.id, None)
 
     def stop(self) -> None:
         """Stop every server and kill every actor of this deployment, wait until Ray lists none of them,
