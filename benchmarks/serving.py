@@ -181,12 +181,13 @@ def even_split(dep: Deployment, store, gpus: int) -> list[list[str]]:
                 best = max(best, store.throughput(m.name, 100, b))
         return m.rate / best if best else math.inf
 
+    need = {m.name: demand(m) for m in dep.models}
     load = [0.0] * gpus
     out: list[list[str]] = [[] for _ in range(gpus)]
-    for m in sorted(dep.models, key=demand, reverse=True):
+    for name in sorted(need, key=need.get, reverse=True):
         i = load.index(min(load))
-        out[i].append(m.name)
-        load[i] += demand(m)
+        out[i].append(name)
+        load[i] += need[name]
     return [names for names in out if names]
 
 
