@@ -626,11 +626,9 @@ class Controller:
             if not self.router.alive():
                 # The router's first process is this one: it cannot be restarted apart from the
                 # controller, so the controller stops everything (`status` then says so) rather than
-                # leave servers nobody can reach. Its other processes are restarted below.
+                # leave servers nobody can reach. It replaces its other processes itself.
                 self.log(f"the router stopped ({self.router._error or 'its thread exited'}); stopping the deployment")
                 return
-            for pid in self.router.supervise():
-                self.log(f"router: a process died; started another (pid {pid})")
             self._take_apply_request()
             self._take_repository_requests()
             if epoch and time.monotonic() >= next_epoch:

@@ -42,6 +42,7 @@ log = logging.getLogger("controlplane.router")
 GRPC_MAX_MESSAGE = 256 * 1024 * 1024
 TABLE_FILE = "table.pkl"     # (generation, RoutingTable), written by update(); trusted: the router's own temp dir
 TABLE_POLL_S = 0.1
+CHILD_POLL_S = 0.5       # how often the first router process looks for dead ones to replace
 CONTROLLER_METRICS = "controller.prom"   # the controller's metrics (text format), appended to every process's /metrics
 
 
@@ -181,7 +182,7 @@ class RouterServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         grpc_server = None
-        watch = None
+        watch = keep = None
         try:
             sock.bind((self.host, self.http_port))
             sock.listen(2048)
@@ -211,6 +212,8 @@ class RouterServer:
                 raise RuntimeError("HTTP server exited at start")
             self._start_children()
             watch = asyncio.get_running_loop().create_task(self._watch_table(router), name="router-table")
+            if self._children:
+                keep = asyncio.get_running_loop().create_task(self._keep_children(), name="router-processes")
             log.info("router: HTTP on %s, gRPC on %s, %d process(es)", self.http_url, self.grpc_url, self.workers)
             self._started.set()
             stop_wait = asyncio.get_running_loop().create_task(stop.wait())
@@ -219,8 +222,9 @@ class RouterServer:
             stop_wait.cancel()
             await task
         finally:
-            if watch is not None:
-                watch.cancel()
+            for t in (watch, keep):
+                if t is not None:
+                    t.cancel()
             self._stop_children()
             if grpc_server is not None:
                 await grpc_server.stop(1.0)
@@ -272,10 +276,10 @@ class RouterServer:
         tmp = d / f".{TABLE_FILE}.{gen}.tmp"
         tmp.write_bytes(pickle.dumps((gen, table)))
         tmp.replace(d / TABLE_FILE)
-        pids = [os.getpid()] + [p.pid for p in self._children]
+        procs = list(self._children)       # a replacement started from now on reads this table at its start
         deadline = time.monotonic() + timeout
         while True:
-            late = [pid for pid in pids if _ack(d, pid) < gen]
+            late = [pid for pid in [os.getpid()] + [p.pid for p in procs if p.is_alive()] if _ack(d, pid) < gen]
             if not late:
                 break
             if time.monotonic() > deadline:
@@ -310,15 +314,18 @@ class RouterServer:
         """Whether the router (its first process, in this one) still serves."""
         return self._thread is not None and self._thread.is_alive() and self._error is None
 
-    def supervise(self) -> list[int]:
-        """Start a new router process for each one that died (same ports, the current table); their pids."""
-        out = []
-        for i, p in enumerate(self._children):
-            if not p.is_alive() and self._stop is not None and not self._stop.is_set():
-                log.warning("router process %s (pid %s) exited with %s; starting another", p.name, p.pid, p.exitcode)
-                self._children[i] = self._child(i)
-                out.append(self._children[i].pid)
-        return out
+    async def _keep_children(self) -> None:
+        """Start a new router process for each one that dies (same ports; it takes up the current table
+        from the table directory). This runs in the first process's own loop, apart from the controller's
+        supervision, where restarting a gpu-let can take tens of seconds."""
+        while True:
+            await asyncio.sleep(CHILD_POLL_S)
+            for i, p in enumerate(self._children):
+                if not p.is_alive():
+                    log.warning("router process %s (pid %s) exited with %s; starting another", p.name, p.pid,
+                                p.exitcode)
+                    self._children[i] = self._child(i)
+                    log.warning("router process %s: pid %s", p.name, self._children[i].pid)
 
     def _stop_children(self) -> None:
         for p in self._children:
