@@ -430,6 +430,9 @@ def repo_add(
                                                 "from running one batch); python: NAME:DTYPE:SHAPE"),
     max_batch: int = typer.Option(32, "--max-batch", help="largest batch a client may send and the batcher may form"),
     slo_ms: Optional[float] = typer.Option(None, "--slo-ms", help="default SLO (a deployment's slo_ms wins)"),
+    memory_mb: Optional[float] = typer.Option(None, "--memory-mb", help="memory one instance of the model holds "
+                                              "(GPU memory on a GPU); its gpu-let's processes are limited to twice "
+                                              "this plus a base where no profile says (runtime.memory_limits)"),
     replace: bool = typer.Option(False, "--replace", help="replace a model of that name (with --version: that version)"),
     version: Optional[str] = typer.Option(None, "--version", help="add as this version folder beside the model's "
                                           "others (same inputs and outputs); served: the latest, or the config's "
@@ -448,11 +451,12 @@ def repo_add(
         if python is not None:
             added = add_python_model(root, name, python, [parse_tensor(i) for i in inputs or []],
                                      [parse_tensor(o, "output") for o in outputs or []], max_batch=max_batch,
-                                     slo_ms=slo_ms, replace=replace, version=version)
+                                     slo_ms=slo_ms, replace=replace, version=version, memory_mb=memory_mb)
         else:
             added = add_model(root, name, torchscript or onnx, "torchscript" if torchscript else "onnx",
                               [parse_tensor(i) for i in inputs or []], outputs or None,
-                              max_batch=max_batch, slo_ms=slo_ms, replace=replace, version=version)
+                              max_batch=max_batch, slo_ms=slo_ms, replace=replace, version=version,
+                              memory_mb=memory_mb)
     except RepositoryError as e:
         fail(str(e))
     io = lambda ts: ", ".join(f"{x.name} {x.datatype}{list(x.shape)}" for x in ts)  # noqa: E731

@@ -26,7 +26,7 @@ from pathlib import Path
 from . import devices as devmod
 from .planning import make_plan
 from .repository import SourceRepository, build_artifacts, repository_for, write_gpulet_repositories
-from .runtime.base import Endpoint, Launch, Runtime, cpu_cores_for, gpulet_env
+from .runtime.base import Endpoint, Launch, Runtime, cpu_cores_for, gpulet_env, memory_limit_mb
 from .paths import RunPaths
 from .spec import Deployment, GpuletState, Plan, RouterState, RunState
 
@@ -209,13 +209,28 @@ class Controller:
         out = []
         for g in chosen:
             gpu = self.devices.gpus[g.gpu] if on_gpu else None
+            limit = (memory_limit_mb([self._model_memory_mb(a.model) for a in g.models], on_gpu)
+                     if self.dep.runtime.memory_limits else None)
             out.append(Launch(
                 gpulet=g, repository=repos[g.id].resolve(), log_path=(self.paths.logs / f"{g.id}.log").resolve(),
                 gpu_uuid=gpu.uuid if gpu else None, gpu_index=gpu.index if gpu else None,
-                cores=cores.get(g.id),
-                env=gpulet_env(g, gpu.index if gpu else None, cores.get(g.id), pipe if on_gpu else None),
+                cores=cores.get(g.id), memory_limit_mb=limit,
+                env=gpulet_env(g, gpu.index if gpu else None, cores.get(g.id), pipe if on_gpu else None, limit),
             ))
         return out
+
+    def _model_memory_mb(self, model: str) -> float | None:
+        """A served model's memory: the larger of its profile's and its repository config's ``memory_mb``
+        (a CPU profile may measure only the tensors; None: neither says)."""
+        from .planning import load_profiles
+
+        if self._profiles is None:
+            self._profiles = load_profiles(self.dep, self.devices.name)
+        source = self.served.model(model).source
+        store = self._profiles
+        known = [v for v in (store.memory_mb(source) if store and store.has(source) else None,
+                             self.repo[source].memory_mb) if v]
+        return max(known) if known else None
 
     # ------------------------------------------------------------------ start / stop
 
@@ -476,13 +491,9 @@ class Controller:
         the running ones that keep serving until the switch: an OOM there would fail them too."""
         if not gpulets or not self.devices.on_gpu or self.dep.runtime.kind == "ray":   # ray: not this host's GPUs
             return
-        from .planning import load_profiles
-
-        store = self._profiles or load_profiles(self.dep, self.devices.name)
         need: dict[int, float] = {}
         for g in gpulets:
-            models = sum((store.memory_mb(self.served.model(a.model).source) or 0.0) if store else 0.0
-                         for a in g.models)
+            models = sum(self._model_memory_mb(a.model) or 0.0 for a in g.models)
             need[g.gpu] = need.get(g.gpu, 0.0) + models + devmod.GPULET_OVERHEAD_MB
         nvml = devmod.free_memory_mb([self.devices.gpus[i].index for i in need])     # by NVML index
         free = {i: nvml[self.devices.gpus[i].index] for i in need if self.devices.gpus[i].index in nvml}

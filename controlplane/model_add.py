@@ -145,7 +145,8 @@ def _run_one_batch(artifact: Path, kind: str, inputs: list[TensorInfo], batch: i
 
 def add_model(root: Path, name: str, artifact: Path, kind: str = "torchscript",
               inputs: list[TensorInfo] | None = None, output_names: list[str] | None = None, max_batch: int = 32,
-              slo_ms: float | None = None, replace: bool = False, version: str | None = None) -> Added:
+              slo_ms: float | None = None, replace: bool = False, version: str | None = None,
+              memory_mb: float | None = None) -> Added:
     """Write ``root/name`` (``config.pbtxt``, ``1/model.pt`` or ``1/model.onnx``) after one batch ran.
 
     ``kind``: 'torchscript' (``inputs`` required: TorchScript does not say them) or 'onnx' (inputs and
@@ -158,10 +159,7 @@ def add_model(root: Path, name: str, artifact: Path, kind: str = "torchscript",
         raise RepositoryError("an ONNX file names its inputs and outputs: leave out --input and --output")
     if kind == "torchscript" and not inputs:
         raise RepositoryError("give the model's inputs: --input NAME:DTYPE:SHAPE (shape without the batch)")
-    if max_batch < 1:
-        raise RepositoryError(f"max batch {max_batch}: must be at least 1")
-    if slo_ms is not None and slo_ms <= 0:
-        raise RepositoryError(f"SLO {slo_ms} ms: must be positive")
+    _check_parameters(max_batch, slo_ms, memory_mb)
     if not artifact.is_file():
         raise RepositoryError(f"{artifact}: no such file")
     dest = root / name
@@ -181,8 +179,7 @@ def add_model(root: Path, name: str, artifact: Path, kind: str = "torchscript",
     for t, field in [(t, cfg.input) for t in inputs] + [(t, cfg.output) for t in outputs]:
         field.add(name=t.name, data_type=mc.DataType.Value(f"TYPE_{t.datatype}"), dims=list(t.shape))
     cfg.parameters["source"].string_value = f"{kind}:{artifact.name}"
-    if slo_ms is not None:
-        cfg.parameters["slo_ms"].string_value = f"{slo_ms:g}"
+    _set_parameters(cfg, slo_ms, memory_mb)
     built = Path(tempfile.mkdtemp(prefix="gpulet-add-")) / name
     try:
         (built / "1").mkdir(parents=True)
@@ -193,6 +190,24 @@ def add_model(root: Path, name: str, artifact: Path, kind: str = "torchscript",
     finally:
         shutil.rmtree(built.parent, ignore_errors=True)
     return Added(dest, inputs, outputs)
+
+
+def _check_parameters(max_batch: int, slo_ms: float | None, memory_mb: float | None) -> None:
+    if max_batch < 1:
+        raise RepositoryError(f"max batch {max_batch}: must be at least 1")
+    if slo_ms is not None and slo_ms <= 0:
+        raise RepositoryError(f"SLO {slo_ms} ms: must be positive")
+    if memory_mb is not None and memory_mb <= 0:
+        raise RepositoryError(f"memory {memory_mb:g} MB: must be positive")
+
+
+def _set_parameters(cfg, slo_ms: float | None, memory_mb: float | None) -> None:
+    """The config parameters the control plane reads: the default SLO, and the memory one instance holds
+    (the memory check and each gpu-let's memory limit use it where the profile does not say)."""
+    if slo_ms is not None:
+        cfg.parameters["slo_ms"].string_value = f"{slo_ms:g}"
+    if memory_mb is not None:
+        cfg.parameters["memory_mb"].string_value = f"{memory_mb:g}"
 
 
 def _check_destination(dest: Path, name: str, replace: bool, version: str | None) -> None:
@@ -313,7 +328,7 @@ def _run_in_tritonserver(model_dir: Path, name: str, inputs: list[TensorInfo], o
 
 def add_python_model(root: Path, name: str, src: Path, inputs: list[TensorInfo] | None = None,
                      outputs: list[TensorInfo] | None = None, max_batch: int = 32, slo_ms: float | None = None,
-                     replace: bool = False, version: str | None = None) -> Added:
+                     replace: bool = False, version: str | None = None, memory_mb: float | None = None) -> Added:
     """A Triton python model (``model.py`` and whatever it imports beside it) into ``root/name``, after it
     loaded in a real tritonserver and answered one batch with the declared outputs. Its tensors come
     from ``inputs``/``outputs`` (NAME:DTYPE:SHAPE), else from its own ``config.pbtxt``."""
@@ -333,18 +348,14 @@ def add_python_model(root: Path, name: str, src: Path, inputs: list[TensorInfo] 
     odd = [t for t in inputs + outputs if t.datatype not in TORCH_DTYPES]
     if odd:
         raise RepositoryError(f"{odd[0].name}: dtype {odd[0].datatype} is not one of {', '.join(TORCH_DTYPES)}")
-    if max_batch < 1:
-        raise RepositoryError(f"max batch {max_batch}: must be at least 1")
-    if slo_ms is not None and slo_ms <= 0:
-        raise RepositoryError(f"SLO {slo_ms} ms: must be positive")
+    _check_parameters(max_batch, slo_ms, memory_mb)
     dest = root / name
     _check_destination(dest, name, replace, version)
     cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=max_batch)
     for t, field in [(t, cfg.input) for t in inputs] + [(t, cfg.output) for t in outputs]:
         field.add(name=t.name, data_type=mc.DataType.Value(f"TYPE_{t.datatype}"), dims=list(t.shape))
     cfg.parameters["source"].string_value = "python:model.py"
-    if slo_ms is not None:
-        cfg.parameters["slo_ms"].string_value = f"{slo_ms:g}"
+    _set_parameters(cfg, slo_ms, memory_mb)
     built = Path(tempfile.mkdtemp(prefix="gpulet-add-")) / name      # checked outside the repository
     try:
         shutil.copytree(files, built / "1", ignore=shutil.ignore_patterns("__pycache__", "config.pbtxt", "1"))

@@ -18,13 +18,15 @@ died. ``stop`` leaves nothing running.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..devices import GPULET_OVERHEAD_MB
 from ..spec import GpuLet
 
 
@@ -118,7 +120,8 @@ class Launch:
     gpu_uuid: str | None = None       # None: CPU gpu-let
     gpu_index: int | None = None      # physical GPU index (CUDA_VISIBLE_DEVICES)
     cores: list[int] | None = None    # CPU gpu-let: the cores its share maps to
-    env: dict[str, str] = field(default_factory=dict)  # share, MPS pipe dir, threads
+    env: dict[str, str] = field(default_factory=dict)  # share, MPS pipe dir, threads, GPU memory limit
+    memory_limit_mb: int | None = None  # the most memory each of its processes may hold (None: no limit)
 
     @property
     def on_gpu(self) -> bool:
@@ -182,12 +185,35 @@ def restart(r, why: str, allowed: bool, kill: Callable[[], None], start: Callabl
     return True
 
 
+#: a gpu-let's processes may each hold this many times its largest model's memory, plus the base below
+MEMORY_HEADROOM = 2.0
+#: what every process of a gpu-let holds besides its model: on a GPU the CUDA context and allocator pools
+#: (the memory check's allowance); on the CPU the process's private memory with no model run yet (seen
+#: 2026-11-30: a python-backend stub with torch imported, 0.8 GB of data segment; a tritonserver, 0.5 GB)
+MEMORY_BASE_MB = {"gpu": GPULET_OVERHEAD_MB, "cpu": 2048.0}
+
+
+def memory_limit_mb(models_mb: Iterable[float | None], on_gpu: bool) -> int | None:
+    """The most memory one process of a gpu-let may hold: MEMORY_HEADROOM times the largest of its models'
+    memory (the profile's, else the repository's ``memory_mb``) plus MEMORY_BASE_MB. A limit per process
+    because that is what both platforms enforce (an MPS client's pinned device memory, a process's data
+    segment), and each model instance runs in a process (stub) of its own: a model that leaks or
+    overflows fails alone instead of taking the memory its neighbours on the device need.
+    None when no model's memory is known (nothing to derive a limit from)."""
+    known = [m for m in models_mb if m]
+    if not known:
+        return None
+    return int(math.ceil(MEMORY_HEADROOM * max(known) + MEMORY_BASE_MB["gpu" if on_gpu else "cpu"]))
+
+
 def gpulet_env(launch_gpulet: GpuLet, gpu_index: int | None, cores: list[int] | None,
-               mps_pipe_dir: str | None) -> dict[str, str]:
+               mps_pipe_dir: str | None, memory_limit_mb: int | None = None) -> dict[str, str]:
     """Environment that makes a tritonserver honour its gpu-let's share.
 
-    GPU: CUDA_VISIBLE_DEVICES, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE and the MPS pipe directory.
-    CPU: thread counts equal to the number of cores the share maps to.
+    GPU: CUDA_VISIBLE_DEVICES, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, the MPS pipe directory, and the
+    memory limit as CUDA_MPS_PINNED_DEVICE_MEM_LIMIT (per MPS client, that is per process; ordinal 0 is
+    the one GPU the process sees). CPU: thread counts equal to the number of cores the share maps to
+    (its memory limit is the process runtime's ``prlimit``).
     """
     env: dict[str, str] = {"CONTROLPLANE_GPULET": launch_gpulet.id, "CONTROLPLANE_SHARE": str(launch_gpulet.share)}
     if gpu_index is not None:
@@ -195,6 +221,8 @@ def gpulet_env(launch_gpulet: GpuLet, gpu_index: int | None, cores: list[int] | 
         env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(launch_gpulet.share)
         if mps_pipe_dir:
             env["CUDA_MPS_PIPE_DIRECTORY"] = mps_pipe_dir
+        if memory_limit_mb:
+            env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={memory_limit_mb}MB"
     else:
         n = str(len(cores or []) or 1)
         env.update({"CUDA_VISIBLE_DEVICES": "", "CONTROLPLANE_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n})

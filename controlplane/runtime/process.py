@@ -32,10 +32,12 @@ def log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _wrappers(cores: list[int] | None) -> list[str]:
-    """Command prefix: die with the control plane (PDEATHSIG) and run on the gpu-let's cores.
+def _wrappers(cores: list[int] | None, data_limit_mb: int | None = None) -> list[str]:
+    """Command prefix: die with the control plane (PDEATHSIG), run on the gpu-let's cores, and hold at
+    most ``data_limit_mb`` of private memory per process (RLIMIT_DATA, which the python-backend stubs
+    inherit: an allocation past it fails in that process alone, as MemoryError in a Python model).
 
-    Done with util-linux's setpriv and taskset rather than a preexec_fn, which can
+    Done with util-linux's setpriv, taskset and prlimit rather than a preexec_fn, which can
     deadlock the child of a multi-threaded parent (the router's threads) before exec.
     """
     prefix: list[str] = []
@@ -43,6 +45,8 @@ def _wrappers(cores: list[int] | None) -> list[str]:
         prefix += ["setpriv", "--pdeathsig", "TERM"]
     if cores and shutil.which("taskset"):
         prefix += ["taskset", "-c", ",".join(map(str, cores))]
+    if data_limit_mb and shutil.which("prlimit"):
+        prefix += ["prlimit", f"--data={data_limit_mb * 2**20}"]
     return prefix
 
 
@@ -51,10 +55,11 @@ def _wrappers(cores: list[int] | None) -> list[str]:
 
 
 def server_command(install: TritonInstall, repository: Path | str, endpoint: Endpoint,
-                   cores: list[int] | None = None) -> list[str]:
-    """The command line of a gpu-let's tritonserver: die with its parent, on its cores, on the
-    endpoint's address and ports, exiting on any model's error, with the admin APIs restricted."""
-    e, cmd = endpoint, [*_wrappers(cores), str(install.binary)]
+                   cores: list[int] | None = None, data_limit_mb: int | None = None) -> list[str]:
+    """The command line of a gpu-let's tritonserver: die with its parent, on its cores, with its memory
+    limit (CPU gpu-lets; on a GPU the limit is in the environment), on the endpoint's address and ports,
+    exiting on any model's error, with the admin APIs restricted."""
+    e, cmd = endpoint, [*_wrappers(cores, data_limit_mb), str(install.binary)]
     cmd += [
         f"--model-repository={repository}",
         f"--http-address={e.host}", f"--http-port={e.http_port}",
@@ -146,7 +151,9 @@ class ProcessRuntime(OwnReplicas, Runtime):
     # ------------------------------------------------------------------ process control
 
     def _command(self, r: _Replica) -> list[str]:
-        return server_command(self.install, r.launch.repository, r.endpoint, r.launch.cores)
+        ln = r.launch
+        return server_command(self.install, ln.repository, r.endpoint, ln.cores,
+                              None if ln.on_gpu else ln.memory_limit_mb)
 
     def _env(self, launch: Launch) -> dict[str, str]:
         return server_env(self.install, launch.env)

@@ -200,13 +200,15 @@ class GpuletServer:
         endpoint = Endpoint(host, *free_ports(3, host))
         cores = None if s.get("node_gpu") is not None else cores_on_node(s.get("core_fraction"),
                                                                          sorted(os.sched_getaffinity(0)))
-        env = gpulet_env(g, s.get("node_gpu"), cores, s.get("mps_pipe_dir"))
+        limit = s.get("memory_limit_mb")
+        env = gpulet_env(g, s.get("node_gpu"), cores, s.get("mps_pipe_dir"), limit)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== controlplane: starting {g.id} (ray actor, node {host}) ===\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                server_command(install, self.repository, endpoint, cores), env=server_env(install, env),
+                server_command(install, self.repository, endpoint, cores, limit if cores is not None else None),
+                env=server_env(install, env),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         return {"host": endpoint.host, "ports": [endpoint.http_port, endpoint.grpc_port, endpoint.metrics_port],
                 "pid": self.proc.pid, "node_id": ray.get_runtime_context().get_node_id(),
@@ -326,6 +328,7 @@ class RayRuntime(OwnReplicas, Runtime):
             "node_gpu": r.device.gpu if lc.on_gpu else None,
             "core_fraction": core_fraction(lc.cores, self.cores),
             "mps_pipe_dir": self.mps_pipe_dir if lc.on_gpu else None,
+            "memory_limit_mb": lc.memory_limit_mb,
         }
 
     def _ensure_mps(self, device: NodeDevice) -> None:
