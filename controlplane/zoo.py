@@ -1,4 +1,5 @@
-"""The model zoo: the nine models of the GPU-let paper, built with seeded weights.
+"""The model zoo: the nine models of the GPU-let paper, built with seeded weights, and ``crop``,
+the step that joins the *traffic* app's detector to its classifiers.
 
 No weights can be downloaded where this runs, and serving cost does not depend
 on weight values, so every model is its architecture with weights drawn from a
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SEED = 20220711  # ATC'22; any fixed number would do
@@ -75,6 +77,42 @@ class SSDMobileNet(nn.Module):
         return torch.cat(boxes, dim=1)
 
 
+class Crop(nn.Module):
+    """The *traffic* app's crop step: a 3x300x300 frame and its SSD boxes to one 3x224x224 crop.
+
+    ``BOXES`` is ssd-mobilenet's ``OUTPUT`` as it comes: 3000 raw (x, y, w, h) per frame, not decoded
+    against anchors. Each number goes through a sigmoid, so any raw value is a box inside the frame:
+    w and h are fractions of the frame's width and height, x and y place the box within the room the
+    frame leaves beside it (left = (1 - w) * x).
+
+    One box per frame, so googlenet and vgg16 run at the detector's rate r, as in the prototype: the
+    first. The zoo's SSD has no confidence head (scores, NMS and decoding are the client's), so no
+    detection ranks above another; and a ranked pick (argmax of area, say) jumps between boxes whose
+    scores differ by float noise — the seeded detector's 3000 boxes nearly all do — so the network run
+    in-process and the one served with other thread counts could crop different boxes. The first
+    box's crop moves only as much as its four numbers do.
+
+    The crop is bilinear resampling through ``affine_grid`` and ``grid_sample``: plain aten operators,
+    differentiable, that trace to TorchScript with a dynamic batch and load where torchvision's
+    ``roi_align`` (a custom operator) would not, in the python backend's ``torch.jit.load``.
+    """
+
+    def __init__(self, size: int = 224) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, frame: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        x, y, w, h = torch.sigmoid(boxes[:, 0]).unbind(1)              # the first box, each in (0, 1)
+        # affine_grid maps the output's [-1, 1] square to [c - s, c + s] of the frame's: s = w, and the
+        # centre c = 2 (left + w / 2) - 1 with left = (1 - w) x, so the box stays inside [-1, 1].
+        cx, cy = (1 - w) * (2 * x - 1), (1 - h) * (2 * y - 1)
+        zero = torch.zeros_like(w)
+        theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)   # [B, 2, 3]
+        # F.affine_grid's own op: its Python checks of theta's shape would only warn the tracer
+        grid = torch.affine_grid_generator(theta, [frame.shape[0], frame.shape[1], self.size, self.size], False)
+        return F.grid_sample(frame, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class BertEncoder(nn.Module):
     """A BERT-base-sized encoder (12 layers, 768 wide, 12 heads) with a 2-way classifier on [CLS]."""
 
@@ -113,15 +151,19 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "mobilenet_v2": _tv("mobilenet_v2"),
     "densenet161": _tv("densenet161"),
     "bert": BertEncoder,
+    "crop": Crop,
 }
 
-# Per-request input of each model: (name, dtype, shape without the batch dimension).
-INPUTS: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {
-    "lenet": ("INPUT", torch.float32, (1, 28, 28)),
-    "ssd-mobilenet": ("INPUT", torch.float32, (3, 300, 300)),
-    "bert": ("INPUT", torch.int64, (BERT_SEQ_LEN,)),
-    **{n: ("INPUT", torch.float32, (3, 224, 224)) for n in
+Input = tuple[str, torch.dtype, tuple[int, ...]]   # name, dtype, shape without the batch dimension
+
+# Per-request inputs of each model, in the order its forward takes them.
+INPUTS: dict[str, list[Input]] = {
+    "lenet": [("INPUT", torch.float32, (1, 28, 28))],
+    "ssd-mobilenet": [("INPUT", torch.float32, (3, 300, 300))],
+    "bert": [("INPUT", torch.int64, (BERT_SEQ_LEN,))],
+    **{n: [("INPUT", torch.float32, (3, 224, 224))] for n in
        ("googlenet", "resnet50", "vgg16", "mnasnet1_0", "mobilenet_v2", "densenet161")},
+    "crop": [("FRAME", torch.float32, (3, 300, 300)), ("BOXES", torch.float32, (3000, 4))],
 }
 
 
@@ -137,13 +179,21 @@ def build(name: str) -> nn.Module:
     return BUILDERS[name]().eval()
 
 
-def example_input(name: str, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    """A batch of valid input for the model (random images, random token ids)."""
-    _, dtype, shape = INPUTS[name]
+def example_inputs(name: str, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A batch of valid input for each of the model's inputs, in :data:`INPUTS`' order (random images
+    and boxes in [0, 1), random token ids)."""
     g = torch.Generator().manual_seed(seed)
-    if dtype == torch.int64:
-        return torch.randint(0, BERT_VOCAB, (batch, *shape), generator=g, dtype=torch.int64)
-    return torch.rand((batch, *shape), generator=g, dtype=dtype)
+    return tuple(torch.randint(0, BERT_VOCAB, (batch, *shape), generator=g, dtype=dtype) if dtype == torch.int64
+                 else torch.rand((batch, *shape), generator=g, dtype=dtype) for _, dtype, shape in INPUTS[name])
+
+
+def example_input(name: str, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """:func:`example_inputs` of a model that takes one input (all but crop)."""
+    xs = example_inputs(name, batch, seed)
+    if len(xs) != 1:
+        raise ValueError(f"{name} takes {len(xs)} inputs ({', '.join(n for n, _, _ in INPUTS[name])}): "
+                         "use example_inputs")
+    return xs[0]
 
 
 def trace(name: str) -> torch.jit.ScriptModule:
@@ -154,4 +204,4 @@ def trace(name: str) -> torch.jit.ScriptModule:
     with torch.no_grad(), warnings.catch_warnings():
         # TorchScript is deprecated upstream but is what Triton's backends load.
         warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.trace(model, example_input(name, 2), check_trace=False)
+        return torch.jit.trace(model, example_inputs(name, 2), check_trace=False)

@@ -32,7 +32,7 @@ from .latency import LatencyResult, Progress, check_mps, cores_for_share
 
 
 def _client_inputs(info, batch: int):
-    """One request's inputs: the zoo's example input for a zoo model (bert's token ids stay in its
+    """One request's inputs: the zoo's example inputs for a zoo model (bert's token ids stay in its
     vocabulary), else random rows of every input the config names (a user's model, `repo add`)."""
     import tritonclient.http.aio as aio
 
@@ -40,7 +40,7 @@ def _client_inputs(info, batch: int):
     from controlplane.model_add import example_inputs
 
     if not info.versions() and info.name in zoo.names():
-        xs = [zoo.example_input(info.name, batch).numpy()]
+        xs = [x.numpy() for x in zoo.example_inputs(info.name, batch)]
     else:
         xs = [x.numpy() for x in example_inputs(info.inputs, batch)]
     out = []

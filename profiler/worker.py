@@ -96,7 +96,7 @@ class Bench:
         if x is None:
             from controlplane import zoo
 
-            xs = self._repository_inputs(name, batch) if self._from_repository(name) else (zoo.example_input(name, batch),)
+            xs = self._repository_inputs(name, batch) if self._from_repository(name) else zoo.example_inputs(name, batch)
             xs = tuple(x.half() if precision == "fp16" and x.is_floating_point() else x for x in xs)
             if self.on_gpu:
                 xs = tuple(x.pin_memory() for x in xs)

@@ -239,3 +239,74 @@ def test_a_fan_out_step_runs_once_per_row_in_batches_the_model_takes(repo, tmp_p
     finally:
         run_cli("down", "-f", str(path))
     assert tritonserver_pids(str(tmp_path)) == []
+
+
+TRAFFIC = """\
+name: traffic
+models:
+  - {{name: ssd-mobilenet, rate: 0, slo_ms: 202}}
+apps:
+{apps}
+devices: cpu
+router: {{http_port: 0, grpc_port: 0, workers: 1}}
+scheduler: {{algorithm: trivial}}
+repository: {repo}
+run_dir: {run}
+"""
+
+
+def test_traffic_is_served_as_the_detector_crop_and_classifiers_in_sequence(tmp_path):
+    """deployments/traffic.yaml's app (ssd-mobilenet -> crop -> googlenet | vgg16, 202 ms) on the zoo, on
+    CPU gpu-lets, against the four seeded networks run one after the other in-process."""
+    from controlplane.spec import load_deployment
+
+    app = load_deployment(Path(__file__).resolve().parents[1] / "deployments" / "traffic.yaml").apps[0]
+    block = "  - " + json.dumps(app.model_dump(mode="json", exclude_none=True) | {"rate": 2})
+    repo = tmp_path / "repo"          # the zoo's configs but max_batch_size 2: each server warms up on a batch
+    for m in ("ssd-mobilenet", "crop", "googlenet", "vgg16"):      # of it, vgg16's of 32 takes seconds on 2 cores
+        (repo / m).mkdir(parents=True)
+        cfg = (DEFAULT_SOURCE / m / "config.pbtxt").read_text()
+        (repo / m / "config.pbtxt").write_text(cfg.replace("max_batch_size: 32", "max_batch_size: 2"))
+    path = tmp_path / "traffic.yaml"
+    path.write_text(TRAFFIC.format(apps=block, repo=repo, run=tmp_path / "run"))
+    plan = run_cli("plan", "-f", str(path), "--json", timeout=120)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    doc = json.loads(plan.stdout)
+    split = doc["apps"]["traffic"]
+    # no CPU profile of these four here: equal weights, a third of 202 ms each along either path
+    assert split["budgets_ms"] == pytest.approx({m: 202 / 3 for m in ("ssd-mobilenet", "crop", "googlenet", "vgg16")},
+                                                abs=1e-3)
+    assert split["critical_path"][:2] == ["ssd-mobilenet", "crop"]
+    assert {m: doc["models"][m]["rate"] for m in split["budgets_ms"]} == {m: 2 for m in split["budgets_ms"]}
+
+    up = run_cli("up", "-f", str(path), "--detach", timeout=400)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        r = json.loads((tmp_path / "run" / "state.json").read_text())["router"]
+        http = httpclient.InferenceServerClient(f"127.0.0.1:{r['http_port']}", network_timeout=120)
+        grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{r['grpc_port']}")
+        frame = zoo.example_input("ssd-mobilenet", 2, seed=6)
+        with torch.no_grad():
+            boxes = zoo.build("ssd-mobilenet")(frame)
+            crop = zoo.build("crop")(frame, boxes)
+            want = {"BOXES": boxes.numpy(), "GOOGLENET": zoo.build("googlenet")(crop).numpy(),
+                    "VGG16": zoo.build("vgg16")(crop).numpy()}
+
+        meta = http.get_model_metadata("traffic")
+        assert [(i["name"], i["shape"]) for i in meta["inputs"]] == [("FRAME", [-1, 3, 300, 300])]
+        assert {o["name"]: o["shape"] for o in meta["outputs"]} == {
+            "BOXES": [-1, 3000, 4], "GOOGLENET": [-1, 1000], "VGG16": [-1, 1000]}
+        x = frame.numpy()
+        inp = httpclient.InferInput("FRAME", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        gi = grpcclient.InferInput("FRAME", list(x.shape), "FP32")
+        gi.set_data_from_numpy(x)
+        for res in (http.infer("traffic", [inp]), grpc.infer("traffic", [gi], client_timeout=120)):
+            for name, w in want.items():
+                np.testing.assert_allclose(res.as_numpy(name), w, rtol=1e-4, atol=1e-6, err_msg=name)
+        m = metrics(f"127.0.0.1:{r['http_port']}")
+        for model in ("traffic", "ssd-mobilenet", "crop", "googlenet", "vgg16"):
+            assert m[("router_success_total", (("model", model),))] == 2, model
+    finally:
+        run_cli("down", "-f", str(path))
+    assert tritonserver_pids(str(tmp_path)) == []

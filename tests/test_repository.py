@@ -26,23 +26,43 @@ _TORCH = {"FP32": torch.float32, "INT64": torch.int64}
 HEAVY = {"resnet50", "vgg16", "densenet161", "bert"}
 
 
-def test_zoo_has_the_papers_nine_models_with_their_slos():
+def test_zoo_has_the_papers_nine_models_with_their_slos_and_the_traffic_crop():
     repo = SourceRepository()
-    assert sorted(repo.names()) == sorted(SLOS) == sorted(zoo.names())
+    assert sorted(repo.names()) == sorted([*SLOS, "crop"]) == sorted(zoo.names())
     assert {n: repo[n].slo_ms for n in SLOS} == SLOS
+    assert repo["crop"].slo_ms is None           # not the prototype's: an app gives it its budget
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in SLOS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n
+                                  for n in [*SLOS, "crop"]])
 def test_config_matches_the_network(name):
-    """config.pbtxt's inputs and outputs are what the seeded network takes and returns."""
+    """config.pbtxt's inputs and outputs are what the seeded network takes and returns, and its TorchScript
+    (traced on a batch of 2) answers the same for another batch size."""
     info = SourceRepository()[name]
-    (inp,), (out,) = info.inputs, info.outputs
-    in_name, in_dtype, in_shape = zoo.INPUTS[name]
-    assert (inp.name, _TORCH[inp.datatype], inp.shape) == (in_name, in_dtype, in_shape)
-    x = zoo.example_input(name, 2)
+    assert [(t.name, _TORCH[t.datatype], t.shape) for t in info.inputs] == zoo.INPUTS[name]
+    (out,) = info.outputs
+    xs = zoo.example_inputs(name, 3)
     with torch.no_grad():
-        y = zoo.build(name)(x)
-    assert tuple(y.shape) == (2, *out.shape) and _TORCH[out.datatype] == y.dtype
+        y = zoo.build(name)(*xs)
+        traced = zoo.trace(name)(*xs)
+    assert tuple(y.shape) == (3, *out.shape) and _TORCH[out.datatype] == y.dtype
+    torch.testing.assert_close(traced, y, rtol=1e-4, atol=1e-5)
+
+
+def test_crop_cuts_the_first_box_out_of_the_frame():
+    """A box's raw (x, y, w, h) through a sigmoid: (-20, -20, 0, 0) is the frame's top-left quarter, the
+    next frame's (20, 20, 0, 0) its bottom-right one; the other boxes do not count."""
+    frame = torch.rand(2, 3, 300, 300, generator=torch.Generator().manual_seed(1))
+    boxes = torch.rand(2, 3000, 4, generator=torch.Generator().manual_seed(2)) * 40 - 20
+    boxes[0, 0] = torch.tensor([-20.0, -20.0, 0.0, 0.0])
+    boxes[1, 0] = torch.tensor([20.0, 20.0, 0.0, 0.0])
+    with torch.no_grad():
+        crop = zoo.trace("crop")(frame, boxes)
+    quarters = (frame[:1, :, :150, :150], frame[1:, :, 150:, 150:])
+    want = torch.cat([torch.nn.functional.interpolate(q, size=(224, 224), mode="bilinear") for q in quarters])
+    # but for the edge that blends in the pixel beyond the box: row and column 150, and 149
+    torch.testing.assert_close(crop[:1, :, :-1, :-1], want[:1, :, :-1, :-1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(crop[1:, :, 1:, 1:], want[1:, :, 1:, 1:], rtol=1e-4, atol=1e-4)
 
 
 def test_build_is_reproducible():
