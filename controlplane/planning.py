@@ -135,6 +135,11 @@ def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str
 
             devices = devmod.resolve(dep.devices)
         store = load_profiles(dep, devices.name)
+        if profile_missing and (algorithm or dep.scheduler.algorithm) != "trivial":
+            # the split weighs the steps by their latencies: measure the steps' models first, or a
+            # step without a profile would weigh as the mean of the others
+            steps = appmod.expand(dep, {a.name: {st.model: a.slo_ms for st in a.steps} for a in dep.apps})
+            store = _with_missing_measured(steps, devices, store, log)
 
     def latency(model: str) -> float | None:
         src = dep.model(model).source if model in {m.name for m in dep.models} else model
@@ -184,13 +189,9 @@ def plan_models(dep: Deployment, devices: DeviceSet | None = None, *, profile: s
         return trivial_plan(dep, devices.name, _model_limits(dep, repo))
     names = list(dict.fromkeys(m.source for m in dep.models))
     store = load_profiles(dep, devices.name)
+    if profile_missing:
+        store = _with_missing_measured(dep, devices, store, log)
     missing = [n for n in names if store is None or n not in store.models()]
-    if missing and profile_missing:
-        log(f"no {devices.name} profile for {', '.join(missing)}: measuring them into "
-            f"{measured_profiles(dep) / device_slug(devices.name)} ...")
-        measure(dep, devices, missing)
-        store = load_profiles(dep, devices.name)
-        missing = [n for n in names if store is None or n not in store.models()]
     if missing:
         raise MissingProfile(missing, devices.name, devices.on_gpu, profile_dirs(dep, devices.name)[-1])
     if calibration:
@@ -199,6 +200,18 @@ def plan_models(dep: Deployment, devices: DeviceSet | None = None, *, profile: s
 
     return scheduler.plan(dep, store, algorithm=algorithm, gpus=gpus or (devices.count() if devices.on_gpu else None),
                           previous=previous)
+
+
+def _with_missing_measured(dep: Deployment, devices: DeviceSet, store: ProfileStore | None,
+                           log: Callable[[str], None]) -> ProfileStore | None:
+    """``store`` (this machine's profile) after measuring the deployment's models it lacks (logged first)."""
+    missing = [n for n in dict.fromkeys(m.source for m in dep.models) if store is None or n not in store.models()]
+    if not missing:
+        return store
+    log(f"no {devices.name} profile for {', '.join(missing)}: measuring them into "
+        f"{measured_profiles(dep) / device_slug(devices.name)} ...")
+    measure(dep, devices, missing)
+    return load_profiles(dep, devices.name)
 
 
 def _model_limits(dep: Deployment, repo: SourceRepository | None) -> dict[str, int]:

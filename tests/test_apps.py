@@ -310,3 +310,28 @@ def test_traffic_is_served_as_the_detector_crop_and_classifiers_in_sequence(tmp_
     finally:
         run_cli("down", "-f", str(path))
     assert tritonserver_pids(str(tmp_path)) == []
+
+
+def test_steps_without_a_profile_are_measured_before_the_slo_is_split(repo, tmp_path):
+    """As `up` plans (profile_missing): head has no profile on this machine, so it is measured first, and
+    the SLO is split by what was measured, not with head weighed as the mean of the others."""
+    import yaml
+
+    from controlplane import devices as devmod
+    from controlplane.planning import load_profiles, make_plan
+    from controlplane.spec import Deployment
+
+    doc = yaml.safe_load(DEPLOYMENT.format(apps=APPS.split("  - name: fan")[0], repo=repo, run=tmp_path / "run"))
+    doc["scheduler"] = {"algorithm": "gpulet", "shares": [100], "max_batch": 2}
+    doc["profiles"] = str(tmp_path / "profiles")
+    dep = Deployment.model_validate(doc)
+    devices = devmod.resolve("cpu")
+    logs: list[str] = []
+    plan = make_plan(dep, devices, repo=SourceRepository(repo), profile_missing=True, log=logs.append)
+    assert any("measuring" in line and "head" in line for line in logs), logs
+    store = load_profiles(dep, devices.name)
+    assert store.has("head") and store.has("lenet")
+    want, critical = split_slo(dep.apps[0], lambda m: store.latency(m, 100, 1))
+    assert plan.apps["digits"].budgets_ms == pytest.approx(want, abs=1e-3)
+    assert plan.apps["digits"].critical_path == critical == ["lenet", "head"]
+    assert want["head"] != pytest.approx(1000.0)         # the equal split an unmeasured head would get
