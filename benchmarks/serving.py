@@ -5,10 +5,12 @@ Run on a GPU machine (see docs/benchmarks.md, "Serving", for the exact call):
     python benchmarks/serving.py --out DIR [--mixes gpu-run,scen1,bert-heavy] [--systems ...]
                                  [--duration 8] [--points 4] [--profile profiles/h200] [--gpus 2]
     python benchmarks/serving.py --render DIR/serving.json    # its table into docs/benchmarks.md (Serving)
+    python benchmarks/serving.py --plan-only --mixes traffic [--profile DIR]   # profile check, predicted scales
+                                                                                # and plans; no GPU, starts nothing
 
 For each mix (a deployment file whose rates are scaled together by one factor),
-each system's **max scale** is the highest factor at which every model has
->= 99 % of its requests answered within its SLO (Poisson arrivals over HTTP, or gRPC
+each system's **max scale** is the highest factor at which every model (of an app mix: every app, end
+to end; below) has >= 99 % of its requests answered within its SLO (Poisson arrivals over HTTP, or gRPC
 with ``--protocol grpc``, from `controlplane loadgen` worker processes; a point whose client fell behind its
 schedule does not count as a pass). Systems:
 
@@ -18,10 +20,29 @@ schedule does not count as a pass). Systems:
 - ``temporal``: ``controlplane up`` with the temporal-only plan (one 100 % gpu-let);
 - ``triton1`` / ``triton2`` / ``triton4``: one plain tritonserver holding every
   model, Triton's ``dynamic_batching { }``, 1 / 2 / 4 instances per model on each GPU, no MPS,
-  no router — what a user running Triton alone would deploy;
+  no router (but an app's: below) — what a user running Triton alone would deploy;
 - ``split`` (``--gpus`` > 1): one plain tritonserver per GPU, the models divided between them
   as a user would even them out (largest GPU demand first, onto the least loaded GPU, by the
   profile), 1 instance each, the clients sending each model to its server.
+
+**App mixes** (a deployment with ``apps:``, e.g. ``traffic``: ssd-mobilenet -> crop -> googlenet | vgg16,
+202 ms end to end): the load targets are the apps, each addressed by its name like a model (rate =
+the app's rate x scale, SLO = its end-to-end SLO), and any model with a rate of its own; attainment
+and the pass rule are per target, so an app's is its end-to-end attainment. Each point still keeps
+Triton's queue and compute times per step model (where the time goes). The planners plan the
+app's steps at its rate with their SLO budgets (``make_plan``). ``direct`` has no router to chain
+the steps and is skipped (a note in the JSON). The plain-Triton baselines have no ensemble: the
+chaining is done outside Triton by the same router code as ``gpulet``'s — a ``controlplane router``
+process (its own processes, not the load generator's) whose routing table sends every step model to
+the plain tritonserver(s) with no admission limit — and the clients send the app to it. That is
+the issue's "client chaining calls to one plain tritonserver", chained by the same code for every
+system so the comparison measures the serving, not the chaining. A ``--profile`` that lacks a
+model of a mix (profiles/h200 lacks ssd-mobilenet, googlenet and crop) stops the run before any
+server starts, naming the models and the command that measures them. Without a GPU, the app path
+runs on the CPU (plain tritonservers on CPU instances; plans from the CPU profile)::
+
+    python benchmarks/serving.py --mixes deployments/cpu-app.yaml --profile profiles/cpu-2c --out /tmp/s
+                                 --work /tmp/w --systems gpulet,direct,temporal,triton1 --duration 2 --points 1
 
 Every system runs the same python-backend ``model.py`` and TorchScript
 artifacts, the same tritonserver flags. The search: test the guess, then grow or
@@ -42,6 +63,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +75,7 @@ MIXES = {
     "gpu-run": ROOT / "deployments" / "gpu-run.yaml",
     "bert-heavy": ROOT / "deployments" / "bert-heavy.yaml",
     "vision-bert": ROOT / "deployments" / "vision-bert.yaml",
+    "traffic": ROOT / "deployments" / "traffic.yaml",      # an app (issue 16)
 }
 SYSTEMS = ["gpulet", "direct", "temporal", "triton1", "triton2", "triton4", "split"]
 PLAIN = ["triton1", "triton2", "triton4", "split"]
@@ -60,6 +83,8 @@ ATTAIN = 0.99
 PROTOCOL = "http"          # the clients' protocol, for every system (--protocol)
 ROUTER_WORKERS = 0         # router processes of the gpu-let deployments (0: RouterSpec's default)
 GPUS = 1                   # GPUs every system gets (--gpus)
+NO_DIRECT = ("not applicable: addressed directly, the gpu-let servers have no router to chain the app's steps "
+             "(an app is served only through a router)")
 
 
 def markers(gpus: int) -> tuple[str, str]:
@@ -72,10 +97,31 @@ def log(*a) -> None:
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
+@dataclass(frozen=True)
+class Target:
+    """What the clients send and the pass rule judges: a model, or an app (one KServe model of the router
+    whose requests run its steps; its attainment is end to end)."""
+
+    name: str
+    rate: float          # requests/s at scale 1
+    slo_ms: float
+    app: bool = False
+
+
+def targets(dep: Deployment) -> list[Target]:
+    """The mix's load: each app at its rate and SLO, and every model with a rate of its own (an app's step
+    models have rate 0 in their file: the app brings their load)."""
+    return ([Target(a.name, a.rate, a.slo_ms, app=True) for a in dep.apps] +
+            [Target(m.name, m.rate, m.slo_ms) for m in dep.models if m.rate > 0])
+
+
 def scaled(dep: Deployment, s: float) -> Deployment:
+    """The mix at ``s`` x its rates (the models' and the apps'), its router on free ports."""
     d = dep.model_dump(mode="json", exclude_none=True)
     for m in d["models"]:
         m["rate"] = m["rate"] * s
+    for a in d.get("apps", []):
+        a["rate"] = a["rate"] * s
     d["name"] = f"{dep.name}-x{s:.3g}".replace(".", "_")
     d["router"] = {"http_port": 0, "grpc_port": 0, "workers": ROUTER_WORKERS}
     return Deployment.model_validate(d)
@@ -105,6 +151,57 @@ def planner_max(dep: Deployment, store, algorithm: str, steps: int = 12) -> tupl
         else:
             hi = mid
     return lo, best
+
+
+def served(dep: Deployment, store) -> Deployment:
+    """The models as the planner plans them: each app's steps added at its rate, their SLOs its budgets
+    (split by the steps' profiled latencies, batch 1, largest share, as ``make_plan`` splits). What the
+    plain tritonservers hold and what ``split`` evens out; the file's own deployment when it has no apps."""
+    if not dep.apps:
+        return dep
+    from controlplane import apps as appmod
+    from controlplane.repository import repository_for
+
+    rows = appmod.check(dep, repository_for(dep))
+    src = {m.name: m.source for m in dep.models}
+
+    def latency(model: str) -> float | None:
+        name = src.get(model, model)
+        return store.latency(name, max(store.shares(name)), 1) if name in store.models() else None
+
+    return appmod.expand(dep, {a.name: appmod.split_slo(a, latency)[0] for a in dep.apps}, rows)
+
+
+def profiled_names(dep: Deployment) -> list[str]:
+    """The profile rows a mix plans with: each model's source (a `base:` copy plans as its base) and each
+    app step's model."""
+    src = {m.name: m.source for m in dep.models}
+    names = list(src.values()) + [src.get(st.model, st.model) for a in dep.apps for st in a.steps]
+    return list(dict.fromkeys(names))
+
+
+def missing_profiles(deps: dict[str, Deployment], store, profile: Path) -> str | None:
+    """Why the run cannot plan, before any server starts: the models of each mix the profile lacks, and the
+    command that adds them to it (None when it has them all). Without this the planner would find no scale
+    that fits, deep inside the bisection, and every system would be skipped as unplannable."""
+    have = set(store.models())
+    lack = {mix: [n for n in profiled_names(dep) if n not in have] for mix, dep in deps.items()}
+    lack = {mix: names for mix, names in lack.items() if names}
+    if not lack:
+        return None
+    names = list(dict.fromkeys(n for ns in lack.values() for n in ns))
+    csv = profile if profile.suffix == ".csv" else profile / "latency.csv"
+    device = "cpu" if str(store.device).lower().startswith("cpu") else "gpu"
+    shares = sorted({sh for m in have for sh in store.shares(m)})
+    batches = sorted({b for m in have for b in store.batches(m)})
+    per_mix = "; ".join(f"{mix} needs {', '.join(ns)}" for mix, ns in lack.items())
+    return (f"the profile {profile} ({store.device}) has no rows for {', '.join(names)} ({per_mix}). Measure them "
+            f"on a machine with that {device} (rows appended to the profile; resumable), with the shares and batches "
+            f"the profile has:\n"
+            f"  python -m controlplane profile --device {device} --mode serving -m {','.join(names)} "
+            f"--shares {','.join(map(str, shares))} --batches {','.join(map(str, batches))} --point-budget-s 0.6 "
+            f"--min-runs 8 --warmup 2 --no-plots --csv {csv}\n"
+            f"or leave those mixes out of --mixes.")
 
 
 # --------------------------------------------------------------------------- systems
@@ -138,9 +235,11 @@ class Deployed:
         self.router_http = f"{r['host']}:{r['http_port']}"
 
     def urls(self, direct: bool) -> list[tuple[str, dict[str, float]]]:
-        """(url, fraction of each model's rate) per endpoint the load goes to."""
+        """(url, fraction of each target's rate) per endpoint the load goes to: all to the router, or
+        (``direct``, models only) each model to its gpu-lets in the plan's proportions."""
         if not direct:
-            return [(self.router_grpc if PROTOCOL == "grpc" else self.router_http, {m.name: 1.0 for m in self.dep.models})]
+            return [(self.router_grpc if PROTOCOL == "grpc" else self.router_http,
+                     {t.name: 1.0 for t in targets(self.dep)})]
         out = []
         for g in self.plan.gpulets:
             fr = {}
@@ -191,13 +290,122 @@ def even_split(dep: Deployment, store, gpus: int) -> list[list[str]]:
     return [names for names in out if names]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        return so.getsockname()[1]
+
+
+_ROUTER_PIDS: set[int] = set()     # chaining routers this benchmark started: their CPU is the router's, not the client's
+
+
+class ChainRouter:
+    """The project's router in front of plain tritonservers, for an app mix's plain-Triton baselines: it
+    chains each app's steps outside Triton (no ensemble), with the same code as the gpu-let deployments'
+    router. Run as ``controlplane router`` (the CLI that serves given endpoints) in processes of its own, so
+    it shares neither the load generator's interpreter nor its GIL; as many router processes as ``up``'s
+    (``--router-workers``). Its table sends each model to the one server holding it, with no planned
+    throughput, hence no in-flight limit: it passes every request on, as a client chaining calls would.
+    It stays in this benchmark's process group, so whatever ends the benchmark ends it too."""
+
+    def __init__(self, dep: Deployment, plan: Plan, endpoints: dict, out: Path) -> None:
+        self.dep, self.plan, self.endpoints, self.out = dep, plan, endpoints, out
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        import dataclasses
+
+        import yaml
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        doc = self.dep.model_dump(mode="json", exclude_none=True)
+        self.http_port, self.grpc_port = free_port(), free_port()
+        doc["router"] = {"host": "127.0.0.1", "http_port": self.http_port, "grpc_port": self.grpc_port,
+                         "workers": ROUTER_WORKERS}
+        files = {"deployment.yaml": yaml.safe_dump(doc, sort_keys=False), "plan.json": self.plan.model_dump_json(indent=1),
+                 "endpoints.json": json.dumps({k: dataclasses.asdict(e) for k, e in self.endpoints.items()})}
+        for name, text in files.items():
+            (self.out / name).write_text(text)
+        self.log_path = self.out / "router.log"
+        with self.log_path.open("w") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "controlplane", "router", "-f", str(self.out / "deployment.yaml"),
+                 "--plan", str(self.out / "plan.json"), "--endpoints", str(self.out / "endpoints.json")],
+                stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
+        _ROUTER_PIDS.add(self.proc.pid)
+        self._wait_ready(timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        """Until it answers for every app (its tritonservers are up already)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the chaining router exited with {self.proc.returncode}: "
+                                   f"{self.log_path.read_text()[-2000:]}")
+            try:
+                if all(httpx.get(f"http://{self.http}/v2/models/{a.name}/ready", timeout=2).status_code == 200
+                       for a in self.dep.apps):
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the chaining router did not serve the apps within {timeout_s:g} s: "
+                                   f"{self.log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    @property
+    def http(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}" if PROTOCOL == "grpc" else self.http
+
+    def metrics(self) -> str:
+        import httpx
+
+        try:
+            return httpx.get(f"http://{self.http}/metrics", timeout=5).text
+        except httpx.HTTPError as e:
+            return f"# metrics unavailable: {e}"
+
+    def stop(self) -> None:
+        """SIGTERM (the router stops its worker processes), then SIGKILL to it and its children if it lingers."""
+        import psutil
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            children = []
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        for c in children:
+            try:
+                c.kill()
+            except psutil.Error:
+                pass
+
+
 class PlainTriton:
-    """Plain tritonservers, Triton's dynamic batcher, no MPS, no router: one holding every model of the mix
-    with ``instances`` instances on each GPU (``groups`` None), or one per GPU holding its group of models."""
+    """Plain tritonservers, Triton's dynamic batcher, no MPS: one holding every model of the mix
+    with ``instances`` instances on each GPU (``groups`` None), or one per GPU holding its group of models.
+    No router for models; an app mix's apps go through a :class:`ChainRouter` to them (the models the
+    servers hold are then the apps' steps too: ``dep`` is :func:`served`'s)."""
 
     def __init__(self, dep: Deployment, instances: int, out: Path, on_gpu: bool = True,
                  groups: list[list[str]] | None = None) -> None:
         self.dep, self.instances, self.out, self.on_gpu, self.groups = dep, instances, out, on_gpu, groups
+        self.chain: ChainRouter | None = None
 
     def _repository(self, root: Path, names: list[str], gpus: list[int]) -> None:
         from google.protobuf import text_format
@@ -246,8 +454,16 @@ class PlainTriton:
         self.rt = ProcessRuntime(startup_timeout_s=600)
         t0 = time.monotonic()
         eps = self.rt.start(launches)
+        own = {t.name for t in targets(self.dep) if not t.app}
+        self.ends = [(eps[la.gpulet.id], {a.model: 1.0 for a in la.gpulet.models if a.model in own})
+                     for la in launches]
+        if self.dep.apps:
+            plan = Plan(deployment=self.dep.name, device="plain-triton", algorithm="plain-triton", gpus=len(launches),
+                        gpulets=[la.gpulet for la in launches])
+            self.chain = ChainRouter(self.dep, plan, {la.gpulet.id: eps[la.gpulet.id] for la in launches},
+                                     self.out / "router")
+            self.chain.start()
         self.up_s = time.monotonic() - t0
-        self.ends = [(eps[la.gpulet.id], {a.model: 1.0 for a in la.gpulet.models}) for la in launches]
 
     def servers(self) -> list[str]:
         return [ep.http for ep, _ in self.ends]
@@ -256,13 +472,22 @@ class PlainTriton:
         return {f"triton{i}": ep.http for i, (ep, _) in enumerate(self.ends)}
 
     def urls(self, direct: bool = False) -> list[tuple[str, dict[str, float]]]:
-        return [(ep.grpc if PROTOCOL == "grpc" else ep.http, frac) for ep, frac in self.ends]
+        """Models with a rate of their own straight to their server; apps to the chaining router."""
+        out = [(ep.grpc if PROTOCOL == "grpc" else ep.http, frac) for ep, frac in self.ends if frac]
+        if self.chain is not None:
+            out.append((self.chain.url, {a.name: 1.0 for a in self.dep.apps}))
+        return out
 
     def router_metrics(self) -> str:
-        return ""
+        return self.chain.metrics() if self.chain is not None else ""
 
     def stop(self) -> None:
-        self.rt.stop()
+        try:
+            if self.chain is not None:
+                self.chain.stop()
+        finally:
+            if hasattr(self, "rt"):
+                self.rt.stop()
 
 
 # --------------------------------------------------------------------------- GPU memory
@@ -316,8 +541,9 @@ def _proc_cpu() -> dict[int, tuple[str, int, float]]:
 
 
 def _role(pid: int, procs: dict, me: int) -> str:
-    """tritonserver, its python-backend stubs, the MPS daemon, this benchmark's own tree (the load
-    generator), and the rest (the detached control plane: the router's processes)."""
+    """tritonserver, its python-backend stubs, the MPS daemon, the chaining routers this benchmark started,
+    this benchmark's own tree (the load generator), and the rest (the detached control plane: the router's
+    processes)."""
     comm = procs[pid][0]
     if comm == "tritonserver":
         return "triton"
@@ -327,6 +553,8 @@ def _role(pid: int, procs: dict, me: int) -> str:
         return "mps"
     p, seen = pid, 0
     while p > 1 and p in procs and seen < 64:
+        if p in _ROUTER_PIDS:
+            return "router"
         if p == me:
             return "client"
         p, seen = procs[p][1], seen + 1
@@ -405,18 +633,23 @@ def stage_ms(before: dict, after: dict) -> dict[str, dict[str, float]]:
 
 
 def measure(system, dep: Deployment, scale: float, duration: float, direct: bool = False, seed: int = 1) -> dict:
-    """One point: Poisson load at `scale` x the mix's rates; per-model attainment and what the client sent."""
+    """One point: Poisson load at `scale` x the mix's rates; per target (model or app) attainment and what the
+    client sent, and Triton's stage times per model (an app's: per step, under its ``steps``)."""
     from controlplane import loadgen as lg
 
-    slo = {m.name: m.slo_ms for m in dep.models}
-    targets = system.urls(direct)
-    results: list = [None] * len(targets)
+    tg = targets(dep)
+    slo = {t.name: t.slo_ms for t in tg}
+    ends = system.urls(direct)
+    results: list = [None] * len(ends)
 
     def one(i: int, url: str, frac: dict[str, float]) -> None:
-        rates = {m.name: m.rate * scale * frac[m.name] for m in dep.models if frac.get(m.name)}
-        results[i] = lg.run(url, rates, duration, protocol=PROTOCOL, slo_ms=slo, seed=seed + 97 * i)
+        rates = {t.name: t.rate * scale * frac[t.name] for t in tg if frac.get(t.name)}
+        try:
+            results[i] = lg.run(url, rates, duration, protocol=PROTOCOL, slo_ms=slo, seed=seed + 97 * i)
+        except Exception as e:  # noqa: BLE001 - raised below, in the caller's thread
+            results[i] = e
 
-    threads = [threading.Thread(target=one, args=(i, u, f)) for i, (u, f) in enumerate(targets)]
+    threads = [threading.Thread(target=one, args=(i, u, f)) for i, (u, f) in enumerate(ends)]
     servers = system.servers()
     t0 = triton_stats(servers)
     with CpuMeter() as cpu:
@@ -424,6 +657,27 @@ def measure(system, dep: Deployment, scale: float, duration: float, direct: bool
             t.start()
         for t in threads:
             t.join()
+    for r in results:
+        if isinstance(r, Exception):
+            raise r
+    models = merge_results(results)
+    ok = all(d["attainment"] >= ATTAIN and not d["behind"] for d in models.values())
+    stages = stage_ms(t0, triton_stats(servers))
+    steps = {a.name: [st.model for st in a.steps] for a in dep.apps}
+    for t in tg:
+        if t.name not in models:
+            continue
+        if t.app:
+            models[t.name]["app"] = True
+            models[t.name]["steps"] = {m: stages.get(m, {}) for m in steps[t.name]}
+        elif t.name in stages:
+            models[t.name]["triton_ms"] = stages[t.name]
+    return {"scale": round(scale, 4), "pass": ok, "models": models, "cpu": cpu.result}
+
+
+def merge_results(results: list) -> dict[str, dict]:
+    """Per target over the endpoints it was sent to: counts summed, attainment weighted by requests sent,
+    the worst p99, behind when any client was."""
     models: dict[str, dict] = {}
     for res in results:
         for name, r in res.models.items():
@@ -441,16 +695,30 @@ def measure(system, dep: Deployment, scale: float, duration: float, direct: bool
             d["errs"] += r.error_samples[:2]
     for d in models.values():
         d["attainment"] = d.pop("met") / d["sent"] if d["sent"] else 0.0
-    ok = all(d["attainment"] >= ATTAIN and not d["behind"] for d in models.values())
-    for name, st in stage_ms(t0, triton_stats(servers)).items():
-        if name in models:
-            models[name]["triton_ms"] = st
-    return {"scale": round(scale, 4), "pass": ok, "models": models, "cpu": cpu.result}
+    return models
+
+
+def point_line(p: dict) -> str:
+    """One point for the log: per target its attainment, p99 and Triton's queue / run ms and mean batch
+    (an app's per step model)."""
+    def stage(name: str, st: dict) -> str:
+        return (f"{name} q {st.get('queue', 0):.1f} run {st.get('compute_infer', 0):.1f} "
+                f"b {st.get('batch', 0):g}")
+
+    parts = []
+    for n, d in p["models"].items():
+        where = ("; ".join(stage(m, st) for m, st in d.get("steps", {}).items()) if d.get("app")
+                 else stage("", d.get("triton_ms", {})).strip())
+        parts.append(f"{n} {100 * d['attainment']:.1f}%{'(behind)' if d['behind'] else ''}"
+                     f"[p99 {d['p99_ms']:.0f} {where}]")
+    cores = " ".join(f"{k} {v:g}" for k, v in p["cpu"]["cores"].items())
+    return (f"{'PASS' if p['pass'] else 'fail'}  {' '.join(parts)}  | cores: {cores}, "
+            f"machine {100 * p['cpu']['machine_busy']:.0f}% busy")
 
 
 def search(system, dep: Deployment, guess: float, duration: float, points: int, record, direct: bool = False,
            below: bool = False) -> dict:
-    """Max scale with >= 99 % attainment for every model: from `guess`, x1.5 steps to a bracket, then bisection.
+    """Max scale with >= 99 % attainment for every target: from `guess`, x1.5 steps to a bracket, then bisection.
 
     below: `guess` is a better system's max scale; when this one fails there, one more point (/1.5) says
     where it stands and the search stops (its max is below the other's; device time goes elsewhere)."""
@@ -462,13 +730,7 @@ def search(system, dep: Deployment, guess: float, duration: float, points: int, 
         p = measure(system, dep, s, duration, direct)
         tried.append(p)
         record(p)
-        att = " ".join(f"{n} {100 * d['attainment']:.1f}%{'(behind)' if d['behind'] else ''}"
-                       f"[p99 {d['p99_ms']:.0f} q {d.get('triton_ms', {}).get('queue', 0):.1f} "
-                       f"run {d.get('triton_ms', {}).get('compute_infer', 0):.1f} b {d.get('triton_ms', {}).get('batch', 0):g}]"
-                       for n, d in p["models"].items())
-        cores = " ".join(f"{k} {v:g}" for k, v in p["cpu"]["cores"].items())
-        log(f"  x{s:.3g}: {'PASS' if p['pass'] else 'fail'}  {att}  | cores: {cores}, "
-            f"machine {100 * p['cpu']['machine_busy']:.0f}% busy")
+        log(f"  x{s:.3g}: {point_line(p)}")
         if p["pass"]:
             lo = s
         else:
@@ -480,13 +742,68 @@ def search(system, dep: Deployment, guess: float, duration: float, points: int, 
 # --------------------------------------------------------------------------- driver
 
 
+def plan_line(plan: Plan | None) -> str:
+    """A plan in one line (``--plan-only``): each gpu-let's share and models (batch, planned req/s), each app's
+    SLO split."""
+    if plan is None:
+        return "none fits"
+    gl = "; ".join(f"{g.id} {g.share}%: " + ", ".join(f"{a.model} b{a.batch} {a.rate:.0f}/s" for a in g.models)
+                   for g in plan.gpulets)
+    apps = "; ".join(f"app {n} {a.rate:.0f}/s budgets " + ", ".join(f"{m} {v:.1f} ms" for m, v in a.budgets_ms.items())
+                     for n, a in plan.apps.items())
+    return gl + (f" | {apps}" if apps else "")
+
+
+def load_mixes(names: list[str]) -> dict[str, Deployment]:
+    """Each mix's deployment by its name (a mix's name, or a deployment file), before anything starts."""
+    deps = [load_deployment(MIXES.get(mix) or mix) for mix in names]
+    return {dep.name: dep for dep in deps}
+
+
+def mix_doc(dep: Deployment) -> dict:
+    """What the JSON says of a mix before any point: its targets' rates and SLOs (x1), and its apps' steps."""
+    tg = targets(dep)
+    d = {"rates": {t.name: t.rate for t in tg}, "slo_ms": {t.name: t.slo_ms for t in tg}, "systems": {}}
+    if dep.apps:
+        d["apps"] = {a.name: [st.model for st in a.steps] for a in dep.apps}
+    return d
+
+
+def make_system(sysname: str, dep: Deployment, store, plans: dict, pred: dict, done: dict, entry: dict, args,
+                on_gpu: bool):
+    """The system to measure, where its search starts, and the scale a better system reached (for ``below``);
+    (None, note) when it cannot run. ``done``: the mix's systems measured so far; ``entry``: this one's JSON.
+    Plain Triton holds the planner's models (:func:`served`: an app's steps), starting from triton1's max
+    scale where known."""
+    work = args.work / dep.name / sysname
+    if sysname in ("gpulet", "temporal"):
+        if plans[sysname] is None:
+            return None, f"the {sysname} planner fits no scale of this mix on {GPUS} GPU(s)"
+        guess = pred[sysname]
+        if sysname == "temporal":   # its ratio to the gpu-let's max is what is asked: start there
+            guess = done.get("gpulet", {}).get("max_scale") or guess
+        return (Deployed(scaled(dep, pred[sysname]), plans[sysname], work), guess, None), None
+    plain = served(dep, store)
+    best = done.get("triton1", {}).get("max_scale")
+    if sysname == "split":
+        entry["groups"] = groups = even_split(plain, store, GPUS)
+        return (PlainTriton(plain, 1, work, on_gpu, groups=groups), best or args.triton_guess, None), None
+    return (PlainTriton(plain, int(sysname.removeprefix("triton")), work, on_gpu), best or args.triton_guess,
+            best), None
+
+
 def run(args) -> dict:
     from controlplane.profiles import ProfileStore
 
     store = ProfileStore.load(args.profile)
+    gpu = gpu_name()
+    on_gpu = gpu != "no GPU"
+    mixes = load_mixes(args.mixes)
+    why = missing_profiles(mixes, store, args.profile)
+    if why:
+        raise SystemExit(f"serving.py: {why}")
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "gpu": gpu_name(),
+    doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "gpu": gpu,
            "commit": _commit(),
            "command": " ".join(sys.argv), "protocol": PROTOCOL, "cpus": os.cpu_count(), "profile": str(args.profile), "profile_device": store.device,
            "duration_s": args.duration, "attainment": ATTAIN, "gpus": GPUS, "mixes": {}}
@@ -500,14 +817,12 @@ def run(args) -> dict:
     deadline = time.monotonic() + args.budget_s
 
     def save() -> None:
-        jpath.write_text(json.dumps(doc, indent=1))
+        if not args.plan_only:          # --plan-only writes nothing
+            out.mkdir(parents=True, exist_ok=True)
+            jpath.write_text(json.dumps(doc, indent=1))
 
-    on_gpu = doc["gpu"] != "no GPU"
-    for mix in args.mixes:
-        dep = load_deployment(MIXES.get(mix) or mix)   # a mix's name, or a deployment file
-        mix = dep.name
-        mdoc = doc["mixes"].setdefault(mix, {"rates": {m.name: m.rate for m in dep.models},
-                                             "slo_ms": {m.name: m.slo_ms for m in dep.models}, "systems": {}})
+    for mix, dep in mixes.items():
+        mdoc = doc["mixes"].setdefault(mix, mix_doc(dep))
         pred = {}
         plans = {}
         for algo in ("gpulet", "temporal"):
@@ -515,8 +830,15 @@ def run(args) -> dict:
             pred[algo], plans[algo] = s, plan
             log(f"{mix}: planner's max scale with {algo}: {s:.3g}")
         mdoc["predicted"] = pred
+        if args.plan_only:
+            for algo, plan in plans.items():
+                log(f"{mix}: {algo} plan at x{pred[algo]:.3g}: {plan_line(plan)}")
+            continue
         for sysname in args.systems:
             if sysname in mdoc["systems"] and args.resume:
+                continue
+            if sysname == "direct" and dep.apps:
+                mdoc["systems"]["direct"] = {"points": [], "note": NO_DIRECT}
                 continue
             if time.monotonic() > deadline:
                 log(f"budget spent: {mix}/{sysname} not run")
@@ -524,26 +846,14 @@ def run(args) -> dict:
             if sysname == "direct" or (sysname == "split" and GPUS == 1):
                 continue   # direct: measured with gpulet's servers, below; split: one GPU has nothing to split
             entry = mdoc["systems"][sysname] = {"points": []}
-            best = None        # plain Triton with more instances starts at triton1's max scale
-            if sysname in ("gpulet", "temporal"):
-                plan = plans[sysname]
-                if plan is None:
-                    entry["note"] = f"the {sysname} planner fits no scale of this mix on {GPUS} GPU(s)"
-                    save()
-                    continue
-                entry["plan"] = json.loads(plan.model_dump_json())
-                system = Deployed(scaled(dep, pred[sysname]), plan, args.work / mix / sysname)
-                guess = pred[sysname]
-                if sysname == "temporal":   # its ratio to the gpu-let's max is what is asked: start there
-                    guess = mdoc["systems"].get("gpulet", {}).get("max_scale") or guess
-            elif sysname == "split":
-                entry["groups"] = even_split(dep, store, GPUS)
-                system = PlainTriton(dep, 1, args.work / mix / sysname, on_gpu, groups=entry["groups"])
-                guess = mdoc["systems"].get("triton1", {}).get("max_scale") or args.triton_guess
-            else:
-                system = PlainTriton(dep, int(sysname.removeprefix("triton")), args.work / mix / sysname, on_gpu)
-                best = mdoc["systems"].get("triton1", {}).get("max_scale")
-                guess = best or args.triton_guess
+            made, note = make_system(sysname, dep, store, plans, pred, mdoc["systems"], entry, args, on_gpu)
+            if made is None:
+                entry["note"] = note
+                save()
+                continue
+            system, guess, best = made
+            if sysname in plans:
+                entry["plan"] = json.loads(plans[sysname].model_dump_json())
             log(f"{mix}/{sysname}: starting")
             try:
                 system.start()
@@ -559,15 +869,14 @@ def run(args) -> dict:
                                     below=sysname in ("triton2", "triton4") and bool(best)))
                 save()
                 log(f"{mix}/{sysname}: max scale {entry['max_scale']:.3g}")
-                if sysname == "gpulet" and "direct" in args.systems:
+                if sysname == "gpulet" and "direct" in args.systems and not dep.apps:
                     d = mdoc["systems"]["direct"] = {"points": []}
                     d.update(search(system, dep, max(entry["max_scale"], guess * 0.5), args.duration, args.points,
                                     d["points"].append, direct=True))
                     log(f"{mix}/direct: max scale {d['max_scale']:.3g}")
                     save()
-                if hasattr(system, "router_metrics"):
-                    entry["router_drops"] = [ln for ln in system.router_metrics().splitlines()
-                                             if ln.startswith("router_drops_total")]
+                entry["router_drops"] = [ln for ln in system.router_metrics().splitlines()
+                                         if ln.startswith("router_drops_total")]
             except Exception as e:  # noqa: BLE001 - record and go on with the next system
                 entry["error"] = f"{type(e).__name__}: {e}"
                 log(f"{mix}/{sysname}: ERROR {entry['error']}")
@@ -604,9 +913,10 @@ def gpu_name() -> str:
 
 def render(doc: dict) -> str:
     gpus = doc.get("gpus", 1)
+    apps = " (an app: end to end)" if any(m.get("apps") for m in doc["mixes"].values()) else ""
     lines = [f"Run {doc['date']} on {gpus} x {doc['gpu']} ({doc.get('cpus', '?')} cores); `{doc['command']}`; clients over "
              f"{doc.get('protocol', 'grpc')}; plans from `{doc['profile']}` "
-             f"({doc['profile_device']}); {doc['duration_s']:g} s per point, pass = every model >= "
+             f"({doc['profile_device']}); {doc['duration_s']:g} s per point, pass = every model{apps} >= "
              f"{100 * doc['attainment']:g} % within its SLO and the client on schedule.", ""]
     cols = [k for k in SYSTEMS if k != "split" or gpus > 1]
     lines.append("| mix | predicted (gpu-let plan) | " + " | ".join(cols) +
@@ -635,9 +945,31 @@ def render(doc: dict) -> str:
                      " | ".join(cell(k) for k in cols) +
                      f" | {ratio(mx('gpulet'), max(plain) if plain else None)} | {ratio(mx('gpulet'), mx('temporal'))}"
                      f" | {ratio(mx('gpulet'), mx('direct'))} |")
+    lines += [ln for mix, m in doc["mixes"].items() if m.get("apps") for ln in ["", app_note(mix, m)]]
     lines += ["", "Cells: highest passing scale – lowest failing scale tried (x the mix's rates in its deployment "
               "file). Per-point attainment, offered vs sent rates and plans are in the JSON beside this table."]
     return "\n".join(lines)
+
+
+def app_note(mix: str, m: dict) -> str:
+    """An app mix below the table: its apps, the end-to-end attainment of each at the gpu-let plan's rate
+    (the search's first point is the planner's max scale, the rate the deployed plan was made for), and how
+    the other systems chain the steps."""
+    rates = m["rates"]
+    pred = m.get("predicted", {}).get("gpulet") or 0.0
+    first = next(iter(m["systems"].get("gpulet", {}).get("points", [])), None)
+    at_plan = first is not None and pred and abs(first["scale"] - round(pred, 4)) < 1e-9
+    out = []
+    for app, steps in m["apps"].items():
+        s = f"app `{app}` ({', '.join(steps)}; {rates[app]:g} req/s x scale, SLO {m['slo_ms'][app]:g} ms end to end)"
+        if at_plan and app in first["models"]:
+            d = first["models"][app]
+            s += (f": through the gpu-let plan at its planned rate (x{pred:.3g}, {rates[app] * pred:.0f} req/s) "
+                  f"{100 * d['attainment']:.2f} % within the SLO{' (client behind)' if d['behind'] else ''}")
+        out.append(s)
+    return (f"{mix}: " + "; ".join(out) + ". direct: n/a (without the router nothing chains the steps). Plain "
+            "Triton: no ensemble; the apps' steps chained by the same router code, a `controlplane router` in "
+            "front of the plain tritonserver(s).")
 
 
 def write_docs(doc: dict, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
@@ -671,6 +1003,9 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=math.inf, help="start no system after this many seconds")
     ap.add_argument("--resume", action="store_true", help="keep systems already in OUT/serving.json")
     ap.add_argument("--render", type=Path, help="only write docs/benchmarks.md from this serving.json")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="check the profile and print each mix's predicted max scales and plans; start nothing "
+                         "(no GPU needed: try a new profile before spending device time)")
     args = ap.parse_args()
     global PROTOCOL, ROUTER_WORKERS, GPUS
     PROTOCOL, ROUTER_WORKERS, GPUS = args.protocol, args.router_workers, args.gpus

@@ -1,0 +1,85 @@
+"""benchmarks/serving.py's app-mix logic, pure (no server): what the load targets are, scaling, the plain
+tritonservers' models, the early profile check and the plan for an app (issue 16). The benchmark itself
+runs on a GPU; its CPU smoke run is described in its module docstring's section on app mixes."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from controlplane.paths import SHIPPED_PROFILES
+from controlplane.profiles import ProfileStore, read_csv
+from controlplane.spec import Deployment, load_deployment
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def serving():
+    spec = importlib.util.spec_from_file_location("serving_bench", ROOT / "benchmarks" / "serving.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod          # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def traffic() -> Deployment:
+    return load_deployment(ROOT / "deployments" / "traffic.yaml")
+
+
+@pytest.fixture(scope="module")
+def full_h200() -> ProfileStore:
+    """profiles/h200 with the traffic steps it lacks copied from resnet50's rows (scaled): enough to plan."""
+    rows = read_csv(SHIPPED_PROFILES / "h200" / "latency.csv")
+    extra = [dataclasses.replace(r, model=m, p50_ms=r.p50_ms * f, p99_ms=r.p99_ms * f, mean_ms=r.mean_ms * f)
+             for r in rows if r.model == "resnet50"
+             for m, f in (("ssd-mobilenet", 0.8), ("googlenet", 0.5), ("crop", 0.05))]
+    return ProfileStore.from_rows(rows + extra, device=rows[0].device)
+
+
+def test_targets_are_the_apps_and_the_models_with_a_rate(serving, traffic):
+    assert [(t.name, t.rate, t.slo_ms, t.app) for t in serving.targets(traffic)] == [("traffic", 200.0, 202.0, True)]
+    gpu_run = load_deployment(ROOT / "deployments" / "gpu-run.yaml")
+    assert [(t.name, t.app) for t in serving.targets(gpu_run)] == [("resnet50", False), ("vgg16", False),
+                                                                   ("bert", False)]
+    assert serving.MIXES["traffic"] == ROOT / "deployments" / "traffic.yaml"
+
+
+def test_scaled_scales_the_apps_too(serving, traffic):
+    s = serving.scaled(traffic, 1.5)
+    assert s.apps[0].rate == pytest.approx(300.0)
+    assert [m.rate for m in s.models] == [0.0] * 4
+
+
+def test_profile_check_names_the_missing_models_and_the_command(serving, traffic, full_h200):
+    store = ProfileStore.load(SHIPPED_PROFILES / "h200")
+    why = serving.missing_profiles({"traffic": traffic}, store, Path("profiles/h200"))
+    assert "ssd-mobilenet, crop, googlenet" in why and "vgg16" not in why.split("(")[1]
+    assert "controlplane profile --device gpu --mode serving -m ssd-mobilenet,crop,googlenet" in why
+    assert "--shares 20,30,40,50,60,70,80,100 --batches 1,2,4,8,16,32" in why
+    assert "--csv profiles/h200/latency.csv" in why
+    assert serving.missing_profiles({"traffic": traffic}, full_h200, Path("x")) is None
+
+
+def test_plain_triton_models_and_the_plan_carry_the_same_split(serving, traffic, full_h200):
+    served = serving.served(traffic, full_h200)
+    assert [m.name for m in served.models] == ["ssd-mobilenet", "crop", "googlenet", "vgg16"]
+    assert all(m.rate == 200.0 for m in served.models)
+    scale, plan = serving.planner_max(traffic, full_h200, "gpulet", steps=4)
+    assert scale > 0 and plan is not None
+    app = plan.apps["traffic"]
+    assert app.rate == pytest.approx(200.0 * scale)
+    assert {m.name: round(m.slo_ms, 3) for m in served.models} == app.budgets_ms
+
+
+def test_app_note_reports_end_to_end_attainment_at_the_planned_rate(serving):
+    point = {"scale": 1.25, "models": {"traffic": {"attainment": 0.995, "behind": False}}}
+    m = {"rates": {"traffic": 200.0}, "slo_ms": {"traffic": 202.0}, "apps": {"traffic": ["ssd-mobilenet", "crop"]},
+         "predicted": {"gpulet": 1.25}, "systems": {"gpulet": {"points": [point]}}}
+    note = serving.app_note("traffic", m)
+    assert "x1.25, 250 req/s) 99.50 % within the SLO" in note and "direct: n/a" in note
