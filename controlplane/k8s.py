@@ -43,7 +43,7 @@ import yaml
 from google.protobuf import text_format
 
 from .repository import SourceRepository, gpulet_config, plan_slos
-from .runtime.base import RESTRICTED_APIS
+from .runtime.base import RESTRICTED_APIS, memory_limit_mb, pinned_memory_limit
 from .spec import Deployment, Plan
 
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -153,6 +153,11 @@ def render_k8s(dep: Deployment, plan: Plan, repo: SourceRepository | None = None
         out.append({"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": {"name": name, "labels": labels, **meta_ns}, "data": data})
         env = [{"name": "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "value": str(g.share)}] if on_gpu else []
+        # its memory limit as `up` sets it (runtime.base.memory_limit_mb), from the repository's memory_mb:
+        # the render reads no profile
+        limit = memory_limit_mb([repo[a.model].memory_mb for a in g.models], on_gpu) if dep.runtime.memory_limits else None
+        if on_gpu and limit:
+            env.append({"name": "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "value": pinned_memory_limit(limit)})
         cpu = max(1, round(g.share / 25))          # what the process runtime pins on a 4-core share of 100
         resources: dict = {"requests": {"cpu": str(cpu), "memory": "4Gi"},
                            "limits": {"cpu": str(cpu * 2), "memory": "16Gi"}}

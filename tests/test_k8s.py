@@ -11,6 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from controlplane.repository import SourceRepository
 from controlplane.spec import Assignment, GpuLet, Plan
 
 from helpers import run_cli
@@ -76,6 +77,9 @@ def test_each_gpulet_reads_back_with_its_share_gpu_node_image_ports_and_probes(r
         (c,) = pod["containers"]
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == str(g.share)
+        # each process's GPU memory: twice its largest model's memory_mb (config.pbtxt) + 1 GB, as `up` sets it
+        largest = max(SourceRepository()[a.model].memory_mb for a in g.models)
+        assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={int(2 * largest + 1024)}MB"
         assert c["image"] == "gpulet-triton-gpu:24.12"
         assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
         assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"

@@ -206,6 +206,11 @@ def memory_limit_mb(models_mb: Iterable[float | None], on_gpu: bool) -> int | No
     return int(math.ceil(MEMORY_HEADROOM * max(known) + MEMORY_BASE_MB["gpu" if on_gpu else "cpu"]))
 
 
+def pinned_memory_limit(limit_mb: int) -> str:
+    """CUDA_MPS_PINNED_DEVICE_MEM_LIMIT's value for a process that sees one GPU (its ordinal 0)."""
+    return f"0={limit_mb}MB"
+
+
 def gpulet_env(launch_gpulet: GpuLet, gpu_index: int | None, cores: list[int] | None,
                mps_pipe_dir: str | None, memory_limit_mb: int | None = None) -> dict[str, str]:
     """Environment that makes a tritonserver honour its gpu-let's share.
@@ -222,7 +227,7 @@ def gpulet_env(launch_gpulet: GpuLet, gpu_index: int | None, cores: list[int] | 
         if mps_pipe_dir:
             env["CUDA_MPS_PIPE_DIRECTORY"] = mps_pipe_dir
         if memory_limit_mb:
-            env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={memory_limit_mb}MB"
+            env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = pinned_memory_limit(memory_limit_mb)
     else:
         n = str(len(cores or []) or 1)
         env.update({"CUDA_VISIBLE_DEVICES": "", "CONTROLPLANE_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n})
