@@ -213,14 +213,9 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "chaos.json").write_text(json.dumps(doc, indent=1))
     if not args.no_docs:
-        path = ROOT / "docs" / "benchmarks.md"
-        text = path.read_text()
-        body = f"{BEGIN}\n{table}\n{END}"
-        if BEGIN in text:
-            text = text[:text.index(BEGIN)] + body + text[text.index(END) + len(END):]
-        else:
-            text += "\n## Chaos: faults under steady load (issue 14)\n\n" + body + "\n"
-        path.write_text(text)
+        from docs_section import write_section
+
+        write_section(BEGIN, END, table, "## Chaos: faults under steady load (issue 14)")
 
 
 def render(doc: dict) -> str:

@@ -231,15 +231,10 @@ def main() -> None:
         print(f"no plot: {e}")
 
 
-def write_docs(doc: dict, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
-    text = path.read_text()
-    body = f"{BEGIN}\n{render(doc)}\n{END}"
-    if BEGIN in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + body + text[b:]
-    else:
-        text += "\n## Live re-planning on a rate trace (issue 12)\n\n" + body + "\n"
-    path.write_text(text)
+def write_docs(doc: dict) -> None:
+    from docs_section import write_section
+
+    write_section(BEGIN, END, render(doc), "## Live re-planning on a rate trace (issue 12)")
 
 
 if __name__ == "__main__":

@@ -206,16 +206,9 @@ def planning_time(store: ProfileStore, algo: str, reps: int = 5) -> tuple[float,
 
 
 def write_section(text: str) -> Path:
-    doc = ROOT / "docs" / "benchmarks.md"
-    doc.parent.mkdir(exist_ok=True)
-    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(new)
-    return doc
+    from docs_section import write_section as write
+
+    return write(BEGIN, END, text)
 
 
 def main() -> None:

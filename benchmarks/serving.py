@@ -972,18 +972,12 @@ def app_note(mix: str, m: dict) -> str:
             "front of the plain tritonserver(s).")
 
 
-def write_docs(doc: dict, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
+def write_docs(doc: dict) -> None:
+    from docs_section import write_section
+
     gpus = doc.get("gpus", 1)
-    begin, end = markers(gpus)
-    body = f"{begin}\n{render(doc)}\n{end}"
-    if begin in text:
-        a, b = text.index(begin), text.index(end) + len(end)
-        text = text[:a] + body + text[b:]
-    else:
-        where = "one GPU" if gpus == 1 else f"{gpus} GPUs of one host"
-        text += f"\n## Serving: max load at the SLOs on {where}\n\n" + body + "\n"
-    path.write_text(text)
+    where = "one GPU" if gpus == 1 else f"{gpus} GPUs of one host"
+    write_section(*markers(gpus), render(doc), f"## Serving: max load at the SLOs on {where}")
 
 
 def main() -> None:
