@@ -53,7 +53,8 @@ def test_two_workers_merge(server):
     _adds_up(r)
     assert 40 <= r.sent <= 130, r.sent                          # Poisson around 80
     assert r.ok == r.sent and r.errors == 0, r.error_samples
-    assert r.rate == 40.0 and 15 <= r.sent_rate <= 70 and r.sent_rate == pytest.approx(r.sent / 2.0, rel=0.2)
+    # sent over the run's window: 2 s, longer only where sending ran late (a loaded machine)
+    assert r.rate == 40.0 and 0 < r.sent_rate <= r.sent / 2.0 + 1e-9
     assert r.lag_p99_ms is not None and r.lag_max_ms >= r.lag_p99_ms and r.cap_waits == 0
     assert res.behind == r.behind, r                              # the run is behind when a model is (timing: not asserted)
     assert 0 < r.p50_ms <= r.p99_ms and r.slo_attainment == 1.0
