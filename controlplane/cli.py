@@ -199,7 +199,7 @@ def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -
             "gpulet": g.id, "gpu": g.gpu, "share": g.share,
             "models": ", ".join(f"{a.model}(b{a.batch})" for a in g.models),
             "http": info.http, "grpc": info.grpc, "pid": info.pid,
-            "restarts": info.restarts, "ready": ready(info.http),
+            "restarts": info.restarts, "memory_limit_mb": info.memory_limit_mb, "ready": ready(info.http),
             **({"node": info.node, "node_gpu": info.node_gpu} if state.runtime == "ray" else {}),
         })
     if as_json:
@@ -213,12 +213,13 @@ def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -
                   f"{'ready' if ready(router_addr) else 'NOT ready'}")
     on_ray = state.runtime == "ray"       # a node of the cluster (and its GPU) instead of a local pid
     t = Table("gpu-let", "GPU", *(("node", "node GPU") if on_ray else ()), "share %", "models (batch)", "HTTP",
-              "gRPC", *(() if on_ray else ("pid",)), "restarts", "health")
+              "gRPC", *(() if on_ray else ("pid",)), "restarts", "memory limit", "health")
     for row in rows:
         where = ((str(row["node"]), "-" if row["node_gpu"] is None else str(row["node_gpu"])) if on_ray
                  else ())
         t.add_row(row["gpulet"], str(row["gpu"]), *where, str(row["share"]), row["models"], str(row["http"]),
                   str(row["grpc"]), *(() if on_ray else (str(row["pid"]),)), str(row["restarts"]),
+                  "-" if row["memory_limit_mb"] is None else f"{row['memory_limit_mb']} MB / process",
                   "[green]ready[/]" if row["ready"] else "[red]not ready[/]")
     console.print(t)
     if state.replans:

@@ -154,6 +154,7 @@ class Controller:
         self.router = None
         self.mps = None
         self.endpoints: dict[str, Endpoint] = {}
+        self.memory_limits: dict[str, int | None] = {}   # gpu-let -> MB each of its processes may hold
         self._stopped = False
         self._generation = 0        # plans tried since start; names the gpu-lets each adds
         self._state = "starting"
@@ -211,6 +212,7 @@ class Controller:
             gpu = self.devices.gpus[g.gpu] if on_gpu else None
             limit = (memory_limit_mb([self._model_memory_mb(a.model) for a in g.models], on_gpu)
                      if self.dep.runtime.memory_limits else None)
+            self.memory_limits[g.id] = limit
             out.append(Launch(
                 gpulet=g, repository=repos[g.id].resolve(), log_path=(self.paths.logs / f"{g.id}.log").resolve(),
                 gpu_uuid=gpu.uuid if gpu else None, gpu_index=gpu.index if gpu else None,
@@ -692,6 +694,7 @@ class Controller:
                                       grpc=s.endpoint.grpc if s.endpoint else None,
                                       pid=s.pid, started=started_at(s.pid), container=s.container,
                                       node=s.node, node_gpu=s.node_gpu, restarts=s.restarts,
+                                      memory_limit_mb=self.memory_limits.get(gid),
                                       log=s.log or str(self.paths.logs / f"{gid}.log"))
                      for gid, s in statuses.items()},
             plan=self.plan, replans=self.replans, last_replan=self.last_replan, calibration=self.calibration)

@@ -492,6 +492,7 @@ class GpuletState(_Strict):
     node: str | None = None       # ray runtime: the node's address and id ("10.0.0.5 1a2b3c4d")
     node_gpu: int | None = None   # ray runtime: the GPU's index on that node (None on a CPU)
     restarts: int = 0
+    memory_limit_mb: int | None = None   # the most memory each of its processes may hold (runtime.memory_limits)
     log: str | None = None
 
 

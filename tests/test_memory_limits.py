@@ -119,6 +119,9 @@ run_dir: {tmp_path / "run"}
         stub = next(c for c in server.children(recursive=True) if c.name().startswith("triton_python_b"))
         limit = (2 * 64 + int(MEMORY_BASE_MB["cpu"])) * 2**20
         assert _data_limit(server.pid) == limit and _data_limit(stub.pid) == limit
+        status = json.loads(run_cli("status", "-f", str(dep), "--json").stdout)
+        assert {g["gpulet"]: g["memory_limit_mb"] for g in status["gpulets"]} == \
+            {gid: (limit >> 20 if gid == hog_gpulet else None) for gid in state["gpulets"]}   # the neighbour: none known
 
         http = httpclient.InferenceServerClient(f"127.0.0.1:{state['router']['http_port']}")
 
