@@ -31,7 +31,7 @@ from controlplane.scheduler.baselines import ideal_prototype  # noqa: E402
 from controlplane.scheduler.core import check_slo_reachable, lower_bound  # noqa: E402
 from controlplane.scheduler.gpulet import gpulet  # noqa: E402
 from controlplane.scheduler.optimum import OptimumInfo, OptimumTooLarge, optimum  # noqa: E402
-from controlplane.spec import Deployment, load_deployment  # noqa: E402
+from controlplane.spec import Deployment, SchedulerSpec, load_deployment  # noqa: E402
 
 SLO = {"lenet": 5, "googlenet": 66, "resnet50": 108, "ssd-mobilenet": 202, "vgg16": 142, "mnasnet1_0": 62,
        "mobilenet_v2": 64, "densenet161": 202, "bert": 22}
@@ -223,8 +223,12 @@ def main() -> None:
     out.append(f"Machine: {platform.node()}, {platform.processor() or platform.machine()}, {args.workers} worker process(es), "
                f"Python {platform.python_version()}  ")
     out.append(f"Date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}  ")
+    sched = SchedulerSpec()
     out.append(f"Profile: {src}. Latency margin x1.1, shares 20/40/50/60/80/100, batches 1..32, "
-               "at most 2 gpu-lets per GPU and 3 models per gpu-let. The measured latencies are not always "
+               "at most 2 gpu-lets per GPU and 3 models per gpu-let; each model planned for the "
+               f"{100 * sched.burst_pct:g}th percentile of its Poisson arrivals within half its SLO (burst_pct; the "
+               f"paper planned for the mean rate), with {sched.overhead_ms:g} ms outside the batch counted against "
+               "its SLO (overhead_ms): the deployments' defaults. The measured latencies are not always "
                "monotone in batch (on small shares batch 1 can be slower than batch 4): planners and the optimum "
                "let a gpu-let run a larger batch when it is faster.")
     out.append("")
