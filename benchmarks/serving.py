@@ -21,6 +21,9 @@ schedule does not count as a pass). Systems:
 - ``triton1`` / ``triton2`` / ``triton4``: one plain tritonserver holding every
   model, Triton's ``dynamic_batching { }``, 1 / 2 / 4 instances per model on each GPU, no MPS,
   no router (but an app's: below) — what a user running Triton alone would deploy;
+- ``mps-split`` (one GPU): two plain tritonservers under one MPS daemon on the GPU, split by hand as
+  in the design notes' measurement (../shared/DESIGN.md): the tightest-SLO model alone at 40 %, the
+  others together at 60 %, 1 instance each — what a user who knows MPS would try first;
 - ``split`` (``--gpus`` > 1): one plain tritonserver per GPU, the models divided between them
   as a user would even them out (largest GPU demand first, onto the least loaded GPU, by the
   profile), 1 instance each, the clients sending each model to its server.
@@ -77,8 +80,9 @@ MIXES = {
     "vision-bert": ROOT / "deployments" / "vision-bert.yaml",
     "traffic": ROOT / "deployments" / "traffic.yaml",      # an app (issue 16)
 }
-SYSTEMS = ["gpulet", "direct", "temporal", "triton1", "triton2", "triton4", "split"]
-PLAIN = ["triton1", "triton2", "triton4", "split"]
+SYSTEMS = ["gpulet", "direct", "temporal", "triton1", "triton2", "triton4", "mps-split", "split"]
+PLAIN = ["triton1", "triton2", "triton4", "mps-split", "split"]
+HAND_SHARES = [40, 60]     # mps-split: the tightest-SLO model's server, then the rest
 ATTAIN = 0.99
 PROTOCOL = "http"          # the clients' protocol, for every system (--protocol)
 ROUTER_WORKERS = 0         # router processes of the gpu-let deployments (0: RouterSpec's default)
@@ -290,6 +294,12 @@ def even_split(dep: Deployment, store, gpus: int) -> list[list[str]]:
     return [names for names in out if names]
 
 
+def hand_split(dep: Deployment) -> list[list[str]]:
+    """mps-split's servers: the tightest-SLO model alone, every other model together (HAND_SHARES)."""
+    tight = min(dep.models, key=lambda m: m.slo_ms).name
+    return [[tight], [m.name for m in dep.models if m.name != tight]]
+
+
 def free_port() -> int:
     import socket
 
@@ -397,15 +407,18 @@ class ChainRouter:
 
 
 class PlainTriton:
-    """Plain tritonservers, Triton's dynamic batcher, no MPS: one holding every model of the mix
-    with ``instances`` instances on each GPU (``groups`` None), or one per GPU holding its group of models.
+    """Plain tritonservers, Triton's dynamic batcher: one holding every model of the mix with ``instances``
+    instances on each GPU (``groups`` None), or one per GPU holding its group of models, no MPS; or, with
+    ``shares``, one per group on GPU 0 under an MPS daemon of its own, each at its share.
     No router for models; an app mix's apps go through a :class:`ChainRouter` to them (the models the
     servers hold are then the apps' steps too: ``dep`` is :func:`served`'s)."""
 
     def __init__(self, dep: Deployment, instances: int, out: Path, on_gpu: bool = True,
-                 groups: list[list[str]] | None = None) -> None:
+                 groups: list[list[str]] | None = None, shares: list[int] | None = None) -> None:
         self.dep, self.instances, self.out, self.on_gpu, self.groups = dep, instances, out, on_gpu, groups
+        self.shares = shares
         self.chain: ChainRouter | None = None
+        self.mps = None
 
     def _repository(self, root: Path, names: list[str], gpus: list[int]) -> None:
         from google.protobuf import text_format
@@ -438,16 +451,26 @@ class PlainTriton:
         from controlplane.spec import Assignment, GpuLet
 
         launches = []
-        # one server on every GPU (its instances on each), or one per GPU seeing only that GPU
+        # one server on every GPU (its instances on each), or one per GPU seeing only that GPU, or (shares)
+        # one per group on GPU 0
         servers = ([(list(range(GPUS)), [m.name for m in self.dep.models])] if self.groups is None
-                   else [([i], names) for i, names in enumerate(self.groups)])
+                   else [([0 if self.shares else i], names) for i, names in enumerate(self.groups)])
+        mps_env = {}
+        if self.shares and self.on_gpu:
+            from controlplane.runtime.mps import Daemon
+
+            self.mps = Daemon(self.out / "mps" / "pipe", self.out / "mps" / "log").start()
+            mps_env = {"CUDA_MPS_PIPE_DIRECTORY": str(self.mps.pipe_dir)}
         for i, (gpus, names) in enumerate(servers):
             root = self.out / f"repository{i}"
             # CUDA_VISIBLE_DEVICES renumbers what a server sees from 0
             self._repository(root, names, list(range(len(gpus))))
-            gl = GpuLet(id=f"triton{i}", gpu=gpus[0], share=100,
+            share = self.shares[i] if self.shares else 100
+            gl = GpuLet(id=f"triton{i}", gpu=gpus[0], share=share,
                         models=[Assignment(model=n, batch=1, rate=0) for n in names])
             env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)) if self.on_gpu else ""}
+            if mps_env:
+                env |= {**mps_env, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(share)}
             launches.append(Launch(gpulet=gl, repository=root.resolve(), log_path=(self.out / f"triton{i}.log").resolve(),
                                    gpu_index=gpus[0] if self.on_gpu else None,
                                    gpu_uuid=str(gpus[0]) if self.on_gpu else None, env=env))
@@ -488,6 +511,8 @@ class PlainTriton:
         finally:
             if hasattr(self, "rt"):
                 self.rt.stop()
+            if self.mps is not None:
+                self.mps.stop()
 
 
 # --------------------------------------------------------------------------- GPU memory
@@ -788,6 +813,13 @@ def make_system(sysname: str, dep: Deployment, store, plans: dict, pred: dict, d
     if sysname == "split":
         entry["groups"] = groups = even_split(plain, store, GPUS)
         return (PlainTriton(plain, 1, work, on_gpu, groups=groups), best or args.triton_guess, None), None
+    if sysname == "mps-split":
+        if len(plain.models) < 2:
+            return None, "one model: nothing to split"
+        groups = hand_split(plain)
+        entry.update(groups=groups, shares=HAND_SHARES)
+        return (PlainTriton(plain, 1, work, on_gpu, groups=groups, shares=HAND_SHARES), best or args.triton_guess,
+                None), None
     return (PlainTriton(plain, int(sysname.removeprefix("triton")), work, on_gpu), best or args.triton_guess,
             best), None
 
@@ -843,7 +875,7 @@ def run(args) -> dict:
             if time.monotonic() > deadline:
                 log(f"budget spent: {mix}/{sysname} not run")
                 continue
-            if sysname == "direct" or (sysname == "split" and GPUS == 1):
+            if sysname == "direct" or (sysname == "split" and GPUS == 1) or (sysname == "mps-split" and GPUS > 1):
                 continue   # direct: measured with gpulet's servers, below; split: one GPU has nothing to split
             entry = mdoc["systems"][sysname] = {"points": []}
             made, note = make_system(sysname, dep, store, plans, pred, mdoc["systems"], entry, args, on_gpu)
@@ -918,7 +950,7 @@ def render(doc: dict) -> str:
              f"{doc.get('protocol', 'grpc')}; plans from `{doc['profile']}` "
              f"({doc['profile_device']}); {doc['duration_s']:g} s per point, pass = every model{apps} >= "
              f"{100 * doc['attainment']:g} % within its SLO and the client on schedule.", ""]
-    cols = [k for k in SYSTEMS if k != "split" or gpus > 1]
+    cols = [k for k in SYSTEMS if (k != "split" or gpus > 1) and (k != "mps-split" or gpus == 1)]
     lines.append("| mix | predicted (gpu-let plan) | " + " | ".join(cols) +
                  " | gpu-let / best plain Triton | gpu-let / temporal | router / direct |")
     lines.append("| --- " * (len(cols) + 5) + "|")

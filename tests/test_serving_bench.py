@@ -83,3 +83,10 @@ def test_app_note_reports_end_to_end_attainment_at_the_planned_rate(serving):
          "predicted": {"gpulet": 1.25}, "systems": {"gpulet": {"points": [point]}}}
     note = serving.app_note("traffic", m)
     assert "x1.25, 250 req/s) 99.50 % within the SLO" in note and "direct: n/a" in note
+
+
+def test_the_hand_split_puts_the_tightest_slo_model_alone(serving):
+    """mps-split, the design notes' 40/60 arrangement: bert (22 ms) alone, resnet50 and vgg16 together."""
+    gpu_run = load_deployment(ROOT / "deployments" / "gpu-run.yaml")
+    assert serving.hand_split(gpu_run) == [["bert"], ["resnet50", "vgg16"]]
+    assert serving.HAND_SHARES == [40, 60] and "mps-split" in serving.PLAIN
