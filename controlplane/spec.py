@@ -151,7 +151,7 @@ class RuntimeSpec(_Strict):
     memory_limits: bool = Field(
         default=True, description="limit the memory each process of a gpu-let may hold to twice its largest "
         "model's memory (the larger of the profile's and its config.pbtxt's `memory_mb`) plus a base (1 GB on a GPU, "
-        "2 GB on the CPU), so a model that leaks or overflows fails alone: on a GPU as the MPS client's pinned "
+        "2 GB + 16 MB per core on the CPU), so a model that leaks or overflows fails alone: on a GPU as the MPS client's pinned "
         "device memory limit, on the CPU as the process's data limit (process and ray runtimes)")
     mps_pipe_dir: str | None = Field(default=None, description="CUDA_MPS_PIPE_DIRECTORY; default under the run dir")
     address: str | None = Field(

@@ -8,13 +8,14 @@ environment is checked here and whose effect is a GPU benchmark's to show.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from controlplane.runtime.base import MEMORY_BASE_MB, gpulet_env, memory_limit_mb
+from controlplane.runtime.base import gpulet_env, memory_base_mb, memory_limit_mb
 from controlplane.spec import Assignment, GpuLet
 
 from helpers import run_cli
@@ -55,8 +56,10 @@ class TritonPythonModel:
 
 def test_the_limit_is_twice_the_largest_model_plus_a_base_and_reaches_mps_on_a_gpu():
     assert memory_limit_mb([None, 0.0], on_gpu=True) is None          # nothing known: no limit
-    assert memory_limit_mb([500.0, 2920.0, None], on_gpu=True) == int(2 * 2920 + MEMORY_BASE_MB["gpu"])
-    assert memory_limit_mb([50.0], on_gpu=False) == int(2 * 50 + MEMORY_BASE_MB["cpu"])
+    assert memory_limit_mb([500.0, 2920.0, None], on_gpu=True) == 2 * 2920 + 1024
+    # the CPU's base: 2 GB and 16 MB per core (thread stacks count in a data limit)
+    assert memory_limit_mb([50.0], on_gpu=False) == int(2 * 50 + 2048 + 16 * os.cpu_count()) == \
+        int(2 * 50 + memory_base_mb(False))
     g = GpuLet(id="gpu0-a", gpu=0, share=40, models=[Assignment(model="bert", batch=8, rate=100.0)])
     env = gpulet_env(g, 3, None, "/tmp/pipe", 2048)
     # the process sees one GPU (CUDA_VISIBLE_DEVICES=3): its ordinal 0 is the one limited
@@ -117,7 +120,7 @@ run_dir: {tmp_path / "run"}
                                  for a in p["models"]))
         server = psutil.Process(state["gpulets"][hog_gpulet]["pid"])
         stub = next(c for c in server.children(recursive=True) if c.name().startswith("triton_python_b"))
-        limit = (2 * 64 + int(MEMORY_BASE_MB["cpu"])) * 2**20
+        limit = int(2 * 64 + memory_base_mb(False)) * 2**20
         assert _data_limit(server.pid) == limit and _data_limit(stub.pid) == limit
         status = json.loads(run_cli("status", "-f", str(dep), "--json").stdout)
         assert {g["gpulet"]: g["memory_limit_mb"] for g in status["gpulets"]} == \

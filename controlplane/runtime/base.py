@@ -189,21 +189,29 @@ def restart(r, why: str, allowed: bool, kill: Callable[[], None], start: Callabl
 MEMORY_HEADROOM = 2.0
 #: what every process of a gpu-let holds besides its model: on a GPU the CUDA context and allocator pools
 #: (the memory check's allowance); on the CPU the process's private memory with no model run yet (seen
-#: 2026-11-30: a python-backend stub with torch imported, 0.8 GB of data segment; a tritonserver, 0.5 GB)
+#: 2026-11-30 on 2 cores: a python-backend stub with torch imported, 0.8 GB of data segment; a tritonserver,
+#: 0.5 GB, nearly all of it its 63 threads' 8 MB stacks), plus MEMORY_PER_CORE_MB for each core of the
+#: machine: thread pools (gRPC's, torch's) grow with it, and every thread's stack counts in the data limit
 MEMORY_BASE_MB = {"gpu": GPULET_OVERHEAD_MB, "cpu": 2048.0}
+MEMORY_PER_CORE_MB = 16.0
+
+
+def memory_base_mb(on_gpu: bool) -> float:
+    """What a gpu-let's process may hold besides its model (MEMORY_BASE_MB, on the CPU per core too)."""
+    return MEMORY_BASE_MB["gpu"] if on_gpu else MEMORY_BASE_MB["cpu"] + MEMORY_PER_CORE_MB * (os.cpu_count() or 1)
 
 
 def memory_limit_mb(models_mb: Iterable[float | None], on_gpu: bool) -> int | None:
     """The most memory one process of a gpu-let may hold: MEMORY_HEADROOM times the largest of its models'
-    memory (the profile's, else the repository's ``memory_mb``) plus MEMORY_BASE_MB. A limit per process
-    because that is what both platforms enforce (an MPS client's pinned device memory, a process's data
-    segment), and each model instance runs in a process (stub) of its own: a model that leaks or
+    memory (the profile's, else the repository's ``memory_mb``) plus :func:`memory_base_mb`. A limit per
+    process because that is what both platforms enforce (an MPS client's pinned device memory, a process's
+    data segment), and each model instance runs in a process (stub) of its own: a model that leaks or
     overflows fails alone instead of taking the memory its neighbours on the device need.
     None when no model's memory is known (nothing to derive a limit from)."""
     known = [m for m in models_mb if m]
     if not known:
         return None
-    return int(math.ceil(MEMORY_HEADROOM * max(known) + MEMORY_BASE_MB["gpu" if on_gpu else "cpu"]))
+    return int(math.ceil(MEMORY_HEADROOM * max(known) + memory_base_mb(on_gpu)))
 
 
 def pinned_memory_limit(limit_mb: int) -> str:
