@@ -27,7 +27,6 @@ import os
 import platform
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,15 +38,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import cli, report  # noqa: E402
 from controlplane.runtime.base import free_ports  # noqa: E402
 
 MODELS = {"lenet": 20.0, "mobilenet_v2": 4.0, "mnasnet1_0": 4.0}     # req/s each
 BEGIN, END = "<!-- chaos:begin -->", "<!-- chaos:end -->"
-
-
-def cli(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "controlplane", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 class Load:
@@ -207,15 +202,8 @@ def main() -> None:
            f"({os.cpu_count()} cores)", "command": "python benchmarks/chaos.py " + " ".join(sys.argv[1:]),
            "duration_s": args.duration, "rates": MODELS, "faults": rows,
            "total": {m: {"sent": n, "ok": k, "failed": n - k} for m, (n, k) in total.items()}}
-    table = render(doc)
-    print(table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "chaos.json").write_text(json.dumps(doc, indent=1))
-    if not args.no_docs:
-        from docs_section import write_section
-
-        write_section(BEGIN, END, table, "## Chaos: faults under steady load (issue 14)")
+    report(render(doc), doc, args.out / "chaos.json" if args.out else None,
+           None if args.no_docs else (BEGIN, END, "## Chaos: faults under steady load (issue 14)"))
 
 
 def render(doc: dict) -> str:

@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import cli, report  # noqa: E402
 from controlplane.runtime.base import free_ports  # noqa: E402
 
 BEGIN, END = "<!-- isolation:begin -->", "<!-- isolation:end -->"
@@ -91,11 +92,6 @@ class TritonPythonModel:
             out.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", x.cpu().numpy())]))
         return out
 '''
-
-
-def cli(*args: str, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "controlplane", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def on_gpu() -> bool:
@@ -232,15 +228,8 @@ def main() -> None:
            "machine": f"{platform.node()} ({os.cpu_count()} cores{', GPU' if gpu else ', no GPU'})",
            "command": "python benchmarks/isolation.py " + " ".join(sys.argv[1:]), "duration_s": args.duration,
            "rows": rows}
-    table = render(doc)
-    print(table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "isolation.json").write_text(json.dumps(doc, indent=1))
-    if not args.no_docs:
-        from docs_section import write_section
-
-        write_section(BEGIN, END, table, "## Memory isolation: a leaking model beside a neighbour (issue 14)")
+    report(render(doc), doc, args.out / "isolation.json" if args.out else None,
+           None if args.no_docs else (BEGIN, END, "## Memory isolation: a leaking model beside a neighbour (issue 14)"))
 
 
 def render(doc: dict) -> str:

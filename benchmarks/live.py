@@ -232,7 +232,7 @@ def main() -> None:
 
 
 def write_docs(doc: dict) -> None:
-    from docs_section import write_section
+    from benchlib import write_section
 
     write_section(BEGIN, END, render(doc), "## Live re-planning on a rate trace (issue 12)")
 

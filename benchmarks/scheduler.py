@@ -206,7 +206,7 @@ def planning_time(store: ProfileStore, algo: str, reps: int = 5) -> tuple[float,
 
 
 def write_section(text: str) -> Path:
-    from docs_section import write_section as write
+    from benchlib import write_section as write
 
     return write(BEGIN, END, text)
 

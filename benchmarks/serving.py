@@ -1005,7 +1005,7 @@ def app_note(mix: str, m: dict) -> str:
 
 
 def write_docs(doc: dict) -> None:
-    from docs_section import write_section
+    from benchlib import write_section
 
     gpus = doc.get("gpus", 1)
     where = "one GPU" if gpus == 1 else f"{gpus} GPUs of one host"
