@@ -211,6 +211,16 @@ def missing_profiles(deps: dict[str, Deployment], store, profile: Path) -> str |
 # --------------------------------------------------------------------------- systems
 
 
+def router_metrics(http: str) -> str:
+    """A router's /metrics text (a comment saying why where it does not answer)."""
+    import httpx
+
+    try:
+        return httpx.get(f"http://{http}/metrics", timeout=5).text
+    except httpx.HTTPError as e:
+        return f"# metrics unavailable: {e}"
+
+
 class Deployed:
     """`controlplane up --detach --plan` of a plan; endpoints of the router and of each gpu-let."""
 
@@ -261,12 +271,7 @@ class Deployed:
         return {gid: g["http"] for gid, g in self.state["gpulets"].items()}
 
     def router_metrics(self) -> str:
-        import httpx
-
-        try:
-            return httpx.get(f"http://{self.router_http}/metrics", timeout=5).text
-        except httpx.HTTPError as e:
-            return f"# metrics unavailable: {e}"
+        return router_metrics(self.router_http)
 
     def stop(self) -> None:
         subprocess.run([sys.executable, "-m", "controlplane", "down", "-f", str(self.dep_file)],
@@ -376,12 +381,7 @@ class ChainRouter:
         return f"127.0.0.1:{self.grpc_port}" if PROTOCOL == "grpc" else self.http
 
     def metrics(self) -> str:
-        import httpx
-
-        try:
-            return httpx.get(f"http://{self.http}/metrics", timeout=5).text
-        except httpx.HTTPError as e:
-            return f"# metrics unavailable: {e}"
+        return router_metrics(self.http)
 
     def stop(self) -> None:
         """SIGTERM (the router stops its worker processes), then SIGKILL to it and its children if it lingers."""
