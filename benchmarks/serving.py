@@ -164,16 +164,10 @@ def served(dep: Deployment, store) -> Deployment:
     if not dep.apps:
         return dep
     from controlplane import apps as appmod
+    from controlplane.planning import split_apps
     from controlplane.repository import repository_for
 
-    rows = appmod.check(dep, repository_for(dep))
-    src = {m.name: m.source for m in dep.models}
-
-    def latency(model: str) -> float | None:
-        name = src.get(model, model)
-        return store.latency(name, max(store.shares(name)), 1) if name in store.models() else None
-
-    return appmod.expand(dep, {a.name: appmod.split_slo(a, latency)[0] for a in dep.apps}, rows)
+    return split_apps(dep, store, appmod.check(dep, repository_for(dep)))[0]
 
 
 def profiled_names(dep: Deployment) -> list[str]:

@@ -141,6 +141,19 @@ def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str
             steps = appmod.expand(dep, {a.name: {st.model: a.slo_ms for st in a.steps} for a in dep.apps})
             store = _with_missing_measured(steps, devices, store, log)
 
+    steps, split = split_apps(dep, store, rows)
+    plan = plan_models(steps, devices, **kw)
+    summaries = {a.name: AppSummary(rate=a.rate, slo_ms=a.slo_ms, budgets_ms={m: round(v, 3) for m, v in split[a.name][0].items()},
+                                    critical_path=split[a.name][1], fan_out_rows=rows[a.name]) for a in dep.apps}
+    return plan.model_copy(update={"apps": summaries})
+
+
+def split_apps(dep: Deployment, store: ProfileStore | None, rows: Mapping[str, Mapping[str, int]] | None = None):
+    """The deployment the planner plans (:func:`controlplane.apps.expand`: each app's steps at its rate, their
+    SLOs its budgets) and each app's split (budgets, critical path), the steps weighed by their profiled
+    latency at batch 1 on the largest share (a step ``store`` lacks weighs as the mean of the others)."""
+    from . import apps as appmod
+
     def latency(model: str) -> float | None:
         src = dep.model(model).source if model in {m.name for m in dep.models} else model
         if store is None or src not in store.models():
@@ -148,10 +161,7 @@ def make_plan(dep: Deployment, devices: DeviceSet | None = None, *, profile: str
         return store.latency(src, max(store.shares(src)), 1)
 
     split = {a.name: appmod.split_slo(a, latency) for a in dep.apps}
-    plan = plan_models(appmod.expand(dep, {n: b for n, (b, _) in split.items()}, rows), devices, **kw)
-    summaries = {a.name: AppSummary(rate=a.rate, slo_ms=a.slo_ms, budgets_ms={m: round(v, 3) for m, v in split[a.name][0].items()},
-                                    critical_path=split[a.name][1], fan_out_rows=rows[a.name]) for a in dep.apps}
-    return plan.model_copy(update={"apps": summaries})
+    return appmod.expand(dep, {n: b for n, (b, _) in split.items()}, rows), split
 
 
 def plan_models(dep: Deployment, devices: DeviceSet | None = None, *, profile: str | Path | ProfileStore | None = None,
