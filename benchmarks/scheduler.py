@@ -68,6 +68,9 @@ def scenario(name: str, r: float, store: ProfileStore) -> Deployment:
 
     d = load_deployment(ROOT / "deployments" / f"{name}.yaml")
     data = d.model_dump()
+    # The sweep's planner settings are this page's (the defaults, the file's latency margin): a file's
+    # serving settings (traffic's shares and gpu-lets per GPU for the H200) are not the prototype's.
+    data["scheduler"] = SchedulerSpec(latency_margin=d.scheduler.latency_margin).model_dump()
     for m in data["models"] + data["apps"]:
         m["rate"] = m["rate"] / 200.0 * r
     d = Deployment.model_validate(data)
