@@ -71,6 +71,36 @@ def test_temporal_sharing_hand_computed():
     assert gpu_lower_bound(d, TINY) == 1
 
 
+def test_concurrent_colocation_runs_a_gpulets_models_at_once():
+    # shares [100]; a, b, c at 250 req/s each, SLO 20. Taking turns no two fit one gpu-let (two at
+    # batch 4 take 10 + 10 ms of a 16 ms cycle), so three GPUs. At once (each model of a python-backend
+    # tritonserver is an MPS client of its own at the share) one gpu-let holds all three: cycle D = 4 ms,
+    # batch 1 each (L = 4 ms <= D), throughput 250 req/s each, worst latency D + L = 8 ms.
+    models = [{"name": m, "rate": 250, "slo_ms": 20} for m in "abc"]
+    turns = dep(models, shares=[100], max_batch=4)
+    together = dep(models, shares=[100], max_batch=4, colocation="concurrent")
+    assert plan(turns, TINY, algorithm="gpulet").gpus == 3
+    p = plan(together, TINY, algorithm="gpulet")
+    assert p.gpus == 1 and len(p.gpulets) == 1
+    g = p.gpulets[0]
+    assert g.duty_cycle_ms == pytest.approx(4.0)
+    assert {a.model: a.batch for a in g.models} == {"a": 1, "b": 1, "c": 1}
+    assert p.models["a"].worst_latency_ms == pytest.approx(8.0)
+    assert validate_plan(p, together, TINY) == []
+    # the same plan read as turn-taking is infeasible: its batches take 12 ms of a 4 ms cycle
+    assert any("batches take 12.000 ms > duty cycle 4.000 ms" in e for e in validate_plan(p, turns, TINY))
+    assert gpu_lower_bound(together, TINY) == 1
+    assert plan(together, TINY, algorithm="temporal").gpus == 1
+    # the exact optimum's arithmetic takes turns: refused, naming the planners that can
+    with pytest.raises(SchedulingError, match="colocation: concurrent is planned by gpulet"):
+        plan(together, TINY, algorithm="ideal")
+
+
+def test_colocation_must_be_turns_or_concurrent():
+    with pytest.raises(ValueError, match="colocation"):
+        dep([{"name": "a", "rate": 1, "slo_ms": 20}], colocation="parallel")
+
+
 def test_interference_forces_an_extra_gpu():
     # shares [50, 100], SLO 20, 100 req/s each, temporal sharing off (max_models=1) so only
     # spatial sharing can put them together. Alone on 50 %: L(1) = 8 ms, D = 8 (1000/8 = 125

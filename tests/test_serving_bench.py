@@ -4,7 +4,6 @@ runs on a GPU; its CPU smoke run is described in its module docstring's section 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -34,12 +33,8 @@ def traffic() -> Deployment:
 
 @pytest.fixture(scope="module")
 def full_h200() -> ProfileStore:
-    """profiles/h200 with the traffic steps it lacks copied from resnet50's rows (scaled): enough to plan."""
-    rows = read_csv(SHIPPED_PROFILES / "h200" / "latency.csv")
-    extra = [dataclasses.replace(r, model=m, p50_ms=r.p50_ms * f, p99_ms=r.p99_ms * f, mean_ms=r.mean_ms * f)
-             for r in rows if r.model == "resnet50"
-             for m, f in (("ssd-mobilenet", 0.8), ("googlenet", 0.5), ("crop", 0.05))]
-    return ProfileStore.from_rows(rows + extra, device=rows[0].device)
+    """profiles/h200 as shipped: every model of the serving mixes, traffic's steps included."""
+    return ProfileStore.load(SHIPPED_PROFILES / "h200")
 
 
 def test_targets_are_the_apps_and_the_models_with_a_rate(serving, traffic):
@@ -57,7 +52,9 @@ def test_scaled_scales_the_apps_too(serving, traffic):
 
 
 def test_profile_check_names_the_missing_models_and_the_command(serving, traffic, full_h200):
-    store = ProfileStore.load(SHIPPED_PROFILES / "h200")
+    rows = [r for r in read_csv(SHIPPED_PROFILES / "h200" / "latency.csv")
+            if r.model not in ("ssd-mobilenet", "crop", "googlenet")]
+    store = ProfileStore.from_rows(rows, device=rows[0].device)      # the H200 profile before run 12
     why = serving.missing_profiles({"traffic": traffic}, store, Path("profiles/h200"))
     assert "ssd-mobilenet, crop, googlenet" in why and "vgg16" not in why.split("(")[1]
     assert "controlplane profile --device gpu --mode serving -m ssd-mobilenet,crop,googlenet" in why
@@ -90,3 +87,17 @@ def test_the_hand_split_puts_the_tightest_slo_model_alone(serving):
     gpu_run = load_deployment(ROOT / "deployments" / "gpu-run.yaml")
     assert serving.hand_split(gpu_run) == [["bert"], ["resnet50", "vgg16"]]
     assert serving.HAND_SHARES == [40, 60] and "mps-split" in serving.PLAIN
+
+
+def test_the_concurrent_system_plans_with_concurrent_colocation(serving, full_h200):
+    """``concurrent``: the gpu-let plan of the same mix, its gpu-lets' models running at once; the plan it
+    serves checks out against the deployment it is served with (the mix with that setting)."""
+    from controlplane.scheduler import validate_plan
+
+    gpu_run = load_deployment(ROOT / "deployments" / "gpu-run.yaml")
+    conc = serving.concurrent(gpu_run)
+    assert conc.scheduler.colocation == "concurrent" and gpu_run.scheduler.colocation == "turns"
+    scale, plan = serving.planner_max(conc, full_h200, "gpulet", steps=6)
+    assert scale > 0 and plan is not None
+    assert validate_plan(plan, serving.scaled(conc, scale), full_h200) == []
+    assert "concurrent" in serving.SYSTEMS and "concurrent" not in serving.PLAIN

@@ -72,6 +72,10 @@ ALGORITHMS: dict[str, Algorithm] = {
 }
 
 
+#: algorithms whose own arithmetic (the exact optimum's columns) has a gpu-let's models take turns
+TURNS_ONLY = frozenset({"ideal", "ideal-prototype", "best"})
+
+
 def register(name: str, fn: Algorithm) -> None:
     """Add a planner: ``fn(ctx, max_gpus) -> list[Gpu]``, raising SchedulingError when impossible."""
     ALGORITHMS[name] = fn
@@ -141,7 +145,8 @@ def make_ctx(deployment: Deployment, profiles: ProfileStore, *, interference: In
                interference=resolve_interference(deployment, profiles, interference),
                max_models=max_models,
                max_lets_per_gpu=sch.gpulets_per_gpu if max_lets_per_gpu is None else max_lets_per_gpu, memory_check=memory_check, pct=pct,
-               trivial_batch={m.name: m.max_batch or 1 for m in deployment.models})
+               trivial_batch={m.name: m.max_batch or 1 for m in deployment.models},
+               concurrent=sch.colocation == "concurrent")
 
 
 def gpu_limit(deployment: Deployment, gpus: int | None) -> int | None:
@@ -170,6 +175,9 @@ def plan(deployment: Deployment, profiles: ProfileStore, *, algorithm: str | Non
     name = algorithm or deployment.scheduler.algorithm
     if name not in ALGORITHMS:
         raise SchedulingError(f"unknown scheduling algorithm {name!r}; known: {', '.join(sorted(ALGORITHMS))}")
+    if deployment.scheduler.colocation == "concurrent" and name in TURNS_ONLY:
+        raise SchedulingError(f"{name} plans a gpu-let's models taking turns; scheduler.colocation: concurrent "
+                              f"is planned by {', '.join(a for a in ALGORITHMS if a not in TURNS_ONLY)}")
     ctx = make_ctx(deployment, profiles, interference=interference, **options)
     limit = gpu_limit(deployment, gpus)
     fn = ALGORITHMS[name]

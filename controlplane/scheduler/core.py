@@ -52,6 +52,12 @@ class Ctx:
     pct: str = "p99"
     trivial_batch: dict[str, int] = field(default_factory=dict)
     overhead_ms: float = 0.0
+    concurrent: bool = False     # a gpu-let's models run at once, each at the share (else they take turns)
+
+    def cycle(self, lats) -> float:
+        """Time a gpu-let's batches of one cycle take: in turn their sum, at once the longest."""
+        lats = list(lats)
+        return (max(lats) if lats else 0.0) if self.concurrent else sum(lats)
 
     def __post_init__(self) -> None:
         self._lat: dict[tuple[str, int, int], float] = {}
@@ -166,7 +172,7 @@ def schedule(ctx: Ctx, share: int, rates: dict[str, float], slow: dict[str, floa
     rs = [rates[m] for m in ms]
     sl = [slow.get(m, 1.0) for m in ms] if slow else [1.0] * k
     # necessary: each batch takes at least min_time per request, and the batches fill the cycle
-    if sum(r * ctx.min_time(m, share) * f for m, r, f in zip(ms, rs, sl)) > 1000.0 * (1 + 1e-9):
+    if ctx.cycle(r * ctx.min_time(m, share) * f for m, r, f in zip(ms, rs, sl)) > 1000.0 * (1 + 1e-9):
         return None
     tabs = [ctx.lat_row(m, share) for m in ms]
     fast = [ctx.fast_row(m, share) for m in ms]
@@ -185,7 +191,6 @@ def schedule(ctx: Ctx, share: int, rates: dict[str, float], slow: dict[str, floa
         if lo >= dmax:
             break
         # for D in (lo, hi]: b_m = ceil(r_m * D / 1000) is constant; evaluate at D = hi
-        tot = 0.0
         for j in range(k):
             b = math.ceil(rs[j] * hi / 1000.0 - 1e-9)
             if b < 1:
@@ -196,7 +201,7 @@ def schedule(ctx: Ctx, share: int, rates: dict[str, float], slow: dict[str, floa
             bs[j] = b
             L = tabs[j][b] * sl[j]
             lats[j] = L
-            tot += L
+        tot = ctx.cycle(lats)
         d = max(tot, lo + EPS if lo > 0 else 0.0)
         # the batches at D=hi also hold for any D in (lo, hi] since ceil is constant there
         if d <= hi + EPS:
@@ -211,7 +216,7 @@ def schedule(ctx: Ctx, share: int, rates: dict[str, float], slow: dict[str, floa
 def let_ok(ctx: Ctx, let: Let, slow: dict[str, float]) -> bool:
     """Whether a let's fixed batches and duty still hold under the given slowdowns."""
     lats = {m: ctx.lat(m, let.share, let.batches[m]) * slow.get(m, 1.0) for m in let.rates}
-    if sum(lats.values()) > let.duty + 1e-7:
+    if ctx.cycle(lats.values()) > let.duty + 1e-7:
         return False
     for m, r in let.rates.items():
         if let.duty + lats[m] > ctx.slos[m] + 1e-7 or 1000.0 * let.batches[m] / let.duty < r - 1e-7:
@@ -330,7 +335,8 @@ def try_gpu(ctx: Ctx, gpu: Gpu, new: Sequence[Let], replace: int | None = None) 
 def lower_bound(ctx: Ctx) -> float:
     """GPUs no plan can beat: sum over models of rate x the least GPU-time per request,
     share/100 * L(s, b) / b over shares and batches with 2 L <= SLO (any feasible
-    gpu-let has L <= D and D + L <= SLO; interference only adds)."""
+    gpu-let has L <= D and D + L <= SLO; interference only adds). With concurrent colocation a
+    gpu-let's share serves up to max_models models at once, so the sum counts max_models times less."""
     total = 0.0
     for m, r in ctx.rates.items():
         if r <= 0:
@@ -345,7 +351,7 @@ def lower_bound(ctx: Ctx) -> float:
         if best == math.inf:
             return math.inf
         total += r * best
-    return total
+    return total / ctx.max_models if ctx.concurrent else total
 
 
 def check_slo_reachable(ctx: Ctx) -> None:
@@ -396,9 +402,11 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
 
     Recomputes every latency from the profile (x margin x interference from the
     co-located gpu-lets' batches), then checks shares per GPU <= 100, each
-    model's throughput >= its rate, duty cycles and worst latency within SLO."""
+    model's throughput >= its rate, duty cycles (a gpu-let's batches in turn, or at once with
+    ``scheduler.colocation: concurrent``) and worst latency within SLO."""
     margin = deployment.scheduler.latency_margin if margin is None else margin
     overhead = deployment.scheduler.overhead_ms
+    concurrent = deployment.scheduler.colocation == "concurrent"
     im = interference or NoInterference()
     errs: list[str] = []
     used: dict[int, int] = {}
@@ -423,7 +431,7 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
                                       key=lambda o: im.slowdown(a.model, g.share, a.batch, [o])))
                 sd = max(1.0, im.slowdown(a.model, g.share, a.batch, others)) if others else 1.0
                 L = profiles.latency(a.model, g.share, a.batch, pct) * margin * sd
-                total += L
+                total = max(total, L) if concurrent else total + L
                 t = 1000.0 * a.batch / g.duty_cycle_ms if g.duty_cycle_ms > 0 else 0.0
                 thr[a.model] = thr.get(a.model, 0.0) + t
                 if t < a.rate - 1e-6 * max(1.0, a.rate):

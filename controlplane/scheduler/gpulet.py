@@ -210,8 +210,8 @@ class _Planner:
                 if m in let.rates or len(let.rates) >= ctx.max_models:
                     continue
                 # necessary: the gpu-let's batches must fit its duty cycle (saturated ones are full)
-                if (r * gpu_time(ctx, m, let.share)
-                        + sum(x * gpu_time(ctx, k, let.share) for k, x in let.rates.items())) > 1000.0 * (1 + 1e-9):
+                if ctx.cycle([r * gpu_time(ctx, m, let.share),
+                              *(x * gpu_time(ctx, k, let.share) for k, x in let.rates.items())]) > 1000.0 * (1 + 1e-9):
                     continue
                 cands.append((let.share, gpu.free, gi, i))
         cands.sort()
@@ -309,7 +309,7 @@ def _smallest_share(ctx: Ctx, rates: dict[str, float], limit: int = 100) -> int 
     for s in ctx.shares:
         if s > limit:
             return None
-        if sum(r * gpu_time(ctx, m, s) for m, r in rates.items()) > 1000.0 * (1 + 1e-9):
+        if ctx.cycle(r * gpu_time(ctx, m, s) for m, r in rates.items()) > 1000.0 * (1 + 1e-9):
             continue
         if schedule(ctx, s, rates) is not None:
             return s
@@ -410,7 +410,7 @@ def _absorb1(ctx: Ctx, gpu: Gpu, m: str, r: float) -> list[Let] | None:
             continue
         rates = dict(let.rates)
         rates[m] = rates.get(m, 0.0) + r
-        if sum(x * gpu_time(ctx, k, let.share) for k, x in rates.items()) > 1000.0 * (1 + 1e-9):
+        if ctx.cycle(x * gpu_time(ctx, k, let.share) for k, x in rates.items()) > 1000.0 * (1 + 1e-9):
             continue
         got = try_gpu(ctx, gpu, [Let(let.share, rates)], replace=i)
         if got is not None:
@@ -570,7 +570,8 @@ def gpulet(ctx: Ctx, max_gpus: int | None = None, *, orders: Sequence[str] | Non
 
 
 def _lb(ctx: Ctx) -> float:
-    return sum(r * unit_time(ctx, m) for m, r in ctx.rates.items() if r > EPS) / 1000.0
+    lb = sum(r * unit_time(ctx, m) for m, r in ctx.rates.items() if r > EPS) / 1000.0
+    return lb / ctx.max_models if ctx.concurrent else lb      # as core.lower_bound
 
 
 def shrink_shares(ctx: Ctx, gpus: list[Gpu]) -> list[Gpu]:
