@@ -43,7 +43,7 @@ process (its own processes, not the load generator's) whose routing table sends 
 the plain tritonserver(s) with no admission limit — and the clients send the app to it. That is
 the issue's "client chaining calls to one plain tritonserver", chained by the same code for every
 system so the comparison measures the serving, not the chaining. A ``--profile`` that lacks a
-model of a mix (profiles/h200 lacks ssd-mobilenet, googlenet and crop) stops the run before any
+model of a mix (a profile without the traffic app's steps, say) stops the run before any
 server starts, naming the models and the command that measures them. Without a GPU, the app path
 runs on the CPU (plain tritonservers on CPU instances; plans from the CPU profile)::
 
