@@ -35,6 +35,13 @@ class SchedulingError(ValueError):
     """No plan exists under the given constraints; the message says why and what would help."""
 
 
+def cycle_time(lats, concurrent: bool) -> float:
+    """Time a gpu-let's batches of one cycle take: in turn their sum, at once (``colocation:
+    concurrent``) the longest."""
+    lats = list(lats)
+    return (max(lats) if lats else 0.0) if concurrent else sum(lats)
+
+
 @dataclass
 class Ctx:
     """Everything a planner needs, resolved from the deployment and options."""
@@ -55,9 +62,7 @@ class Ctx:
     concurrent: bool = False     # a gpu-let's models run at once, each at the share (else they take turns)
 
     def cycle(self, lats) -> float:
-        """Time a gpu-let's batches of one cycle take: in turn their sum, at once the longest."""
-        lats = list(lats)
-        return (max(lats) if lats else 0.0) if self.concurrent else sum(lats)
+        return cycle_time(lats, self.concurrent)
 
     def __post_init__(self) -> None:
         self._lat: dict[tuple[str, int, int], float] = {}
@@ -420,7 +425,7 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
             errs.append(f"gpu{gpu}: shares sum to {s} %")
     for gpu, lets in by_gpu.items():
         for g in lets:
-            total = 0.0
+            lats = []
             for a in g.models:
                 spec = deployment.model(a.model)
                 others = []
@@ -431,7 +436,7 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
                                       key=lambda o: im.slowdown(a.model, g.share, a.batch, [o])))
                 sd = max(1.0, im.slowdown(a.model, g.share, a.batch, others)) if others else 1.0
                 L = profiles.latency(a.model, g.share, a.batch, pct) * margin * sd
-                total = max(total, L) if concurrent else total + L
+                lats.append(L)
                 t = 1000.0 * a.batch / g.duty_cycle_ms if g.duty_cycle_ms > 0 else 0.0
                 thr[a.model] = thr.get(a.model, 0.0) + t
                 if t < a.rate - 1e-6 * max(1.0, a.rate):
@@ -439,6 +444,7 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
                 if g.duty_cycle_ms + L + overhead > spec.slo_ms * (1 + 1e-6) + 1e-6:
                     errs.append(f"{g.id}: {a.model} worst latency {g.duty_cycle_ms + L + overhead:.3f} ms "
                                 f"> SLO {spec.slo_ms} ms")
+            total = cycle_time(lats, concurrent)
             if total > g.duty_cycle_ms * (1 + 1e-6) + 1e-6:
                 errs.append(f"{g.id}: batches take {total:.3f} ms > duty cycle {g.duty_cycle_ms:.3f} ms")
     for m in deployment.models:
