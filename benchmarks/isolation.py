@@ -46,6 +46,7 @@ HOG = '''\
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack, to_dlpack
 
 CUDA = torch.cuda.is_available()
 
@@ -57,7 +58,7 @@ class TritonPythonModel:
     def execute(self, requests):
         out = []
         for r in requests:
-            size = pb_utils.get_input_tensor_by_name(r, "SIZE_MB").as_numpy()
+            size = from_dlpack(pb_utils.get_input_tensor_by_name(r, "SIZE_MB").to_dlpack())
             mb = int(size.max())
             try:
                 self.kept.append(torch.empty(mb << 20, dtype=torch.uint8, device="cuda") if CUDA
@@ -67,14 +68,15 @@ class TritonPythonModel:
                     f"out of memory keeping {mb} MB more ({len(self.kept)} blocks kept): {str(e)[:120]}")))
                 continue
             kept = sum(int(k.nbytes) >> 20 for k in self.kept)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("KEPT_MB", np.full(size.shape, kept, np.float32))]))
+            y = torch.full(tuple(size.shape), float(kept), dtype=torch.float32)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("KEPT_MB", to_dlpack(y))]))
         return out
 '''
 
 NEIGHBOUR = '''\
-import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack, to_dlpack
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -86,10 +88,10 @@ class TritonPythonModel:
     def execute(self, requests):
         out = []
         for r in requests:
-            x = torch.from_numpy(pb_utils.get_input_tensor_by_name(r, "X").as_numpy()).to(DEVICE)
+            x = from_dlpack(pb_utils.get_input_tensor_by_name(r, "X").to_dlpack()).to(DEVICE)
             for _ in range(8):
                 x = torch.tanh(x @ self.w)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", x.cpu().numpy())]))
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("Y", to_dlpack(x.cpu()))]))
         return out
 '''
 
