@@ -69,8 +69,9 @@ def scenario(name: str, r: float, store: ProfileStore) -> Deployment:
     d = load_deployment(ROOT / "deployments" / f"{name}.yaml")
     data = d.model_dump()
     # The sweep's planner settings are this page's (the defaults, the file's latency margin): a file's
-    # serving settings (traffic's shares and gpu-lets per GPU for the H200) are not the prototype's.
-    data["scheduler"] = SchedulerSpec(latency_margin=d.scheduler.latency_margin).model_dump()
+    # serving settings (traffic's shares and gpu-lets per GPU for the H200) are not the prototype's, and
+    # a gpu-let's models take turns, as in the paper (the exact optimum plans nothing else).
+    data["scheduler"] = SchedulerSpec(latency_margin=d.scheduler.latency_margin, colocation="turns").model_dump()
     for m in data["models"] + data["apps"]:
         m["rate"] = m["rate"] / 200.0 * r
     d = Deployment.model_validate(data)
@@ -126,7 +127,8 @@ _W: dict = {}
 
 def _init(profile_path: str | None) -> None:
     store, _ = load_profiles(profile_path)
-    base = Deployment.model_validate({"models": [{"name": n, "rate": 1, "slo_ms": SLO[n]} for n in NINE]})
+    base = Deployment.model_validate({"models": [{"name": n, "rate": 1, "slo_ms": SLO[n]} for n in NINE],
+                                   "scheduler": {"colocation": "turns"}})
     ctx = make_ctx(base, store, interference=False)
     _W.update(ctx=ctx, cols=milp_columns(ctx))
 
@@ -193,7 +195,7 @@ def planning_time(store: ProfileStore, algo: str, reps: int = 5) -> tuple[float,
     scale = 1.0
     for _ in range(30):
         d = Deployment.model_validate({"models": [{"name": n, "rate": 1000 * scale, "slo_ms": slo[n]} for n in names],
-                                       "scheduler": {"algorithm": algo}})
+                                       "scheduler": {"algorithm": algo, "colocation": "turns"}})
         ctx = make_ctx(d, store, interference=True)
         n = len(gpulet(ctx, orders=["rate_slo"]))
         if abs(n - 64) <= 2:

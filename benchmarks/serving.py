@@ -15,12 +15,13 @@ with ``--protocol grpc``, from `controlplane loadgen` worker processes; a point 
 schedule does not count as a pass). Systems:
 
 - ``gpulet``: ``controlplane up`` with the gpu-let plan made for the planner's own
-  max scale on the GPUs (its *predicted* max scale), through the router;
+  max scale on the GPUs (its *predicted* max scale), through the router, with the mix's own
+  ``scheduler.colocation`` (default ``auto``: on a GPU a gpu-let's models run at once, each at the share);
 - ``direct``: the same gpu-let servers, addressed directly (no router);
 - ``temporal``: ``controlplane up`` with the temporal-only plan (one 100 % gpu-let);
-- ``concurrent``: ``controlplane up`` with the gpu-let plan made with ``scheduler.colocation:
-  concurrent`` (a gpu-let's models run at once, each at the share, as a python-backend
-  tritonserver runs them under MPS) at that planner's own max scale, through the router;
+- ``turns``: ``controlplane up`` with the gpu-let plan made with ``scheduler.colocation: turns``
+  (a gpu-let's models take turns in a duty cycle: the paper's model, the planner's default
+  until run 13) at that planner's own max scale, through the router;
 - ``triton1`` / ``triton2`` / ``triton4``: one plain tritonserver holding every
   model, Triton's ``dynamic_batching { }``, 1 / 2 / 4 instances per model on each GPU, no MPS,
   no router (but an app's: below) — what a user running Triton alone would deploy;
@@ -83,7 +84,7 @@ MIXES = {
     "vision-bert": ROOT / "deployments" / "vision-bert.yaml",
     "traffic": ROOT / "deployments" / "traffic.yaml",      # an app (issue 16)
 }
-SYSTEMS = ["gpulet", "direct", "temporal", "concurrent", "triton1", "triton2", "triton4", "mps-split", "split"]
+SYSTEMS = ["gpulet", "direct", "temporal", "turns", "triton1", "triton2", "triton4", "mps-split", "split"]
 PLAIN = ["triton1", "triton2", "triton4", "mps-split", "split"]
 HAND_SHARES = [40, 60]     # mps-split: the tightest-SLO model's server, then the rest
 ATTAIN = 0.99
@@ -160,9 +161,9 @@ def planner_max(dep: Deployment, store, algorithm: str, steps: int = 12) -> tupl
     return lo, best
 
 
-def concurrent(dep: Deployment) -> Deployment:
-    """The mix planned with ``scheduler.colocation: concurrent`` (the ``concurrent`` system)."""
-    return dep.model_copy(update={"scheduler": dep.scheduler.model_copy(update={"colocation": "concurrent"})})
+def turns(dep: Deployment) -> Deployment:
+    """The mix planned with ``scheduler.colocation: turns`` (the ``turns`` system)."""
+    return dep.model_copy(update={"scheduler": dep.scheduler.model_copy(update={"colocation": "turns"})})
 
 
 def served(dep: Deployment, store) -> Deployment:
@@ -803,13 +804,13 @@ def make_system(sysname: str, dep: Deployment, store, plans: dict, pred: dict, d
     Plain Triton holds the planner's models (:func:`served`: an app's steps), starting from triton1's max
     scale where known."""
     work = args.work / dep.name / sysname
-    if sysname in ("gpulet", "temporal", "concurrent"):
+    if sysname in ("gpulet", "temporal", "turns"):
         if plans[sysname] is None:
             return None, f"the {sysname} planner fits no scale of this mix on {GPUS} GPU(s)"
         guess = pred[sysname]
         if sysname == "temporal":   # its ratio to the gpu-let's max is what is asked: start there
             guess = done.get("gpulet", {}).get("max_scale") or guess
-        planned = concurrent(dep) if sysname == "concurrent" else dep
+        planned = turns(dep) if sysname == "turns" else dep
         return (Deployed(scaled(planned, pred[sysname]), plans[sysname], work), guess, None), None
     plain = served(dep, store)
     best = done.get("triton1", {}).get("max_scale")
@@ -860,8 +861,8 @@ def run(args) -> dict:
         mdoc = doc["mixes"].setdefault(mix, mix_doc(dep))
         pred = {}
         plans = {}
-        for algo in ("gpulet", "temporal", "concurrent"):
-            s, plan = (planner_max(concurrent(dep), store, "gpulet") if algo == "concurrent" else
+        for algo in ("gpulet", "temporal", "turns"):
+            s, plan = (planner_max(turns(dep), store, "gpulet") if algo == "turns" else
                        planner_max(dep, store, algo))
             pred[algo], plans[algo] = s, plan
             log(f"{mix}: planner's max scale with {algo}: {s:.3g}")
@@ -956,7 +957,7 @@ def render(doc: dict) -> str:
              f"{100 * doc['attainment']:g} % within its SLO and the client on schedule.", ""]
     cols = [k for k in SYSTEMS if (k != "split" or gpus > 1) and (k != "mps-split" or gpus == 1)]
     lines.append("| mix | predicted (gpu-let plan) | " + " | ".join(cols) +
-                 " | gpu-let / best plain Triton | gpu-let / temporal | router / direct | concurrent / best plain Triton |")
+                 " | gpu-let / best plain Triton | gpu-let / temporal | router / direct | gpu-let / turns |")
     lines.append("| --- " * (len(cols) + 6) + "|")
     for mix, m in doc["mixes"].items():
         ss = m["systems"]
@@ -980,7 +981,7 @@ def render(doc: dict) -> str:
         lines.append(f"| {mix} | {m.get('predicted', {}).get('gpulet', 0):.3g} | " +
                      " | ".join(cell(k) for k in cols) +
                      f" | {ratio(mx('gpulet'), max(plain) if plain else None)} | {ratio(mx('gpulet'), mx('temporal'))}"
-                     f" | {ratio(mx('gpulet'), mx('direct'))} | {ratio(mx('concurrent'), max(plain) if plain else None)} |")
+                     f" | {ratio(mx('gpulet'), mx('direct'))} | {ratio(mx('gpulet'), mx('turns'))} |")
     lines += [ln for mix, m in doc["mixes"].items() if m.get("apps") for ln in ["", app_note(mix, m)]]
     lines += ["", "Cells: highest passing scale – lowest failing scale tried (x the mix's rates in its deployment "
               "file). Per-point attainment, offered vs sent rates and plans are in the JSON beside this table."]

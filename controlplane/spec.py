@@ -225,13 +225,15 @@ class SchedulerSpec(_Strict):
                     "parsing, waiting in the router's event loop); planned: duty cycle + batch latency + "
                     "overhead_ms <= SLO. The profile times batches inside Triton only")
     interference: bool = True
-    colocation: Literal["turns", "concurrent"] = Field(
-        default="turns",
+    colocation: Literal["auto", "turns", "concurrent"] = Field(
+        default="auto",
         description="how a gpu-let's models share it. turns: they take turns in a duty cycle, each batch at "
                     "the whole share (the paper's prototype: one process per gpu-let). concurrent: they run "
-                    "at once, each at the share: what a gpu-let's tritonserver does with the python backend, "
-                    "where each model instance is a process of its own and CUDA_MPS_ACTIVE_THREAD_PERCENTAGE "
-                    "caps each process, not the server (docs/benchmarks.md 'Serving', run 12). Planned by "
+                    "at once, each at the share: what a gpu-let's tritonserver does on a GPU, where each "
+                    "python-backend model instance is a process of its own and CUDA_MPS_ACTIVE_THREAD_PERCENTAGE "
+                    "caps each process, not the server (docs/benchmarks.md 'Serving', runs 12 and 13). auto: "
+                    "concurrent on a GPU, turns on a CPU (a gpu-let's processes share its cores) and with the "
+                    "planners that only plan turns (ideal, ideal-prototype, best). concurrent is planned by "
                     "gpulet, gpulet-paper, temporal, greedy")
     gpulets_per_gpu: int = Field(
         default=2, ge=1, le=16,

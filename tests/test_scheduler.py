@@ -29,7 +29,9 @@ from controlplane.spec import Deployment, Plan
 
 
 def dep(models, **sched):
-    """A deployment planned as the hand-computed expectations are: no margin, headroom, overhead or interference."""
+    """A deployment planned as the hand-computed expectations are: no margin, headroom, overhead or interference,
+    a gpu-let's models taking turns (the paper's arithmetic)."""
+    sched.setdefault("colocation", "turns")
     sched.setdefault("latency_margin", 1.0)
     sched.setdefault("burst_pct", 0.0)
     sched.setdefault("overhead_ms", 0.0)
@@ -96,9 +98,26 @@ def test_concurrent_colocation_runs_a_gpulets_models_at_once():
         plan(together, TINY, algorithm="ideal")
 
 
-def test_colocation_must_be_turns_or_concurrent():
-    with pytest.raises(ValueError, match="colocation"):
+def test_auto_colocation_is_concurrent_on_a_gpu_and_turns_on_a_cpu_or_with_the_exact_optimum():
+    """``colocation: auto`` (the default) plans what the runtime does: the three models of
+    test_concurrent_colocation_runs_a_gpulets_models_at_once share one gpu-let on a GPU, need three on a CPU."""
+    models = [{"name": m, "rate": 250, "slo_ms": 20} for m in "abc"]
+    auto = dep(models, shares=[100], max_batch=4, colocation="auto")
+    assert Deployment.model_validate({"models": models}).scheduler.colocation == "auto"
+    cpu = store_from_function(lambda m, s, b: (2.0 + 2.0 * b) * 100.0 / s, "abc", shares=[50, 100],
+                              batches=[1, 2, 3, 4], device="cpu-2c")
+    on_gpu = plan(auto, TINY, algorithm="gpulet")
+    assert on_gpu.gpus == 1 and validate_plan(on_gpu, auto, TINY) == []
+    on_cpu = plan(auto, cpu, algorithm="gpulet")
+    assert on_cpu.gpus == 3 and validate_plan(on_cpu, auto, cpu) == []
+    # the exact optimum plans turns only: under auto it plans them instead of refusing
+    assert plan(auto, TINY, algorithm="ideal").gpus == 3
+
+
+def test_colocation_must_be_auto_turns_or_concurrent():
+    with pytest.raises(ValueError, match="colocation") as e:
         dep([{"name": "a", "rate": 1, "slo_ms": 20}], colocation="parallel")
+    assert "'auto', 'turns' or 'concurrent'" in str(e.value)        # the error names the choices
 
 
 def test_interference_forces_an_extra_gpu():

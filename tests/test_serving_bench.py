@@ -89,15 +89,19 @@ def test_the_hand_split_puts_the_tightest_slo_model_alone(serving):
     assert serving.HAND_SHARES == [40, 60] and "mps-split" in serving.PLAIN
 
 
-def test_the_concurrent_system_plans_with_concurrent_colocation(serving, full_h200):
-    """``concurrent``: the gpu-let plan of the same mix, its gpu-lets' models running at once; the plan it
-    serves checks out against the deployment it is served with (the mix with that setting)."""
+def test_on_the_h200_the_gpulet_system_runs_a_gpulets_models_at_once_and_turns_is_the_papers(serving, full_h200):
+    """``gpulet`` serves the mix as shipped (``colocation: auto``: concurrent on a GPU); ``turns`` the same mix
+    with the paper's turn-taking. Each plan checks out against the deployment it is served with, and the
+    concurrent plan at its max scale is more than turn-taking allows (else the two systems would be one)."""
     from controlplane.scheduler import validate_plan
 
     gpu_run = load_deployment(ROOT / "deployments" / "gpu-run.yaml")
-    conc = serving.concurrent(gpu_run)
-    assert conc.scheduler.colocation == "concurrent" and gpu_run.scheduler.colocation == "turns"
-    scale, plan = serving.planner_max(conc, full_h200, "gpulet", steps=6)
-    assert scale > 0 and plan is not None
-    assert validate_plan(plan, serving.scaled(conc, scale), full_h200) == []
-    assert "concurrent" in serving.SYSTEMS and "concurrent" not in serving.PLAIN
+    tt = serving.turns(gpu_run)
+    assert gpu_run.scheduler.colocation == "auto" and tt.scheduler.colocation == "turns"
+    scale, plan = serving.planner_max(gpu_run, full_h200, "gpulet", steps=6)
+    t_scale, t_plan = serving.planner_max(tt, full_h200, "gpulet", steps=6)
+    assert plan is not None and t_plan is not None and scale > t_scale > 0
+    assert validate_plan(plan, serving.scaled(gpu_run, scale), full_h200) == []
+    assert validate_plan(t_plan, serving.scaled(tt, t_scale), full_h200) == []
+    assert validate_plan(plan, serving.scaled(tt, scale), full_h200) != []
+    assert "turns" in serving.SYSTEMS and "turns" not in serving.PLAIN

@@ -38,7 +38,8 @@ from collections.abc import Callable
 from ..profiles import ProfileStore
 from ..spec import Deployment, Plan
 from .baselines import MilpColumns, best, greedy, ideal_prototype, milp_columns, solve_milp, trivial
-from .core import Ctx, Gpu, SchedulingError, check_slo_reachable, lower_bound, to_plan, validate_plan
+from .core import (TURNS_ONLY, Ctx, Gpu, SchedulingError, check_slo_reachable, is_concurrent, lower_bound, to_plan,
+                   validate_plan)
 from .gpulet import gpulet
 from .optimum import OptimumInfo, OptimumTooLarge, ideal, optimum
 from .temporal import temporal
@@ -70,10 +71,6 @@ ALGORITHMS: dict[str, Algorithm] = {
     "best": best,
     "trivial": trivial,
 }
-
-
-#: algorithms whose own arithmetic (the exact optimum's columns) has a gpu-let's models take turns
-TURNS_ONLY = frozenset({"ideal", "ideal-prototype", "best"})
 
 
 def register(name: str, fn: Algorithm) -> None:
@@ -123,7 +120,8 @@ def resolve_interference(deployment: Deployment, profiles: ProfileStore,
 
 def make_ctx(deployment: Deployment, profiles: ProfileStore, *, interference: InterferenceModel | str | bool | None = None,
              pad_rates: bool = False, max_models: int = 3, max_lets_per_gpu: int | None = None, memory_check: bool = True,
-             pct: str = "p99") -> Ctx:
+             pct: str = "p99", algorithm: str | None = None) -> Ctx:
+    """The planners' context; ``algorithm`` (default: the deployment's) decides ``colocation: auto``."""
     sch = deployment.scheduler
     missing = [m.name for m in deployment.models if not profiles.has(m.name)]
     if missing:
@@ -146,7 +144,7 @@ def make_ctx(deployment: Deployment, profiles: ProfileStore, *, interference: In
                max_models=max_models,
                max_lets_per_gpu=sch.gpulets_per_gpu if max_lets_per_gpu is None else max_lets_per_gpu, memory_check=memory_check, pct=pct,
                trivial_batch={m.name: m.max_batch or 1 for m in deployment.models},
-               concurrent=sch.colocation == "concurrent")
+               concurrent=is_concurrent(sch.colocation, profiles.device, algorithm or sch.algorithm))
 
 
 def gpu_limit(deployment: Deployment, gpus: int | None) -> int | None:
@@ -178,7 +176,7 @@ def plan(deployment: Deployment, profiles: ProfileStore, *, algorithm: str | Non
     if deployment.scheduler.colocation == "concurrent" and name in TURNS_ONLY:
         raise SchedulingError(f"{name} plans a gpu-let's models taking turns; scheduler.colocation: concurrent "
                               f"is planned by {', '.join(a for a in ALGORITHMS if a not in TURNS_ONLY)}")
-    ctx = make_ctx(deployment, profiles, interference=interference, **options)
+    ctx = make_ctx(deployment, profiles, interference=interference, algorithm=name, **options)
     limit = gpu_limit(deployment, gpus)
     fn = ALGORITHMS[name]
     if name != "trivial":

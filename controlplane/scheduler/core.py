@@ -35,6 +35,22 @@ class SchedulingError(ValueError):
     """No plan exists under the given constraints; the message says why and what would help."""
 
 
+#: algorithms whose own arithmetic (the exact optimum's columns) has a gpu-let's models take turns
+TURNS_ONLY = frozenset({"ideal", "ideal-prototype", "best"})
+
+
+def is_concurrent(colocation: str, device: str, algorithm: str) -> bool:
+    """Whether a plan has a gpu-let's models run at once (else they take turns), from
+    ``scheduler.colocation``. ``auto`` is what the runtime does on the device: on a GPU a
+    tritonserver's python-backend models are MPS clients of their own, each capped at the share, so
+    they run at once (measured on the H200: docs/benchmarks.md 'Serving', runs 12 and 13); on a
+    CPU a gpu-let's processes share its cores, which is turn-taking. Planners that can only plan
+    turns (:data:`TURNS_ONLY`) keep turns under ``auto``."""
+    if colocation == "auto":
+        return not device.lower().startswith("cpu") and algorithm not in TURNS_ONLY
+    return colocation == "concurrent"
+
+
 def cycle_time(lats, concurrent: bool) -> float:
     """Time a gpu-let's batches of one cycle take: in turn their sum, at once (``colocation:
     concurrent``) the longest."""
@@ -411,7 +427,7 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
     ``scheduler.colocation: concurrent``) and worst latency within SLO."""
     margin = deployment.scheduler.latency_margin if margin is None else margin
     overhead = deployment.scheduler.overhead_ms
-    concurrent = deployment.scheduler.colocation == "concurrent"
+    concurrent = is_concurrent(deployment.scheduler.colocation, plan.device, plan.algorithm)
     im = interference or NoInterference()
     errs: list[str] = []
     used: dict[int, int] = {}
