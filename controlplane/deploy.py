@@ -517,21 +517,41 @@ class Controller:
         except Exception as e:  # noqa: BLE001 - logged; the next restart or apply tries again
             self.log(f"router: could not take the restarted gpu-lets' new ports: {e}")
 
-    def _epoch(self, window) -> None:
-        """One re-planning epoch: read the router's arrival counts and each gpu-let's batch times;
-        apply a new plan when the measured peaks no longer fit the running one
-        (:func:`controlplane.live.decide`) or a model runs well off its profile
-        (:func:`controlplane.live.recalibrate`: the profile is scaled by what was measured)."""
+    def _sample(self, window) -> bool:
+        """Add the router's arrival counts to the window (every second); False when they cannot be read."""
         import httpx
 
-        from .live import decide, recalibrate, router_arrivals
+        from .live import router_arrivals
 
         try:
             text = httpx.get(f"http://{self.router.http_url}/metrics", timeout=5).text
         except httpx.HTTPError as e:
-            self.log(f"epoch: cannot read the router's metrics: {e}")
-            return
+            self.log(f"load: cannot read the router's metrics: {e}")
+            return False
         window.add(time.monotonic(), router_arrivals(text))
+        return True
+
+    def _grow(self, window) -> None:
+        """Between epochs: a model whose rate over the latest span exceeds its plan's at two samples in a
+        row is re-planned at once (two, so the rate planned for is a span wholly after a step, not one
+        straddling it), for that rate; nothing is shrunk or recalibrated here."""
+        from .live import decide, padded
+
+        planned = {m.name: m.rate for m in self.served.models}
+        last = window.last_rates()
+        before, self._over = self._over, {m for m, r in planned.items() if last.get(m, 0.0) > padded(r)}
+        if self._over & before:
+            rates, why = decide(planned, last, shrink=False)
+            self._replan(rates, f"measured load: {why}", None)
+            self._over = set()
+
+    def _epoch(self, window) -> None:
+        """One re-planning epoch: apply a new plan when the window's measured peaks no longer fit the
+        running one (:func:`controlplane.live.decide`; share is given back only on a full window) or a
+        model runs well off its profile (:func:`controlplane.live.recalibrate`: the profile is scaled by
+        what was measured)."""
+        from .live import decide, recalibrate
+
         self.metrics.epochs.inc()
         for m, rate in window.peak_rates().items():
             self.metrics.measured.labels(m).set(rate)
@@ -540,17 +560,22 @@ class Controller:
         if window.span_s() < min(self.dep.scheduler.epoch_s, self.dep.scheduler.window_s) * 0.9:
             return      # not a full epoch measured yet
         planned = {m.name: m.rate for m in self.served.models}
-        rates, why_rate = decide(planned, window.peak_rates())
+        rates, why_rate = decide(planned, window.peak_rates(), shrink=window.full())
         if rates is None and calibration is None:
             return
+        reason = "; ".join(x for x in (f"measured load: {why_rate}" if why_rate else "",
+                                       f"recalibrated: {why_cal}" if why_cal else "") if x)
+        self._replan(rates, reason, calibration)
+
+    def _replan(self, rates: dict[str, float] | None, reason: str, calibration: dict[str, float] | None) -> None:
+        """Apply the served deployment with the models at ``rates`` (None: as they are) through the
+        same loop as ``apply``; a failure leaves the running plan serving."""
         doc = self.served.model_dump(mode="json", exclude_none=True)
         for a in doc.get("apps", []):
             a["rate"] = 0.0             # the step models' measured rates already count the apps' requests
         for m in doc["models"]:
             if rates is not None:
                 m["rate"] = round(rates[m["name"]], 3)
-        reason = "; ".join(x for x in (f"measured load: {why_rate}" if why_rate else "",
-                                       f"recalibrated: {why_cal}" if why_cal else "") if x)
         try:
             self.apply(Deployment.model_validate(doc), reason=reason, calibration=calibration)
         except Exception as e:  # noqa: BLE001 - the running plan keeps serving; tried again next epoch
@@ -634,7 +659,8 @@ class Controller:
 
         epoch = self.dep.scheduler.epoch_s
         window = LoadWindow(self.dep.scheduler.window_s)
-        next_epoch = time.monotonic()
+        self._over: set[str] = set()
+        next_epoch = time.monotonic() + (epoch or 0)
         while not stop.wait(min(interval_s, epoch or interval_s)):
             if not self.router.alive():
                 # The router's first process is this one: it cannot be restarted apart from the
@@ -644,9 +670,12 @@ class Controller:
                 return
             self._take_apply_request()
             self._take_repository_requests()
-            if epoch and time.monotonic() >= next_epoch:
-                next_epoch = time.monotonic() + epoch
-                self._epoch(window)
+            if epoch and self._sample(window):
+                if time.monotonic() >= next_epoch:
+                    next_epoch = time.monotonic() + epoch
+                    self._epoch(window)
+                else:
+                    self._grow(window)
             restarted = self.runtime.supervise()
             for gid in restarted:
                 self.log(f"gpu-let {gid}: restarted")

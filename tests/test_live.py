@@ -17,26 +17,38 @@ from controlplane.live import MIN_RATE, LoadWindow, decide, padded, router_arriv
 from helpers import metrics, run_cli, tritonserver_pids
 
 
-def test_window_peak_is_the_busiest_epoch_inside_the_window():
-    w = LoadWindow(window_s=30)
-    for t, n in ((0, 0), (10, 100), (20, 700), (30, 800), (40, 900)):
-        w.add(t, {"a": n})
-    assert w.peak_rates() == {"a": 60.0}            # 100 -> 700 in 10 s, still inside [10, 40]
-    w.add(50, {"a": 1000})
-    w.add(60, {"a": 1100})
-    assert w.peak_rates() == {"a": 10.0}            # the busy epoch left the window
-    w.add(70, {"a": 50})                            # a counter reset (router restarted) counts from 0
-    assert w.peak_rates()["a"] == 10.0 and w.span_s() == 30
+def test_window_rates_are_over_two_second_spans_and_the_peak_is_the_busiest_inside_the_window():
+    w = LoadWindow(window_s=10)
+    for t in range(0, 13):                          # a second apart, 10 req/s
+        w.add(t, {"a": 10 * t})
+    assert w.peak_rates() == {"a": 10.0} and w.last_rates() == {"a": 10.0} and w.full()
+    w.add(13, {"a": 220})                           # a step to 100 req/s at t = 12
+    assert w.last_rates() == {"a": 55.0}           # the span [11, 13] straddles it
+    w.add(14, {"a": 320})
+    assert w.last_rates() == {"a": 100.0} and w.peak_rates() == {"a": 100.0}     # [12, 14]: wholly after
+    for t in range(15, 27):                         # back to 10 req/s: the busy spans leave the window
+        w.add(t, {"a": 320 + 10 * (t - 14)})
+    assert w.peak_rates() == {"a": 10.0}
+    w.add(27, {"a": 5})                             # a counter reset (router restarted) counts from 0
+    assert w.last_rates() == {"a": 2.5} and w.peak_rates()["a"] == 10.0
+    young = LoadWindow(window_s=10)
+    for t in range(0, 6):
+        young.add(t, {"a": 0})
+    assert not young.full() and young.span_s() == 5
 
 
-def test_decide_scales_up_at_once_down_with_hysteresis():
+def test_decide_scales_up_over_the_padded_plan_at_once_down_with_hysteresis_only_when_asked():
     planned = {"a": 100.0, "b": 50.0}
-    assert decide(planned, {"a": 90.0, "b": 40.0}) == (None, "")          # inside the band: keep
+    assert padded(100.0) > 110
+    assert decide(planned, {"a": padded(100.0) - 1, "b": 40.0}) == (None, "")   # a plan serves its bursts
     rates, why = decide(planned, {"a": 150.0, "b": 40.0})
     assert rates["a"] == padded(150.0) > 150 and "a at 150" in why       # up: at once, padded
     assert rates["b"] == padded(40.0)
     rates, why = decide(planned, {"a": 90.0})                             # b idle: gives share back
     assert rates["b"] == MIN_RATE and "b at 0" in why
+    assert decide(planned, {"a": 90.0}, shrink=False) == (None, "")       # ...only where shrinking is asked
+    rates, why = decide(planned, {"a": 150.0}, shrink=False)              # growing a keeps b's share
+    assert rates == {"a": padded(150.0), "b": 50.0} and "b" not in why
 
 
 def test_router_arrivals_reads_the_counters():
