@@ -531,26 +531,28 @@ class Controller:
         window.add(time.monotonic(), router_arrivals(text))
         return True
 
-    def _grow(self, window) -> None:
-        """Between epochs: a model whose rate over the latest span exceeds its plan's at two samples in a
+    def _grow(self, window) -> bool:
+        """Every second: a model whose rate over the latest span exceeds its plan's at two samples in a
         row is re-planned at once (two, so the rate planned for is a span wholly after a step, not one
-        straddling it), for that rate; nothing is shrunk or recalibrated here."""
-        from .live import decide, padded
+        straddling it), for that rate (:func:`controlplane.live.grow`). True when it re-planned."""
+        from .live import grow, padded
 
         planned = {m.name: m.rate for m in self.served.models}
         last = window.last_rates()
         before, self._over = self._over, {m for m, r in planned.items() if last.get(m, 0.0) > padded(r)}
         if self._over & before:
-            rates, why = decide(planned, last, shrink=False)
+            rates, why = grow(planned, last)
             self._replan(rates, f"measured load: {why}", None)
             self._over = set()
+            return True
+        return False
 
     def _epoch(self, window) -> None:
-        """One re-planning epoch: apply a new plan when the window's measured peaks no longer fit the
-        running one (:func:`controlplane.live.decide`; share is given back only on a full window) or a
-        model runs well off its profile (:func:`controlplane.live.recalibrate`: the profile is scaled by
-        what was measured)."""
-        from .live import decide, recalibrate
+        """One re-planning epoch: apply a new plan when a model's peak over a full window is well under
+        its plan (:func:`controlplane.live.shrink`) or a model runs well off its profile
+        (:func:`controlplane.live.recalibrate`: the profile is scaled by what was measured). Growth is
+        :meth:`_grow`'s, every second."""
+        from .live import recalibrate, shrink
 
         self.metrics.epochs.inc()
         for m, rate in window.peak_rates().items():
@@ -560,7 +562,7 @@ class Controller:
         if window.span_s() < min(self.dep.scheduler.epoch_s, self.dep.scheduler.window_s) * 0.9:
             return      # not a full epoch measured yet
         planned = {m.name: m.rate for m in self.served.models}
-        rates, why_rate = decide(planned, window.peak_rates(), shrink=window.full())
+        rates, why_rate = shrink(planned, window.peak_rates()) if window.full() else (None, "")
         if rates is None and calibration is None:
             return
         reason = "; ".join(x for x in (f"measured load: {why_rate}" if why_rate else "",
@@ -670,12 +672,9 @@ class Controller:
                 return
             self._take_apply_request()
             self._take_repository_requests()
-            if epoch and self._sample(window):
-                if time.monotonic() >= next_epoch:
-                    next_epoch = time.monotonic() + epoch
-                    self._epoch(window)
-                else:
-                    self._grow(window)
+            if epoch and self._sample(window) and not self._grow(window) and time.monotonic() >= next_epoch:
+                next_epoch = time.monotonic() + epoch
+                self._epoch(window)
             restarted = self.runtime.supervise()
             for gid in restarted:
                 self.log(f"gpu-let {gid}: restarted")

@@ -4,13 +4,13 @@ GPU-let's frontend re-schedules every epoch on the highest rate of a recent wind
 controller reads the router's arrival counters (``router_requests_total``, every router process
 summed) every second into a :class:`LoadWindow`, whose rates are taken over spans of
 :data:`RATE_SPAN_S` seconds, so a step in the load is seen at its new rate within a few seconds,
-whenever in the epoch it comes. :func:`decide` says whether the running plan still fits: a model
-whose rate exceeds what a Poisson stream at its planned rate reaches in 99 % of its seconds needs a
-new plan at once (the controller checks every second); one whose padded peak over a full window
-fell under half of its planned rate gives share back (checked every epoch, and only once the window
-is full of measurements: a deployment that has just started, or whose load has just started, is not
-shrunk on a window that is mostly before its traffic). Between the two the plan stays (hysteresis,
-so a noisy rate does not make it flap). The new rates are the peaks padded to the Poisson 99th
+whenever in the epoch it comes. :func:`grow`: a model whose rate exceeds what a Poisson stream at
+its planned rate reaches in 99 % of its seconds needs a new plan at once (the controller checks
+every second, and acts on two spans in a row). :func:`shrink`: one whose padded peak over a full
+window fell under SHRINK_BELOW of its planned rate gives share back (checked every epoch, and only
+once the window is full of measurements: a deployment whose load has just started is not shrunk on
+a window that is mostly before its traffic). Between the two the plan stays (hysteresis, so a noisy
+rate does not make it flap). The new rates are the peaks padded to the Poisson 99th
 percentile of a second's arrivals, as in the prototype. Pure: counts and times come in as arguments.
 """
 
@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 
 #: rate (req/s) a model is planned for however idle it is: every model keeps a gpu-let
 MIN_RATE = 1.0
-#: a model's padded peak under this fraction of its planned rate gives share back
-SHRINK_BELOW = 0.5
+#: a model's padded peak under this fraction of its planned rate gives share back. Not 0.5: after a
+#: step to 2x and back, the padded 1x peak is just over half the padded 2x plan, and at 0.5 the share
+#: was never given back (benchmarks/live.py on the H200, run 14)
+SHRINK_BELOW = 2 / 3
 
 
 #: the span a rate is measured over (s): long enough that a second's Poisson noise is averaged
@@ -84,24 +86,30 @@ def padded(rate: float) -> float:
     return max(MIN_RATE, poisson_pad(rate))
 
 
-def decide(planned: Mapping[str, float], peak: Mapping[str, float], shrink: bool = True
-           ) -> tuple[dict[str, float] | None, str]:
-    """New rates for the models of ``planned`` (None: keep the plan) and the reason, in words.
+def grow(planned: Mapping[str, float], rates: Mapping[str, float]) -> tuple[dict[str, float] | None, str]:
+    """New rates when a model is over its plan (None: keep the plan), and the reason in words.
 
-    planned: the rate each model's current plan was made for. peak: measured peak rates; a model
-    with no arrivals counted is at 0. A model is over its plan when its peak exceeds the padded
-    planned rate (the Poisson 99th percentile of a second's arrivals at that rate: a plan made for a
-    rate serves its bursts). ``shrink``: whether models far under their plan may give share back."""
-    up = [m for m, r in planned.items() if peak.get(m, 0.0) > padded(r)]
-    down = [m for m, r in planned.items() if padded(peak.get(m, 0.0)) < SHRINK_BELOW * r] if shrink else []
-    if not up and not down:
+    planned: the rate each model's current plan was made for; rates: measured (req/s, a model with no
+    arrivals counted is at 0). A model is over its plan when its rate exceeds the padded planned rate
+    (the Poisson 99th percentile of a second's arrivals at that rate: a plan made for a rate serves
+    its bursts); it is planned for its padded rate, the others keep theirs."""
+    up = [m for m, r in planned.items() if rates.get(m, 0.0) > padded(r)]
+    if not up:
         return None, ""
-    rates = {m: padded(peak.get(m, 0.0)) for m in planned}
-    if not shrink:      # growing only: the others keep the rate they are planned for, or what they now show
-        rates = {m: rates[m] if m in up else max(planned[m], rates[m]) for m in planned}
-    parts = [f"{m} at {peak.get(m, 0.0):.3g} req/s > planned {planned[m]:.3g}" for m in up]
-    parts += [f"{m} at {peak.get(m, 0.0):.3g} req/s < {SHRINK_BELOW:g} x planned {planned[m]:.3g}" for m in down]
-    return rates, "; ".join(parts)
+    return ({m: padded(rates.get(m, 0.0)) if m in up else r for m, r in planned.items()},
+            "; ".join(f"{m} at {rates.get(m, 0.0):.3g} req/s > planned {planned[m]:.3g}" for m in up))
+
+
+def shrink(planned: Mapping[str, float], peak: Mapping[str, float]) -> tuple[dict[str, float] | None, str]:
+    """New rates when a model's padded peak over a full window is under SHRINK_BELOW of its planned rate
+    (None: keep the plan), and the reason in words; it is planned for its padded peak, the others keep
+    theirs. Between :func:`grow`'s threshold and this one the plan stays (hysteresis)."""
+    down = [m for m, r in planned.items() if padded(peak.get(m, 0.0)) < SHRINK_BELOW * r]
+    if not down:
+        return None, ""
+    return ({m: padded(peak.get(m, 0.0)) if m in down else r for m, r in planned.items()},
+            "; ".join(f"{m} at {peak.get(m, 0.0):.3g} req/s < {SHRINK_BELOW:.2g} x planned {planned[m]:.3g}"
+                      for m in down))
 
 
 def router_arrivals(metrics_text: str) -> dict[str, float]:

@@ -12,7 +12,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from controlplane import zoo
-from controlplane.live import MIN_RATE, LoadWindow, decide, padded, router_arrivals
+from controlplane.live import MIN_RATE, LoadWindow, grow, padded, router_arrivals, shrink
 
 from helpers import metrics, run_cli, tritonserver_pids
 
@@ -37,18 +37,21 @@ def test_window_rates_are_over_two_second_spans_and_the_peak_is_the_busiest_insi
     assert not young.full() and young.span_s() == 5
 
 
-def test_decide_scales_up_over_the_padded_plan_at_once_down_with_hysteresis_only_when_asked():
+def test_grow_over_the_padded_plan_shrink_under_two_thirds_and_keep_the_plan_between():
     planned = {"a": 100.0, "b": 50.0}
     assert padded(100.0) > 110
-    assert decide(planned, {"a": padded(100.0) - 1, "b": 40.0}) == (None, "")   # a plan serves its bursts
-    rates, why = decide(planned, {"a": 150.0, "b": 40.0})
-    assert rates["a"] == padded(150.0) > 150 and "a at 150" in why       # up: at once, padded
-    assert rates["b"] == padded(40.0)
-    rates, why = decide(planned, {"a": 90.0})                             # b idle: gives share back
-    assert rates["b"] == MIN_RATE and "b at 0" in why
-    assert decide(planned, {"a": 90.0}, shrink=False) == (None, "")       # ...only where shrinking is asked
-    rates, why = decide(planned, {"a": 150.0}, shrink=False)              # growing a keeps b's share
-    assert rates == {"a": padded(150.0), "b": 50.0} and "b" not in why
+    assert grow(planned, {"a": padded(100.0) - 1, "b": 40.0}) == (None, "")     # a plan serves its bursts
+    rates, why = grow(planned, {"a": 150.0, "b": 10.0})
+    assert rates == {"a": padded(150.0), "b": 50.0} and "a at 150" in why and "b" not in why   # b keeps its plan
+    assert shrink(planned, {"a": 90.0, "b": 40.0}) == (None, "")               # inside the band: keep
+    rates, why = shrink(planned, {"a": 90.0})                                   # b idle: gives share back
+    assert rates == {"a": 100.0, "b": MIN_RATE} and "b at 0" in why
+    # a step to 2x and back: the padded 1x peak is just over half the padded 2x plan, and shrinks
+    at2x = padded(1040.0)
+    assert padded(550.0) > 0.5 * at2x
+    rates, why = shrink({"a": at2x}, {"a": 550.0})
+    assert rates == {"a": padded(550.0)} and "< 0.67 x planned" in why
+    assert grow({"a": padded(550.0)}, {"a": 550.0}) == (None, "")              # and does not grow back
 
 
 def test_router_arrivals_reads_the_counters():
