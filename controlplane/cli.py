@@ -282,7 +282,9 @@ def router_cmd(
 
 def _print_plan(plan) -> None:
     t = Table("gpu-let", "GPU", "share %", "duty cycle ms", "model", "batch", "planned for req/s", "throughput req/s",
-              "latency ms", title=f"plan: {plan.gpus} GPU(s), {len(plan.gpulets)} gpu-let(s), algorithm {plan.algorithm}")
+              "latency ms", title=f"plan: {plan.gpus} GPU(s), {len(plan.gpulets)} gpu-let(s), algorithm {plan.algorithm}, "
+                    + ("a gpu-let's models run at once" if plan.colocation == "concurrent"
+                       else "a gpu-let's models take turns"))
     for g in plan.gpulets:
         for i, a in enumerate(g.models):
             t.add_row(g.id if i == 0 else "", str(g.gpu) if i == 0 else "", str(g.share) if i == 0 else "",

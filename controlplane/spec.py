@@ -376,6 +376,8 @@ class Plan(_Strict):
     deployment: str = "default"
     device: str = Field(default="cpu", description="device type the profiles came from, e.g. 'cpu' or 'NVIDIA H100 80GB HBM3'")
     algorithm: str = "trivial"
+    colocation: Literal["turns", "concurrent"] = Field(
+        default="turns", description="how the plan has a gpu-let's models share it (scheduler.colocation, resolved)")
     gpus: int = Field(ge=0, description="number of GPUs the plan uses")
     gpulets: list[GpuLet]
     models: dict[str, ModelSummary] = Field(default_factory=dict)

@@ -110,6 +110,7 @@ def test_auto_colocation_is_concurrent_on_a_gpu_and_turns_on_a_cpu_or_with_the_e
     assert on_gpu.gpus == 1 and validate_plan(on_gpu, auto, TINY) == []
     on_cpu = plan(auto, cpu, algorithm="gpulet")
     assert on_cpu.gpus == 3 and validate_plan(on_cpu, auto, cpu) == []
+    assert (on_gpu.colocation, on_cpu.colocation) == ("concurrent", "turns")       # the plan says which
     # the exact optimum plans turns only: under auto it plans them instead of refusing
     assert plan(auto, TINY, algorithm="ideal").gpus == 3
 

@@ -413,8 +413,8 @@ def to_plan(ctx: Ctx, gpus: Sequence[Gpu], deployment: str, algorithm: str) -> P
         n += 1
     summaries = {m: ModelSummary(rate=ctx.rates[m], slo_ms=ctx.slos[m] + ctx.overhead_ms, throughput=round(thr[m], 6),
                                  worst_latency_ms=round(worst[m] + ctx.overhead_ms, 6)) for m in ctx.rates}
-    return Plan(deployment=deployment, device=ctx.profiles.device, algorithm=algorithm, gpus=n,
-                gpulets=out, models=summaries)
+    return Plan(deployment=deployment, device=ctx.profiles.device, algorithm=algorithm,
+                colocation="concurrent" if ctx.concurrent else "turns", gpus=n, gpulets=out, models=summaries)
 
 
 def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *, margin: float | None = None,
