@@ -15,6 +15,22 @@ import typer
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
+def _splits(text: str) -> list[tuple[int, int]]:
+    """``--splits``: "50/50,40/60" -> [(50, 50), (40, 60)], each share 1-100."""
+    out = []
+    for part in (x for x in text.replace(" ", "").split(",") if x):
+        try:
+            a, b = (int(v) for v in part.split("/"))
+        except ValueError:
+            raise typer.BadParameter(f"splits: expected A/B pairs of integers like 40/60, got {part!r}") from None
+        if not (1 <= a <= 100 and 1 <= b <= 100):
+            raise typer.BadParameter(f"splits: shares are 1-100 %, got {part!r}")
+        out.append((a, b))
+    if not out:
+        raise typer.BadParameter("splits: empty")
+    return out
+
+
 def _ints(text: str, what: str) -> list[int]:
     try:
         vals = [int(x) for x in text.replace(" ", "").split(",") if x]
@@ -45,7 +61,10 @@ def profile(
     mps_dir: Path | None = typer.Option(None, help="MPS base dir (pipe/ and log/ under it); default $CONTROLPLANE_MPS_DIR or /tmp/gpulet-mps-profile-<uid>"),
     gpu_index: int = typer.Option(0, help="which GPU"),
     interference: bool = typer.Option(False, help="GPU: also measure co-located pairs and fit the interference model"),
-    pairs_per_split: int = typer.Option(40, help="pair configurations per share split (50/50, 40/60, 20/80)"),
+    pairs_per_split: int = typer.Option(40, help="pair configurations per share split"),
+    splits: str = typer.Option("50/50,40/60,20/80", help="share splits A/B (%) pairs run at; a sum over 100 "
+                               "oversubscribes the GPU's SMs, as a gpu-let's models running at once can "
+                               "(scheduler.colocation), e.g. 20/20,60/60,100/100"),
     pair_batches: str = typer.Option("1,4,16,32", help="batches pairs are drawn from"),
     pair_duration_s: float = typer.Option(0.4, help="seconds each pair (and each model alone) is timed"),
     skip_latency: bool = typer.Option(False, help="only the interference part"),
@@ -77,6 +96,7 @@ def profile(
     if device not in ("gpu", "cpu"):
         raise typer.BadParameter(f"--device must be auto, gpu or cpu, got {device!r}")
     share_l, batch_l = _ints(shares, "shares"), _ints(batches, "batches")
+    split_l, pair_batch_l = _splits(splits), _ints(pair_batches, "pair-batches")     # checked before any timing
     prec_l = [p for p in precisions.split(",") if p]
     bad = [p for p in prec_l if p not in ("fp32", "fp16")]
     if bad:
@@ -139,7 +159,7 @@ def profile(
             from .interference import fit_and_evaluate, measure_pairs, pair_configs, read_pairs, save_fit
 
             t0 = time.perf_counter()
-            cfgs = pair_configs(names, batches=_ints(pair_batches, "pair-batches"), per_split=pairs_per_split)
+            cfgs = pair_configs(names, split_l, batches=pair_batch_l, per_split=pairs_per_split)
             pairs_csv = pdir / "interference_pairs.csv"
             measure_pairs(cfgs, dev, pairs_csv, pipe_dir, gpu_index, pair_duration_s, progress=_printer(con))
             rows = [r for r in read_pairs(pairs_csv) if r["device"] == dev]

@@ -221,3 +221,19 @@ def test_serving_profile_of_a_users_model_with_two_inputs(tmp_path):
     res = profile_serving(["pair"], device="cpu", shares=[100], batches=[1, 2], out_csv=csv, min_runs=3, warmup=1,
                           point_budget_s=0.2, repository=tmp_path / "repo")
     assert not res.skipped and {(r.model, r.batch) for r in read_csv(csv)} == {("pair", 1), ("pair", 2)}
+
+
+def test_profile_refuses_a_bad_pair_split_before_timing_anything(tmp_path):
+    """``--splits``: shares past 100 % are refused by name before any latency is measured; a split whose
+    shares add up to more than 100 % (clients running at once, each at its share) is a valid one."""
+    from helpers import run_cli
+    from profiler.cli import _splits
+    from profiler.interference import pair_configs
+
+    r = run_cli("profile", "--device", "cpu", "-m", "lenet", "--interference", "--splits", "20/200",
+                "--out", str(tmp_path), timeout=120)
+    assert r.returncode != 0 and "shares are 1-100 %, got '20/200'" in r.stdout + r.stderr
+    assert not list(tmp_path.rglob("latency.csv"))
+    assert _splits("20/20, 60/60,100/100") == [(20, 20), (60, 60), (100, 100)]
+    cfgs = pair_configs(["a", "b"], [(60, 60)], batches=[1], per_split=3)
+    assert len(cfgs) == 3 and all(c[:2] == (60, 60) for c in cfgs)

@@ -146,6 +146,23 @@ def test_interference_forces_an_extra_gpu():
     assert validate_plan(p2, d, TINY, interference=Const()) == []
 
 
+def test_running_at_once_a_gpulets_own_models_interfere():
+    # shares [100], a and b at 100 req/s, SLO 20, on one gpu-let. Taking turns they never run together:
+    # no co-runner, no slowdown. At once each is the other's co-runner: under a x2 slowdown L(1) = 8 ms,
+    # so the duty cycle is 8 ms, not 4 (still 125 req/s each, worst 16 <= 20).
+    models = [{"name": "a", "rate": 100, "slo_ms": 20}, {"name": "b", "rate": 100, "slo_ms": 20}]
+    d = dep(models, max_batch=4, shares=[100], colocation="concurrent")
+    p0 = plan(d, TINY, algorithm="gpulet", interference=NoInterference())
+    p1 = plan(d, TINY, algorithm="gpulet", interference=Const())
+    assert [len(p.gpulets) for p in (p0, p1)] == [1, 1]
+    assert (p0.gpulets[0].duty_cycle_ms, p1.gpulets[0].duty_cycle_ms) == (pytest.approx(4.0), pytest.approx(8.0))
+    assert validate_plan(p1, d, TINY, interference=Const()) == []
+    assert any("batches take 8.000 ms > duty cycle 4.000 ms" in e for e in validate_plan(p0, d, TINY, interference=Const()))
+    turns = dep(models, max_batch=4, shares=[100])
+    pt = plan(turns, TINY, algorithm="gpulet", interference=Const())
+    assert len(pt.gpulets) == 1 and validate_plan(pt, turns, TINY, interference=Const()) == []
+
+
 def test_unreachable_slo_names_model_and_best_latency():
     d = dep([{"name": "a", "rate": 10, "slo_ms": 40}, {"name": "c", "rate": 10, "slo_ms": 7}])
     with pytest.raises(SchedulingError) as e:

@@ -21,7 +21,7 @@ smallest feasible ``D`` is found exactly by walking the breakpoints where some
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..profiles import ProfileStore
@@ -245,26 +245,33 @@ def let_ok(ctx: Ctx, let: Let, slow: dict[str, float]) -> bool:
     return True
 
 
-def slowdowns(ctx: Ctx, lets: Sequence[Let], batches: Sequence[dict[str, int]]) -> list[dict[str, float]]:
-    """Slowdown of each model of each let given the others on the same GPU.
+def co_runners(im: InterferenceModel, concurrent: bool, model: str, share: float, batch: float,
+               lets: Sequence[tuple[float, Mapping[str, int]]], i: int) -> list[tuple[str, float, float]]:
+    """What runs beside ``model`` (at ``share``, ``batch``, in the ``i``-th of a GPU's ``lets``, each
+    (share, {model: batch})), as the interference model's ``others``. Taking turns, a gpu-let's
+    models never run together: only the most disturbing model of each other gpu-let counts. Running
+    at once (``colocation: concurrent``), every other model on the GPU does, those of its own
+    gpu-let included."""
+    out: list[tuple[str, float, float]] = []
+    for j, (s, bs) in enumerate(lets):
+        cands = [(om, s, ob) for om, ob in bs.items() if not (j == i and om == model)]
+        if concurrent:
+            out += cands
+        elif j != i and cands:
+            out.append(max(cands, key=lambda o: im.slowdown(model, share, batch, [o])))
+    return out
 
-    For a time-shared co-runner only its most disturbing model counts (its models
-    run one after another, never together)."""
+
+def slowdowns(ctx: Ctx, lets: Sequence[Let], batches: Sequence[dict[str, int]]) -> list[dict[str, float]]:
+    """Slowdown of each model of each let given what runs beside it on the same GPU (:func:`co_runners`)."""
+    shape = [(let.share, b) for let, b in zip(lets, batches)]
     out = []
     for i, let in enumerate(lets):
         d = {}
         for m in let.rates:
-            if len(lets) == 1 or isinstance(ctx.interference, NoInterference):
-                d[m] = 1.0
-                continue
-            b = batches[i][m]
-            chosen = []
-            for j, other in enumerate(lets):
-                if j == i:
-                    continue
-                cands = [(om, other.share, batches[j][om]) for om in other.rates]
-                chosen.append(max(cands, key=lambda o: ctx.interference.slowdown(m, let.share, b, [o])))
-            d[m] = max(1.0, ctx.interference.slowdown(m, let.share, b, chosen))
+            others = ([] if isinstance(ctx.interference, NoInterference) else
+                      co_runners(ctx.interference, ctx.concurrent, m, let.share, batches[i][m], shape, i))
+            d[m] = max(1.0, ctx.interference.slowdown(m, let.share, batches[i][m], others)) if others else 1.0
         out.append(d)
     return out
 
@@ -299,7 +306,8 @@ def _settle(ctx: Ctx, lets: list[Let]) -> list[Let] | None:
         if r is None:
             return None
         cur.append(Let(let.share, dict(let.rates), r[0], r[1], {m: 1.0 for m in let.rates}))
-    if len(cur) == 1 or isinstance(ctx.interference, NoInterference):
+    alone = len(cur) == 1 and not (ctx.concurrent and len(cur[0].rates) > 1)
+    if alone or isinstance(ctx.interference, NoInterference):
         return cur
     for _ in range(6):
         sl = slowdowns(ctx, cur, [c.batches for c in cur])
@@ -444,12 +452,8 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
             lats = []
             for a in g.models:
                 spec = deployment.model(a.model)
-                others = []
-                for h in lets:
-                    if h is g:
-                        continue
-                    others.append(max(((x.model, h.share, x.batch) for x in h.models),
-                                      key=lambda o: im.slowdown(a.model, g.share, a.batch, [o])))
+                others = co_runners(im, concurrent, a.model, g.share, a.batch,
+                                    [(h.share, {x.model: x.batch for x in h.models}) for h in lets], lets.index(g))
                 sd = max(1.0, im.slowdown(a.model, g.share, a.batch, others)) if others else 1.0
                 L = profiles.latency(a.model, g.share, a.batch, pct) * margin * sd
                 lats.append(L)
