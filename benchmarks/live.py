@@ -29,6 +29,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -137,7 +138,15 @@ def run_system(dep: Deployment, base: dict[str, float], segments: list[dict[str,
     out["replans"] = [(round(x[0] - t0, 1), x[3]) for a, x in zip(s, s[1:]) if x[2] != a[2]]
     changes = [out["segments"][i]["t_s"] for i in range(1, len(segments)) if segments[i] != segments[i - 1]]
     out["reaction_s"] = [next((round(t - c, 1) for t, _ in out["replans"] if t >= c), None) for c in changes]
+    out["transition_s"] = [transition_s(why) for _, why in out["replans"]]
     return out
+
+
+def transition_s(last_replan: str | None) -> float | None:
+    """Seconds a re-plan took from its decision to the router sending by the new plan, as the controller
+    states it (``... (serving after 19.8 s)``); None where it does not (an older controller)."""
+    m = re.search(r"\(serving after ([0-9.]+) s\)$", last_replan or "")
+    return float(m.group(1)) if m else None
 
 
 def summary(sys_out: dict) -> dict:
@@ -153,16 +162,18 @@ def render(doc: dict) -> str:
     lines = [f"Run {doc['date']} on {doc['machine']}; `{doc['command']}`; {doc['segment_s']:g} s segments, "
              f"re-planning epoch {doc['epoch_s']:g} s.", "",
              "| system | GPU-share-seconds | attainment, whole trace | worst segment | failed requests | re-plans | "
-             "load change -> re-plan (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "load change -> new plan serving (s) | each re-plan's transition (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in doc["systems"].items():
         if "error" in s:
-            lines.append(f"| {name} | error | | | | | |")
+            lines.append(f"| {name} | error | | | | | | |")
             continue
         sm = summary(s)
         w = sm["worst_segment"]
         lines.append(f"| {name} | {s['gpu_share_seconds']:g} | {100 * sm['attainment']:.2f} % | "
                      f"{100 * w['attainment']:.1f} % ({w['model']}, segment {w['segment']}) | {sm['failed']} | "
-                     f"{len(s['replans'])} | {', '.join('—' if r is None else f'{r:g}' for r in s['reaction_s'])} |")
+                     f"{len(s['replans'])} | {', '.join('—' if r is None else f'{r:g}' for r in s['reaction_s'])} | "
+                     f"{', '.join('?' if r is None else f'{r:g}' for r in s.get('transition_s', [])) or '—'} |")
     return "\n".join(lines)
 
 

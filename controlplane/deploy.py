@@ -429,6 +429,7 @@ class Controller:
         serving; the error says why. ``reload``: models whose gpu-lets are all started anew (a new
         version of the model in the repository), even where the plan keeps them as they were."""
         assert self.plan is not None and self.runtime is not None and self.router is not None
+        t_start = time.monotonic()
         for field in ("name", "devices", "runtime", "router", "repository", "run_dir"):
             if getattr(dep, field) != getattr(self.dep, field):
                 raise ValueError(f"apply: '{field}' differs from the running deployment's; "
@@ -468,6 +469,7 @@ class Controller:
 
             endpoints = {gid: ep for gid, ep in self.endpoints.items() if gid in kept or gid in added}
             self.router.update(RoutingTable.from_plan(plan, endpoints, repo, dep))
+            serving_s = time.monotonic() - t_start
         except BaseException:
             self.dep, self.repo, self.plan = old
             if self.runtime is not None:
@@ -482,7 +484,8 @@ class Controller:
         self.calibration = dict(calibration)
         self._profiles = None              # apply may have measured models the profile lacked
         self.replans += 1
-        self.last_replan = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {reason}"
+        # how long the transition took, up to the router sending by the new plan (live.py reports it)
+        self.last_replan = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {reason} (serving after {serving_s:.1f} s)"
         self.log(f"re-planned ({reason}): {len(plan.gpulets)} gpu-let(s), "
                  f"{len(added)} started, {len(removed)} stopped, {len(kept)} kept")
         self._write_state("ready")
