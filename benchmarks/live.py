@@ -144,8 +144,9 @@ def run_system(dep: Deployment, base: dict[str, float], segments: list[dict[str,
 
 def transition_s(last_replan: str | None) -> float | None:
     """Seconds a re-plan took from its decision to the router sending by the new plan, as the controller
-    states it (``... (serving after 19.8 s)``); None where it does not (an older controller)."""
-    m = re.search(r"\(serving after ([0-9.]+) s\)$", last_replan or "")
+    states it (``... (serving after T s: plan P s, start S s, route R s)``); None where it does
+    not (an older controller)."""
+    m = re.search(r"\(serving after ([0-9.]+) s[:)]", last_replan or "")
     return float(m.group(1)) if m else None
 
 

@@ -441,6 +441,7 @@ class Controller:
         if self.devices.on_gpu and plan.gpulets and max(g.gpu for g in plan.gpulets) >= self.devices.count():
             raise ValueError(f"the plan needs {plan.gpus} GPU(s) but the deployment has {self.devices.count()}")
         build_artifacts(repo, plan.model_names(), progress=lambda n: self.log(f"building model {n} ..."))
+        t_planned = time.monotonic()
         from .apps import planned
 
         slo = {m.name: m.slo_ms for m in planned(dep, plan).models}
@@ -465,11 +466,15 @@ class Controller:
             if launches:
                 self.log(f"apply: starting {len(launches)} gpu-let(s): {', '.join(sorted(added))}")
                 self.endpoints.update(self.runtime.start(launches))
+            t_started = time.monotonic()
             from .router import RoutingTable
 
             endpoints = {gid: ep for gid, ep in self.endpoints.items() if gid in kept or gid in added}
             self.router.update(RoutingTable.from_plan(plan, endpoints, repo, dep))
-            serving_s = time.monotonic() - t_start
+            t_routed = time.monotonic()
+            # where a transition's time goes, by stage (live.py reports it; the GPU's is mostly start)
+            took = (f"serving after {t_routed - t_start:.1f} s: plan {t_planned - t_start:.1f} s, "
+                    f"start {t_started - t_planned:.1f} s, route {t_routed - t_started:.1f} s")
         except BaseException:
             self.dep, self.repo, self.plan = old
             if self.runtime is not None:
@@ -484,10 +489,9 @@ class Controller:
         self.calibration = dict(calibration)
         self._profiles = None              # apply may have measured models the profile lacked
         self.replans += 1
-        # how long the transition took, up to the router sending by the new plan (live.py reports it)
-        self.last_replan = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {reason} (serving after {serving_s:.1f} s)"
+        self.last_replan = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {reason} ({took})"
         self.log(f"re-planned ({reason}): {len(plan.gpulets)} gpu-let(s), "
-                 f"{len(added)} started, {len(removed)} stopped, {len(kept)} kept")
+                 f"{len(added)} started, {len(removed)} stopped, {len(kept)} kept; {took}")
         self._write_state("ready")
         return plan
 
