@@ -166,6 +166,11 @@ def turns(dep: Deployment) -> Deployment:
     return dep.model_copy(update={"scheduler": dep.scheduler.model_copy(update={"colocation": "turns"})})
 
 
+def as_planned(sysname: str, dep: Deployment) -> tuple[Deployment, str]:
+    """The deployment and planner a planned system (gpulet, temporal, turns) serves the mix with."""
+    return (turns(dep), "gpulet") if sysname == "turns" else (dep, sysname)
+
+
 def served(dep: Deployment, store) -> Deployment:
     """The models as the planner plans them: each app's steps added at its rate, their SLOs its budgets
     (split by the steps' profiled latencies, batch 1, largest share, as ``make_plan`` splits). What the
@@ -810,7 +815,7 @@ def make_system(sysname: str, dep: Deployment, store, plans: dict, pred: dict, d
         guess = pred[sysname]
         if sysname == "temporal":   # its ratio to the gpu-let's max is what is asked: start there
             guess = done.get("gpulet", {}).get("max_scale") or guess
-        planned = turns(dep) if sysname == "turns" else dep
+        planned, _ = as_planned(sysname, dep)
         return (Deployed(scaled(planned, pred[sysname]), plans[sysname], work), guess, None), None
     plain = served(dep, store)
     best = done.get("triton1", {}).get("max_scale")
@@ -862,8 +867,8 @@ def run(args) -> dict:
         pred = {}
         plans = {}
         for algo in ("gpulet", "temporal", "turns"):
-            s, plan = (planner_max(turns(dep), store, "gpulet") if algo == "turns" else
-                       planner_max(dep, store, algo))
+            planned, planner = as_planned(algo, dep)
+            s, plan = planner_max(planned, store, planner)
             pred[algo], plans[algo] = s, plan
             log(f"{mix}: planner's max scale with {algo}: {s:.3g}")
         mdoc["predicted"] = pred

@@ -542,11 +542,11 @@ class Controller:
         """Every second: a model whose rate over the latest span exceeds its plan's at two samples in a
         row is re-planned at once (two, so the rate planned for is a span wholly after a step, not one
         straddling it), for that rate (:func:`controlplane.live.grow`). True when it re-planned."""
-        from .live import grow, padded
+        from .live import grow, over_plan
 
         planned = {m.name: m.rate for m in self.served.models}
         last = window.last_rates()
-        before, self._over = self._over, {m for m, r in planned.items() if last.get(m, 0.0) > padded(r)}
+        before, self._over = self._over, set(over_plan(planned, last))
         if self._over & before:
             rates, why = grow(planned, last)
             self._replan(rates, f"measured load: {why}", None)

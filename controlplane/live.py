@@ -86,14 +86,19 @@ def padded(rate: float) -> float:
     return max(MIN_RATE, poisson_pad(rate))
 
 
+def over_plan(planned: Mapping[str, float], rates: Mapping[str, float]) -> list[str]:
+    """The models whose measured rate exceeds their padded planned rate (the Poisson 99th percentile of a
+    second's arrivals at that rate: a plan made for a rate serves its bursts)."""
+    return [m for m, r in planned.items() if rates.get(m, 0.0) > padded(r)]
+
+
 def grow(planned: Mapping[str, float], rates: Mapping[str, float]) -> tuple[dict[str, float] | None, str]:
     """New rates when a model is over its plan (None: keep the plan), and the reason in words.
 
     planned: the rate each model's current plan was made for; rates: measured (req/s, a model with no
-    arrivals counted is at 0). A model is over its plan when its rate exceeds the padded planned rate
-    (the Poisson 99th percentile of a second's arrivals at that rate: a plan made for a rate serves
-    its bursts); it is planned for its padded rate, the others keep theirs."""
-    up = [m for m, r in planned.items() if rates.get(m, 0.0) > padded(r)]
+    arrivals counted is at 0). A model :func:`over_plan` is planned for its padded rate, the others keep
+    theirs."""
+    up = over_plan(planned, rates)
     if not up:
         return None, ""
     return ({m: padded(rates.get(m, 0.0)) if m in up else r for m, r in planned.items()},

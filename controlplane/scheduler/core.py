@@ -448,12 +448,12 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
         if s > 100:
             errs.append(f"gpu{gpu}: shares sum to {s} %")
     for gpu, lets in by_gpu.items():
-        for g in lets:
+        shape = [(h.share, {x.model: x.batch for x in h.models}) for h in lets]
+        for i, g in enumerate(lets):
             lats = []
             for a in g.models:
                 spec = deployment.model(a.model)
-                others = co_runners(im, concurrent, a.model, g.share, a.batch,
-                                    [(h.share, {x.model: x.batch for x in h.models}) for h in lets], lets.index(g))
+                others = co_runners(im, concurrent, a.model, g.share, a.batch, shape, i)
                 sd = max(1.0, im.slowdown(a.model, g.share, a.batch, others)) if others else 1.0
                 L = profiles.latency(a.model, g.share, a.batch, pct) * margin * sd
                 lats.append(L)
