@@ -90,12 +90,13 @@ def test_gpulets_per_gpu_lets_a_host_bound_model_use_several_servers():
     """On the H200's serving-path profile resnet50 tops out near 1,300 images/s at any share (its
     python-backend pipeline, not the GPU): gpu-run at x2.2 fits one GPU only as more than two
     gpu-lets, resnet50 in two of them; the paper's limit of two gpu-lets per GPU cannot place it (its
-    models taking turns, as in the paper)."""
+    models taking turns, as in the paper, and no interference model: the host's limit alone)."""
     from controlplane.scheduler import SchedulingError
 
     dep = load_deployment(Path(__file__).parent.parent / "deployments" / "gpu-run.yaml")
     doc = dep.model_dump(mode="json", exclude_none=True)
     doc["scheduler"]["colocation"] = "turns"
+    doc["scheduler"]["interference"] = False
     for m in doc["models"]:
         m["rate"] *= 2.2
     many = type(dep).model_validate(doc)
