@@ -86,7 +86,7 @@ def test_the_hand_split_puts_the_tightest_slo_model_alone(serving):
     """mps-split, the design notes' 40/60 arrangement: bert (22 ms) alone, resnet50 and vgg16 together."""
     gpu_run = load_deployment(ROOT / "deployments" / "gpu-run.yaml")
     assert serving.hand_split(gpu_run) == [["bert"], ["resnet50", "vgg16"]]
-    assert serving.HAND_SHARES == [40, 60] and "mps-split" in serving.PLAIN
+    assert serving.HAND_SHARES == [40, 60] and "mps-split" not in serving.TRITONS
 
 
 def test_on_the_h200_the_gpulet_system_runs_a_gpulets_models_at_once_and_turns_is_the_papers(serving, full_h200):
@@ -104,4 +104,22 @@ def test_on_the_h200_the_gpulet_system_runs_a_gpulets_models_at_once_and_turns_i
     assert validate_plan(plan, serving.scaled(gpu_run, scale), full_h200) == []
     assert validate_plan(t_plan, serving.scaled(tt, t_scale), full_h200) == []
     assert validate_plan(plan, serving.scaled(tt, scale), full_h200) != []
-    assert "turns" in serving.SYSTEMS and "turns" not in serving.PLAIN
+    assert "turns" in serving.SYSTEMS and "turns" not in serving.TRITONS
+
+
+def test_the_table_compares_with_the_best_tritonserver_and_the_hand_split_apart(serving):
+    """Issue 10's targets are against one plain tritonserver (1, 2 or 4 instances); the hand split under MPS
+    is a column of its own, and measured over predicted is the plan's honesty."""
+    def sysd(mx, fail=None):
+        return {"points": [{}], "max_scale": mx, "fail_scale": fail}
+    doc = {"date": "d", "gpu": "g", "command": "c", "profile": "p", "profile_device": "pd", "duration_s": 8,
+           "attainment": 0.99, "mixes": {"m": {"predicted": {"gpulet": 2.5}, "systems": {
+               "gpulet": sysd(2.0, 2.5), "triton1": sysd(1.6), "triton2": sysd(1.0), "mps-split": sysd(2.5),
+               "direct": sysd(2.5), "temporal": sysd(1.0)}}}}
+    row = next(ln for ln in serving.render(doc).splitlines() if ln.startswith("| m |"))
+    head = next(ln for ln in serving.render(doc).splitlines() if ln.startswith("| mix |"))
+    cells = dict(zip([c.strip() for c in head.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["gpu-let / predicted"] == "0.80x"
+    assert cells["gpu-let / best tritonN"] == "1.25x"
+    assert cells["gpu-let / mps-split"] == "0.80x"
+    assert cells["gpu-let / temporal"] == "2.00x" and cells["router / direct"] == "0.80x"
