@@ -664,6 +664,36 @@ def stage_ms(before: dict, after: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def router_counts(metrics_text: str) -> dict[str, tuple[float, float]]:
+    """Per model, the router's (requests received, answered within the SLO) from its /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    req: dict[str, float] = {}
+    met: dict[str, float] = {}
+    for fam in text_string_to_metric_families(metrics_text):
+        for smp in fam.samples:
+            m = smp.labels.get("model")
+            if m is None:
+                continue
+            if smp.name == "router_requests_total":
+                req[m] = req.get(m, 0.0) + smp.value
+            elif smp.name == "router_slo_met_total":
+                met[m] = met.get(m, 0.0) + smp.value
+    return {m: (r, met.get(m, 0.0)) for m, r in req.items()}
+
+
+def router_attainment(before: dict, after: dict) -> dict[str, float]:
+    """Per model over a point: the share of the requests the router received that it answered within the
+    SLO, timed from arrival at the router to its answer. Beside the client's attainment it says where the
+    misses are: inside (router, gpu-lets, GPU) or outside (client, the hop to the router)."""
+    out = {}
+    for m, (r1, m1) in after.items():
+        r0, m0 = before.get(m, (0.0, 0.0))
+        if r1 - r0 > 0:
+            out[m] = round((m1 - m0) / (r1 - r0), 4)
+    return out
+
+
 # --------------------------------------------------------------------------- measuring
 
 
@@ -686,6 +716,8 @@ def measure(system, dep: Deployment, scale: float, duration: float, direct: bool
 
     threads = [threading.Thread(target=one, args=(i, u, f)) for i, (u, f) in enumerate(ends)]
     servers = system.servers()
+    at_router = None if direct else getattr(system, "router_metrics", None)
+    r0 = router_counts(at_router()) if at_router else {}
     t0 = triton_stats(servers)
     with CpuMeter() as cpu:
         for t in threads:
@@ -698,6 +730,7 @@ def measure(system, dep: Deployment, scale: float, duration: float, direct: bool
     models = merge_results(results)
     ok = all(d["attainment"] >= ATTAIN and not d["behind"] for d in models.values())
     stages = stage_ms(t0, triton_stats(servers))
+    inside = router_attainment(r0, router_counts(at_router())) if at_router else {}
     steps = {a.name: [st.model for st in a.steps] for a in dep.apps}
     for t in tg:
         if t.name not in models:
@@ -707,6 +740,8 @@ def measure(system, dep: Deployment, scale: float, duration: float, direct: bool
             models[t.name]["steps"] = {m: stages.get(m, {}) for m in steps[t.name]}
         elif t.name in stages:
             models[t.name]["triton_ms"] = stages[t.name]
+        if t.name in inside:
+            models[t.name]["router_attainment"] = inside[t.name]
     return {"scale": round(scale, 4), "pass": ok, "models": models, "cpu": cpu.result}
 
 
@@ -744,8 +779,9 @@ def point_line(p: dict) -> str:
     for n, d in p["models"].items():
         where = ("; ".join(stage(m, st) for m, st in d.get("steps", {}).items()) if d.get("app")
                  else stage("", d.get("triton_ms", {})).strip())
+        at_router = f" router {100 * d['router_attainment']:.1f}%" if "router_attainment" in d else ""
         parts.append(f"{n} {100 * d['attainment']:.1f}%{'(behind)' if d['behind'] else ''}"
-                     f"[p99 {d['p99_ms']:.0f} {where}]")
+                     f"[p99 {d['p99_ms']:.0f}{at_router} {where}]")
     cores = " ".join(f"{k} {v:g}" for k, v in p["cpu"]["cores"].items())
     return (f"{'PASS' if p['pass'] else 'fail'}  {' '.join(parts)}  | cores: {cores}, "
             f"machine {100 * p['cpu']['machine_busy']:.0f}% busy")

@@ -123,3 +123,22 @@ def test_the_table_compares_with_the_best_tritonserver_and_the_hand_split_apart(
     assert cells["gpu-let / best tritonN"] == "1.25x"
     assert cells["gpu-let / mps-split"] == "0.80x"
     assert cells["gpu-let / temporal"] == "2.00x" and cells["router / direct"] == "0.80x"
+
+
+def test_router_side_attainment_is_read_from_the_routers_own_counters(serving):
+    """Per point the benchmark diffs the router's arrivals and answers within the SLO (its /metrics text,
+    every router process summed), so a miss can be placed inside or outside the router."""
+    from controlplane.router.core import Metrics
+
+    m = Metrics()
+    for _ in range(10):
+        m.requests.labels("bert").inc()
+    m.slo_met.labels("bert").inc(10)
+    before = serving.router_counts(m.exposition().decode())
+    assert before == {"bert": (10.0, 10.0)}
+    m.requests.labels("bert").inc(100)
+    m.slo_met.labels("bert").inc(97)
+    m.requests.labels("vgg16").inc(5)
+    after = serving.router_counts(m.exposition().decode())
+    assert serving.router_attainment(before, after) == {"bert": 0.97, "vgg16": 0.0}
+    assert serving.router_counts("") == {} and serving.router_attainment({}, {}) == {}
