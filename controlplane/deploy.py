@@ -592,10 +592,11 @@ class Controller:
 
     def _measure_batches(self) -> dict[str, tuple[int, float, float]]:
         """Per source model, (batches, measured ms, profile ms) since the last epoch, from each gpu-let's
-        Triton statistics against the profile unscaled (what the plan's latencies come from)."""
+        Triton statistics against the profile unscaled (what the plan's latencies come from) times the
+        interference slowdown the plan priced in (:func:`controlplane.live.planned_slowdown`)."""
         import httpx
 
-        from .live import batch_stats, measured_vs_predicted
+        from .live import batch_stats, measured_vs_predicted, planned_slowdown
         from .planning import load_profiles
 
         if self.plan.algorithm == "trivial":
@@ -619,7 +620,10 @@ class Controller:
                 src = self.served.model(a.model).source
                 if prev is None or store is None or src not in store.models():
                     continue
-                n, meas, pred = measured_vs_predicted(prev, cur, lambda b: store.latency(src, g.share, b, pct="p50"))
+                slow = planned_slowdown(a.latency_ms, store.latency(src, g.share, a.batch, pct="p99"),
+                                        self.dep.scheduler.latency_margin, self.calibration.get(src, 1.0))
+                n, meas, pred = measured_vs_predicted(
+                    prev, cur, lambda b, slow=slow: store.latency(src, g.share, b, pct="p50") * slow)
                 n0, m0, p0 = out.get(src, (0, 0.0, 0.0))
                 out[src] = (n0 + n, m0 + meas, p0 + pred)
         return out

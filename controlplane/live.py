@@ -166,6 +166,15 @@ def measured_vs_predicted(before: Mapping[int, tuple[int, int]], after: Mapping[
     return n_all, measured, predicted
 
 
+def planned_slowdown(latency_ms: float, profile_ms: float, margin: float, factor: float = 1.0) -> float:
+    """The interference slowdown a plan priced into an assignment: its ``latency_ms`` over the profile's
+    latency of its batch (the percentile the planner used) x ``latency_margin`` x the calibration
+    ``factor`` it was planned with; 1 where the plan has no latency. Measured batch times are compared
+    with the profile x this, so what the interference model already explains is not calibrated twice."""
+    base = profile_ms * margin * factor
+    return max(1.0, latency_ms / base) if latency_ms > 0 and base > 0 else 1.0
+
+
 def recalibrate(current: Mapping[str, float], observed: Mapping[str, tuple[int, float, float]]
                 ) -> tuple[dict[str, float] | None, str]:
     """New per-model factors (measured over profile) when a model with enough batches measured runs

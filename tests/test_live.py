@@ -148,6 +148,20 @@ def test_recalibration_factors():
     assert recalibrate({}, {"lenet": (MIN_BATCHES - 1, 100.0, 10.0)}) == (None, "")         # too few batches
 
 
+def test_recalibration_leaves_out_the_interference_the_plan_priced_in():
+    """A batch planned at 1.2x its profile x margin (the interference model's slowdown) that runs 1.2x its
+    profile is as planned: nothing to recalibrate. Without the slowdown it would be scaled by 1.2 and then
+    slowed by the interference model again."""
+    from controlplane.live import planned_slowdown, recalibrate
+
+    slow = planned_slowdown(latency_ms=13.2, profile_ms=10.0, margin=1.1)
+    assert slow == pytest.approx(1.2)
+    assert recalibrate({}, {"bert": (100, 100 * 10.0 * 1.2, 100 * 10.0 * slow)}) == (None, "")
+    assert planned_slowdown(13.2, 10.0, 1.1, factor=1.2) == 1.0        # planned with a calibrated profile
+    assert planned_slowdown(0.0, 10.0, 1.1) == 1.0                    # a plan without latencies
+    assert planned_slowdown(5.0, 10.0, 1.1) == 1.0                    # never below 1
+
+
 RECAL = """\
 name: recal
 models:
