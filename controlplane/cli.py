@@ -280,6 +280,23 @@ def router_cmd(
 # --------------------------------------------------------------------------- plan
 
 
+def oversubscription(plan) -> list[str]:
+    """One line per GPU whose models run at once with caps adding up to more than its SMs: each model
+    is an MPS client of its own capped at its gpu-let's share, so a GPU of five 20 % gpu-lets holding
+    nine models may have 180 % of its SMs asked for at once (the interference model prices that)."""
+    if plan.colocation != "concurrent":
+        return []
+    out = []
+    for gpu in sorted({g.gpu for g in plan.gpulets}):
+        lets = [g for g in plan.gpulets if g.gpu == gpu]
+        clients = sum(len(g.models) for g in lets)
+        caps = sum(g.share * len(g.models) for g in lets)
+        if caps > 100:
+            out.append(f"GPU {gpu}: {clients} models run at once as MPS clients whose caps add up to {caps} % "
+                       f"of its SMs")
+    return out
+
+
 def _print_plan(plan) -> None:
     t = Table("gpu-let", "GPU", "share %", "duty cycle ms", "model", "batch", "planned for req/s", "throughput req/s",
               "latency ms", title=f"plan: {plan.gpus} GPU(s), {len(plan.gpulets)} gpu-let(s), algorithm {plan.algorithm}, "
@@ -291,6 +308,8 @@ def _print_plan(plan) -> None:
                       f"{g.duty_cycle_ms:.1f}" if i == 0 else "", a.model, str(a.batch), f"{a.rate:.1f}",
                       f"{a.throughput:.1f}", f"{a.latency_ms:.2f}")
     console.print(t)
+    for line in oversubscription(plan):
+        console.print(line)
     if any(m.throughput for m in plan.models.values()):
         s = Table("model", "planned for req/s", "planned throughput", "worst latency ms", "SLO ms", "meets SLO",
                   caption="planned for: the deployment's rate padded for Poisson bursts within half the SLO "

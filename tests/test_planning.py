@@ -107,3 +107,24 @@ def test_gpulets_per_gpu_lets_a_host_bound_model_use_several_servers():
     doc["scheduler"]["gpulets_per_gpu"] = 2
     with pytest.raises(SchedulingError):
         make_plan(type(dep).model_validate(doc), profile=SHIPPED_PROFILES / "h200", gpus=1)
+
+
+def test_plan_says_when_a_gpus_concurrent_caps_oversubscribe_it():
+    """A concurrent plan's models are MPS clients each capped at the share: `plan` says when their caps on
+    a GPU add up to more than 100 %; a plan whose models take turns never does."""
+    from controlplane.cli import oversubscription
+
+    dep = load_deployment(Path(__file__).parent.parent / "deployments" / "gpu-run.yaml")
+    doc = dep.model_dump(mode="json", exclude_none=True)
+    for m in doc["models"]:
+        m["rate"] *= 2.5
+    plan = make_plan(type(dep).model_validate(doc), profile=SHIPPED_PROFILES / "h200", gpus=1)
+    clients = sum(len(g.models) for g in plan.gpulets)
+    caps = sum(g.share * len(g.models) for g in plan.gpulets)
+    assert plan.colocation == "concurrent" and caps > 100
+    assert oversubscription(plan) == [f"GPU 0: {clients} models run at once as MPS clients whose caps add up "
+                                      f"to {caps} % of its SMs"]
+    doc["scheduler"]["colocation"] = "turns"
+    for m in doc["models"]:
+        m["rate"] /= 2.5
+    assert oversubscription(make_plan(type(dep).model_validate(doc), profile=SHIPPED_PROFILES / "h200", gpus=1)) == []
