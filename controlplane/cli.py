@@ -305,7 +305,8 @@ def _print_plan(plan) -> None:
     for g in plan.gpulets:
         for i, a in enumerate(g.models):
             t.add_row(g.id if i == 0 else "", str(g.gpu) if i == 0 else "", str(g.share) if i == 0 else "",
-                      f"{g.duty_cycle_ms:.1f}" if i == 0 else "", a.model, str(a.batch), f"{a.rate:.1f}",
+                      f"{a.duty_cycle_ms:.1f}" if a.duty_cycle_ms else f"{g.duty_cycle_ms:.1f}" if i == 0 else "",
+                      a.model, str(a.batch), f"{a.rate:.1f}",
                       f"{a.throughput:.1f}", f"{a.latency_ms:.2f}")
     console.print(t)
     for line in oversubscription(plan):

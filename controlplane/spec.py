@@ -329,6 +329,8 @@ class Assignment(_Strict):
     rate: float = Field(ge=0, description="requests/s this gpu-let is planned to take for the model")
     latency_ms: float = Field(default=0.0, ge=0, description="predicted latency of one batch (interference included)")
     throughput: float = Field(default=0.0, ge=0, description="predicted requests/s this gpu-let can serve")
+    duty_cycle_ms: float = Field(default=0.0, ge=0, description="when a gpu-let's models run at once, this "
+                                 "model's own cycle: its instance runs one batch of it per cycle (0: the gpu-let's)")
 
 
 def gpulet_id(device: str, index: int, j: int) -> str:
@@ -344,7 +346,8 @@ class GpuLet(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="stable name, e.g. gpu0-a (cpu0-a on a CPU)")
     gpu: int = Field(ge=0, description="index of the GPU (or of the virtual CPU device)")
     share: int = Field(gt=0, le=100, description="MPS active-thread percentage (CPU: % of the cores)")
-    duty_cycle_ms: float = Field(default=0.0, ge=0, description="time slot shared by the models of this gpu-let")
+    duty_cycle_ms: float = Field(default=0.0, ge=0, description="time slot shared by the models of this gpu-let "
+                                 "(running at once: the longest of their own cycles)")
     models: list[Assignment] = Field(min_length=1)
 
     def assignment(self, model: str) -> Assignment | None:

@@ -146,6 +146,27 @@ def test_interference_forces_an_extra_gpu():
     assert validate_plan(p2, d, TINY, interference=Const()) == []
 
 
+def test_running_at_once_each_model_keeps_its_own_cycle():
+    # shares [100]; a (SLO 10 ms, 100 req/s) beside c (SLO 100 ms, 350 req/s). Each is a Triton instance
+    # with its own queue, so a's requests never wait for c's batches: a runs batch 1 every 4 ms (worst
+    # 4 + 4 = 8 <= 10), c batch 3 every 8 ms (L(3) = 8). One common cycle would be at least c's 8 ms
+    # and a's worst latency 8 + 4 = 12 > 10: two GPUs.
+    models = [{"name": "a", "rate": 100, "slo_ms": 10}, {"name": "c", "rate": 350, "slo_ms": 100}]
+    d = dep(models, shares=[100], max_batch=4, colocation="concurrent")
+    p = plan(d, TINY, algorithm="gpulet")
+    assert p.gpus == 1 and len(p.gpulets) == 1
+    g = p.gpulets[0]
+    own = {x.model: (x.batch, x.duty_cycle_ms) for x in g.models}
+    assert own == {"a": (1, pytest.approx(4.0)), "c": (3, pytest.approx(8.0))}
+    assert g.duty_cycle_ms == pytest.approx(8.0)                   # the longest of the models' cycles
+    assert p.models["a"].worst_latency_ms == pytest.approx(8.0)
+    assert validate_plan(p, d, TINY) == []
+    shared = p.model_copy(deep=True)
+    next(x for x in shared.gpulets[0].models if x.model == "a").duty_cycle_ms = 0.0   # on the gpu-let's 8 ms
+    assert any("a worst latency 12.000 ms > SLO 10.0 ms" in e for e in validate_plan(shared, d, TINY))
+    assert plan(dep(models, shares=[100], max_batch=4), TINY, algorithm="gpulet").gpus == 2     # turns
+
+
 def test_running_at_once_a_gpulets_own_models_interfere():
     # shares [100], a and b at 100 req/s, SLO 20, on one gpu-let. Taking turns they never run together:
     # no co-runner, no slowdown. At once each is the other's co-runner: under a x2 slowdown L(1) = 8 ms,

@@ -11,6 +11,11 @@ turn every ``D`` ms (the duty cycle). Model ``i`` runs batch ``b_i`` with latenc
 * ``D + L_i <= SLO_i``                    (a request that just missed a batch waits
   at most ``D`` and then runs ``L_i``: the worst-case latency).
 
+With ``scheduler.colocation: concurrent`` a gpu-let's models run at once, each an MPS client
+with a Triton instance and queue of its own: each model has its own cycle ``D_i`` and the three
+rules hold per model (``L_i <= D_i``, ``1000 b_i / D_i >= r_i``, ``D_i + L_i <= SLO_i``); what
+they share is the GPU, priced by the interference model (:func:`co_runners`).
+
 A saturated gpu-let of one model is ``D = L(b)``, i.e. the paper's ``2 L(b) <= SLO``;
 a residue gpu-let is ``D = 1000 b / r``, i.e. ``L(b) + b/r <= SLO``; a
 time-shared gpu-let is the paper's common duty cycle. For given rates the
@@ -178,9 +183,14 @@ class Let:
     duty: float = 0.0
     batches: dict[str, int] = field(default_factory=dict)
     slow: dict[str, float] = field(default_factory=dict)
+    duties: dict[str, float] = field(default_factory=dict)   # running at once: each model's own cycle
 
     def copy(self) -> "Let":
-        return Let(self.share, dict(self.rates), self.duty, dict(self.batches), dict(self.slow))
+        return Let(self.share, dict(self.rates), self.duty, dict(self.batches), dict(self.slow), dict(self.duties))
+
+    def cycle(self, m: str) -> float:
+        """Model m's cycle: its own when the let's models run at once, else the let's."""
+        return self.duties.get(m, self.duty)
 
 
 def schedule(ctx: Ctx, share: int, rates: dict[str, float], slow: dict[str, float] | None = None
@@ -234,13 +244,35 @@ def schedule(ctx: Ctx, share: int, rates: dict[str, float], slow: dict[str, floa
     return None
 
 
+def schedule_let(ctx: Ctx, share: int, rates: dict[str, float], slow: dict[str, float] | None = None
+                 ) -> tuple[float, dict[str, int], dict[str, float]] | None:
+    """:func:`schedule` for a let: (duty, batches, each model's own cycle). Running at once
+    (``ctx.concurrent``) each model is scheduled alone on the share, and the let's duty is the longest
+    of their cycles; taking turns the cycle is common and the third item empty."""
+    ms = [m for m, r in rates.items() if r > EPS]
+    if not ctx.concurrent or len(ms) <= 1:
+        r = schedule(ctx, share, rates, slow)
+        return None if r is None else (r[0], r[1], {})
+    batches, duties = {}, {}
+    for m in ms:
+        r = schedule(ctx, share, {m: rates[m]}, {m: (slow or {}).get(m, 1.0)})
+        if r is None:
+            return None
+        duties[m], batches[m] = r[0], r[1][m]
+    return max(duties.values()), batches, duties
+
+
 def let_ok(ctx: Ctx, let: Let, slow: dict[str, float]) -> bool:
-    """Whether a let's fixed batches and duty still hold under the given slowdowns."""
+    """Whether a let's fixed batches and cycles still hold under the given slowdowns."""
     lats = {m: ctx.lat(m, let.share, let.batches[m]) * slow.get(m, 1.0) for m in let.rates}
-    if ctx.cycle(lats.values()) > let.duty + 1e-7:
+    if let.duties:
+        if any(lats[m] > let.cycle(m) + 1e-7 for m in let.rates):
+            return False
+    elif ctx.cycle(lats.values()) > let.duty + 1e-7:
         return False
     for m, r in let.rates.items():
-        if let.duty + lats[m] > ctx.slos[m] + 1e-7 or 1000.0 * let.batches[m] / let.duty < r - 1e-7:
+        d = let.cycle(m)
+        if d + lats[m] > ctx.slos[m] + 1e-7 or 1000.0 * let.batches[m] / d < r - 1e-7:
             return False
     return True
 
@@ -288,7 +320,7 @@ def slowdown_beside(im: InterferenceModel, model: str, share: float, batch: floa
 def slowdowns(ctx: Ctx, lets: Sequence[Let], batches: Sequence[dict[str, int]]) -> list[dict[str, float]]:
     """Slowdown of each model of each let given what runs beside it on the same GPU (:func:`co_runners`);
     a co-runner's busy fraction is its batch latency under the let's current slowdowns over the let's duty."""
-    shape = [(let.share, b, {m: busy(ctx.lat(m, let.share, b[m]) * let.slow.get(m, 1.0), let.duty) for m in b})
+    shape = [(let.share, b, {m: busy(ctx.lat(m, let.share, b[m]) * let.slow.get(m, 1.0), let.cycle(m)) for m in b})
              for let, b in zip(lets, batches)]
     out = []
     for i, let in enumerate(lets):
@@ -327,10 +359,10 @@ def _settle(ctx: Ctx, lets: list[Let]) -> list[Let] | None:
     the slowdowns their own batches cause."""
     cur = []
     for let in lets:
-        r = schedule(ctx, let.share, let.rates)
+        r = schedule_let(ctx, let.share, let.rates)
         if r is None:
             return None
-        cur.append(Let(let.share, dict(let.rates), r[0], r[1], {m: 1.0 for m in let.rates}))
+        cur.append(Let(let.share, dict(let.rates), r[0], r[1], {m: 1.0 for m in let.rates}, r[2]))
     alone = len(cur) == 1 and not (ctx.concurrent and len(cur[0].rates) > 1)
     if alone or isinstance(ctx.interference, NoInterference):
         return cur
@@ -344,10 +376,10 @@ def _settle(ctx: Ctx, lets: list[Let]) -> list[Let] | None:
         for c, s in zip(cur, sl):
             # keep the larger of old and new slowdown so the iteration cannot oscillate
             s2 = {m: max(s[m], c.slow.get(m, 1.0)) for m in c.rates}
-            r = schedule(ctx, c.share, c.rates, s2)
+            r = schedule_let(ctx, c.share, c.rates, s2)
             if r is None:
                 return None
-            nxt.append(Let(c.share, dict(c.rates), r[0], r[1], s2))
+            nxt.append(Let(c.share, dict(c.rates), r[0], r[1], s2, r[2]))
         cur = nxt
     sl = slowdowns(ctx, cur, [c.batches for c in cur])
     if all(let_ok(ctx, c, s) for c, s in zip(cur, sl)):
@@ -436,11 +468,12 @@ def to_plan(ctx: Ctx, gpus: Sequence[Gpu], deployment: str, algorithm: str) -> P
             for m, r in let.rates.items():
                 b = let.batches[m]
                 L = ctx.lat(m, let.share, b) * let.slow.get(m, 1.0)
-                t = 1000.0 * b / let.duty
+                d = let.cycle(m)
+                t = 1000.0 * b / d
                 thr[m] += t
-                worst[m] = max(worst[m], let.duty + L)
+                worst[m] = max(worst[m], d + L)
                 assigns.append(Assignment(model=m, batch=b, rate=round(r, 6), latency_ms=round(L, 6),
-                                          throughput=round(t, 6)))
+                                          throughput=round(t, 6), duty_cycle_ms=round(d, 6) if let.duties else 0.0))
             out.append(GpuLet(id=gpulet_id(ctx.profiles.device, n, j), gpu=n, share=let.share,
                               duty_cycle_ms=round(let.duty, 6), models=assigns))
         n += 1
@@ -456,8 +489,9 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
 
     Recomputes every latency from the profile (x margin x interference from the
     co-located gpu-lets' batches), then checks shares per GPU <= 100, each
-    model's throughput >= its rate, duty cycles (a gpu-let's batches in turn, or at once with
-    ``scheduler.colocation: concurrent``) and worst latency within SLO."""
+    model's throughput >= its rate, duty cycles (a gpu-let's batches in turn; at once with
+    ``scheduler.colocation: concurrent``, each model's batch within its own cycle, the assignment's
+    ``duty_cycle_ms``, else the gpu-let's) and worst latency within SLO."""
     margin = deployment.scheduler.latency_margin if margin is None else margin
     overhead = deployment.scheduler.overhead_ms
     concurrent = is_concurrent(deployment.scheduler.colocation, plan.device, plan.algorithm)
@@ -473,8 +507,11 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
         if s > 100:
             errs.append(f"gpu{gpu}: shares sum to {s} %")
     for gpu, lets in by_gpu.items():
+        def cycle(g: GpuLet, a: Assignment) -> float:
+            return a.duty_cycle_ms if concurrent and a.duty_cycle_ms > 0 else g.duty_cycle_ms
+
         shape = [(h.share, {x.model: x.batch for x in h.models},
-                  {x.model: busy(x.latency_ms, h.duty_cycle_ms) if x.latency_ms > 0 else 1.0 for x in h.models})
+                  {x.model: busy(x.latency_ms, cycle(h, x)) if x.latency_ms > 0 else 1.0 for x in h.models})
                  for h in lets]
         for i, g in enumerate(lets):
             lats = []
@@ -483,14 +520,17 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
                 sd = slowdown_beside(im, a.model, g.share, a.batch,
                                      co_runners(im, concurrent, a.model, g.share, a.batch, shape, i))
                 L = profiles.latency(a.model, g.share, a.batch, pct) * margin * sd
+                d = cycle(g, a)
                 lats.append(L)
-                t = 1000.0 * a.batch / g.duty_cycle_ms if g.duty_cycle_ms > 0 else 0.0
+                t = 1000.0 * a.batch / d if d > 0 else 0.0
                 thr[a.model] = thr.get(a.model, 0.0) + t
                 if t < a.rate - 1e-6 * max(1.0, a.rate):
                     errs.append(f"{g.id}: {a.model} throughput {t:.3f} < assigned rate {a.rate:.3f}")
-                if g.duty_cycle_ms + L + overhead > spec.slo_ms * (1 + 1e-6) + 1e-6:
-                    errs.append(f"{g.id}: {a.model} worst latency {g.duty_cycle_ms + L + overhead:.3f} ms "
+                if d + L + overhead > spec.slo_ms * (1 + 1e-6) + 1e-6:
+                    errs.append(f"{g.id}: {a.model} worst latency {d + L + overhead:.3f} ms "
                                 f"> SLO {spec.slo_ms} ms")
+                if concurrent and a.duty_cycle_ms > 0 and L > d * (1 + 1e-6) + 1e-6:
+                    errs.append(f"{g.id}: {a.model}'s batch takes {L:.3f} ms > its cycle {d:.3f} ms")
             total = cycle_time(lats, concurrent)
             if total > g.duty_cycle_ms * (1 + 1e-6) + 1e-6:
                 errs.append(f"{g.id}: batches take {total:.3f} ms > duty cycle {g.duty_cycle_ms:.3f} ms")

@@ -63,7 +63,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
-from .core import EPS, Ctx, Gpu, Let, SchedulingError, memory_ok, schedule, settle, try_gpu
+from .core import EPS, Ctx, Gpu, Let, SchedulingError, memory_ok, schedule, schedule_let, settle, try_gpu
 from .temporal import temporal as temporal_only
 
 Order = Callable[[Ctx], list[str]]
@@ -311,7 +311,7 @@ def _smallest_share(ctx: Ctx, rates: dict[str, float], limit: int = 100) -> int 
             return None
         if ctx.cycle(r * gpu_time(ctx, m, s) for m, r in rates.items()) > 1000.0 * (1 + 1e-9):
             continue
-        if schedule(ctx, s, rates) is not None:
+        if schedule_let(ctx, s, rates) is not None:
             return s
     return None
 

@@ -46,7 +46,8 @@ def _kept_let(ctx: Ctx, g, same: set[str]) -> Let | None:
     # neighbours is its planned latency over the profile's.
     return Let(g.share, {a.model: a.rate * (1 - 1e-9) for a in g.models}, g.duty_cycle_ms,
                {a.model: a.batch for a in g.models},
-               {a.model: max(1.0, a.latency_ms / ctx.lat(a.model, g.share, a.batch)) for a in g.models})
+               {a.model: max(1.0, a.latency_ms / ctx.lat(a.model, g.share, a.batch)) for a in g.models},
+               {a.model: a.duty_cycle_ms for a in g.models if a.duty_cycle_ms > 0})
 
 
 def incremental(ctx: Ctx, previous: Plan, algorithm: Callable[[Ctx, int | None], list[Gpu]],
