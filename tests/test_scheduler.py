@@ -184,24 +184,6 @@ def test_running_at_once_a_gpulets_own_models_interfere():
     assert len(pt.gpulets) == 1 and validate_plan(pt, turns, TINY, interference=Const()) == []
 
 
-def test_running_at_once_a_co_runner_disturbs_only_while_its_batch_runs():
-    """Each model of a concurrent gpu-let is an MPS client running one batch per duty cycle: a co-runner busy
-    half the cycle adds half its excess slowdown; always busy, the interference model's own answer; taking
-    turns, the paper's model (the other gpu-lets' most disturbing model, always busy)."""
-    from controlplane.scheduler.core import busy, co_runners, slowdown_beside
-
-    im = Const()
-    lets = [(100, {"a": 1, "b": 4}, {"a": busy(2.0, 4.0), "b": busy(4.0, 4.0)})]
-    half = co_runners(im, True, "b", 100, 4, lets, 0)        # b beside a, which runs 2 ms of b's 4 ms cycle
-    assert half == [(("a", 100, 1), 0.5)] and slowdown_beside(im, "b", 100, 4, half) == pytest.approx(1.5)
-    full = co_runners(im, True, "a", 100, 1, lets, 0)         # a beside b, always busy
-    assert full == [(("b", 100, 4), 1.0)] and slowdown_beside(im, "a", 100, 1, full) == 2.0
-    assert co_runners(im, False, "a", 100, 1, lets, 0) == []   # taking turns: no co-runner in its own gpu-let
-    two = lets + [(0, {"c": 1}, {"c": 0.1})]
-    assert co_runners(im, False, "a", 100, 1, two, 0) == [(("c", 0, 1), 1.0)]
-    assert busy(5.0, 4.0) == 1.0 and busy(1.0, 0.0) == 1.0
-
-
 def test_unreachable_slo_names_model_and_best_latency():
     d = dep([{"name": "a", "rate": 10, "slo_ms": 40}, {"name": "c", "rate": 10, "slo_ms": 7}])
     with pytest.raises(SchedulingError) as e:

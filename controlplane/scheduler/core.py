@@ -277,58 +277,36 @@ def let_ok(ctx: Ctx, let: Let, slow: dict[str, float]) -> bool:
     return True
 
 
-#: one gpu-let of a GPU as :func:`co_runners` sees it: (share, {model: batch}, {model: busy fraction})
-Slot = tuple[float, Mapping[str, int], Mapping[str, float]]
-
-
-def busy(latency_ms: float, duty_ms: float) -> float:
-    """The fraction of its gpu-let's duty cycle a model's batch runs: ``latency / duty``, at most 1."""
-    return min(1.0, latency_ms / duty_ms) if duty_ms > 0 else 1.0
-
-
 def co_runners(im: InterferenceModel, concurrent: bool, model: str, share: float, batch: float,
-               lets: Sequence[Slot], i: int) -> list[tuple[tuple[str, float, float], float]]:
-    """What runs beside ``model`` (at ``share``, ``batch``, in the ``i``-th of a GPU's ``lets``), as
-    (the interference model's ``other``, weight). Taking turns, a gpu-let's models never run together:
-    only the most disturbing model of each other gpu-let counts, as always busy (the paper's model).
-    Running at once (``colocation: concurrent``), every other model on the GPU does, those of its own
-    gpu-let included, each weighted by its busy fraction: each is an MPS client of its own, running
-    one batch per duty cycle, and disturbs only while that batch runs. (Counted as always busy, the
-    three models of a 100 % gpu-let priced each other at the 100/100 pairs' 1.5-4.5x slowdowns, and its
-    plan at x0.04-0.32 of the H200 mixes' rates where it served x1.44-1.86: run 15.)"""
-    out: list[tuple[tuple[str, float, float], float]] = []
-    for j, (s, bs, bz) in enumerate(lets):
-        cands = [((om, s, ob), bz.get(om, 1.0)) for om, ob in bs.items() if not (j == i and om == model)]
+               lets: Sequence[tuple[float, Mapping[str, int]]], i: int) -> list[tuple[str, float, float]]:
+    """What runs beside ``model`` (at ``share``, ``batch``, in the ``i``-th of a GPU's ``lets``, each
+    (share, {model: batch})), as the interference model's ``others``. Taking turns, a gpu-let's
+    models never run together: only the most disturbing model of each other gpu-let counts. Running
+    at once (``colocation: concurrent``), every other model on the GPU does, those of its own
+    gpu-let included, as always busy: near a plan's capacity Triton's dynamic batcher keeps each
+    instance busy with small batches (H200, run 15: bert at gpu-run x2.68 ran 206 batches a second of
+    4.9 ms on each server, busy 100 % of the time, where its plan had batches of 6-8 once per 7 ms
+    cycle); weighting co-runners by the plan's batches made the predictions more optimistic still."""
+    out: list[tuple[str, float, float]] = []
+    for j, (s, bs) in enumerate(lets):
+        cands = [(om, s, ob) for om, ob in bs.items() if not (j == i and om == model)]
         if concurrent:
             out += cands
         elif j != i and cands:
-            out.append((max(cands, key=lambda c: im.slowdown(model, share, batch, [c[0]]))[0], 1.0))
+            out.append(max(cands, key=lambda o: im.slowdown(model, share, batch, [o])))
     return out
 
 
-def slowdown_beside(im: InterferenceModel, model: str, share: float, batch: float,
-                    others: Sequence[tuple[tuple[str, float, float], float]]) -> float:
-    """``model``'s slowdown beside :func:`co_runners`' weighted ``others``: the interference model's own
-    answer where every co-runner is always busy, else 1 + the weighted sum of each one's excess."""
-    if not others:
-        return 1.0
-    if all(w >= 1.0 for _, w in others):
-        return max(1.0, im.slowdown(model, share, batch, [o for o, _ in others]))
-    return 1.0 + sum(w * (max(1.0, im.slowdown(model, share, batch, [o])) - 1.0) for o, w in others)
-
-
 def slowdowns(ctx: Ctx, lets: Sequence[Let], batches: Sequence[dict[str, int]]) -> list[dict[str, float]]:
-    """Slowdown of each model of each let given what runs beside it on the same GPU (:func:`co_runners`);
-    a co-runner's busy fraction is its batch latency under the let's current slowdowns over the let's duty."""
-    shape = [(let.share, b, {m: busy(ctx.lat(m, let.share, b[m]) * let.slow.get(m, 1.0), let.cycle(m)) for m in b})
-             for let, b in zip(lets, batches)]
+    """Slowdown of each model of each let given what runs beside it on the same GPU (:func:`co_runners`)."""
+    shape = [(let.share, b) for let, b in zip(lets, batches)]
     out = []
     for i, let in enumerate(lets):
         d = {}
         for m in let.rates:
-            d[m] = (1.0 if isinstance(ctx.interference, NoInterference) else
-                    slowdown_beside(ctx.interference, m, let.share, batches[i][m],
-                                    co_runners(ctx.interference, ctx.concurrent, m, let.share, batches[i][m], shape, i)))
+            others = ([] if isinstance(ctx.interference, NoInterference) else
+                      co_runners(ctx.interference, ctx.concurrent, m, let.share, batches[i][m], shape, i))
+            d[m] = max(1.0, ctx.interference.slowdown(m, let.share, batches[i][m], others)) if others else 1.0
         out.append(d)
     return out
 
@@ -510,15 +488,13 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
         def cycle(g: GpuLet, a: Assignment) -> float:
             return a.duty_cycle_ms if concurrent and a.duty_cycle_ms > 0 else g.duty_cycle_ms
 
-        shape = [(h.share, {x.model: x.batch for x in h.models},
-                  {x.model: busy(x.latency_ms, cycle(h, x)) if x.latency_ms > 0 else 1.0 for x in h.models})
-                 for h in lets]
+        shape = [(h.share, {x.model: x.batch for x in h.models}) for h in lets]
         for i, g in enumerate(lets):
             lats = []
             for a in g.models:
                 spec = deployment.model(a.model)
-                sd = slowdown_beside(im, a.model, g.share, a.batch,
-                                     co_runners(im, concurrent, a.model, g.share, a.batch, shape, i))
+                others = co_runners(im, concurrent, a.model, g.share, a.batch, shape, i)
+                sd = max(1.0, im.slowdown(a.model, g.share, a.batch, others)) if others else 1.0
                 L = profiles.latency(a.model, g.share, a.batch, pct) * margin * sd
                 d = cycle(g, a)
                 lats.append(L)
