@@ -51,7 +51,8 @@ def profile(
     out: Path | None = typer.Option(None, "--out", "-o", help="profiles root; files go to <out>/<device-slug>/ "
                                     "(default $CONTROLPLANE_CACHE/profiles, where `plan` and `up` look)"),
     csv_path: Path | None = typer.Option(None, "--csv", help="latency CSV (default <out>/<slug>/latency.csv)"),
-    mode: str = typer.Option("inprocess", help="'inprocess' (one worker per share) or 'serving' (tritonserver per share)"),
+    mode: str = typer.Option("inprocess", help="'inprocess' (one worker per share) or 'serving' (tritonserver per "
+                             "share; with --interference, each pair's two sides are tritonservers too)"),
     source: str = typer.Option("zoo", help="in-process models: 'zoo' (seeded build) or 'torchscript' (the repository's model.pt)"),
     runs: int = typer.Option(100, help="timed runs per point (at most)"),
     min_runs: int = typer.Option(20, help="timed runs per point (at least)"),
@@ -97,6 +98,8 @@ def profile(
         raise typer.BadParameter(f"--device must be auto, gpu or cpu, got {device!r}")
     share_l, batch_l = _ints(shares, "shares"), _ints(batches, "batches")
     split_l, pair_batch_l = _splits(splits), _ints(pair_batches, "pair-batches")     # checked before any timing
+    if mode not in ("inprocess", "serving"):
+        raise typer.BadParameter(f"--mode must be inprocess or serving, got {mode!r}")
     prec_l = [p for p in precisions.split(",") if p]
     bad = [p for p in prec_l if p not in ("fp32", "fp16")]
     if bad:
@@ -131,7 +134,7 @@ def profile(
                                       runs=runs, min_runs=min_runs, warmup=warmup, point_budget_s=point_budget_s,
                                       mps_pipe_dir=pipe_dir, gpu_index=gpu_index, device_label=dev,
                                       progress=_printer(con))
-            elif mode == "inprocess":
+            else:
                 from .latency import profile_latency
 
                 res = profile_latency(names, device=device, shares=share_l, batches=batch_l, precisions=prec_l,
@@ -139,8 +142,6 @@ def profile(
                                       point_budget_s=point_budget_s, source=source, mps_pipe_dir=pipe_dir,
                                       gpu_index=gpu_index, device_label=dev, progress=_printer(con),
                                       parallel_start=parallel_start)
-            else:
-                raise typer.BadParameter(f"--mode must be inprocess or serving, got {mode!r}")
             summary["latency"] = {"seconds": time.perf_counter() - t0, "measured": len(res.measured),
                                   "per_model_s": res.per_model_s, "skipped": res.skipped}
             con.print(f"latency: {len(res.measured)} new row(s) in {time.perf_counter() - t0:.1f} s -> {csv_file}")
@@ -154,14 +155,22 @@ def profile(
                     for p in plot_tables(rows, csv_file.parent):
                         con.print(f"plot: {p} ({p.stat().st_size // 1024} KB)")
         if interference:
-            if not on_gpu:
-                raise typer.BadParameter("--interference needs a GPU (pairs of MPS clients)")
+            if not on_gpu and mode != "serving":
+                raise typer.BadParameter("--interference needs a GPU (pairs of MPS clients), or --mode serving "
+                                         "(pairs of tritonservers, on the CPU side by side on its cores)")
             from .interference import fit_and_evaluate, measure_pairs, pair_configs, read_pairs, save_fit
 
             t0 = time.perf_counter()
             cfgs = pair_configs(names, split_l, batches=pair_batch_l, per_split=pairs_per_split)
-            pairs_csv = pdir / "interference_pairs.csv"
-            measure_pairs(cfgs, dev, pairs_csv, pipe_dir, gpu_index, pair_duration_s, progress=_printer(con))
+            if mode == "serving":       # through two gpu-let tritonservers: what a deployment's models meet
+                from .serving import measure_pairs_serving
+
+                pairs_csv = pdir / "interference_pairs_serving.csv"
+                measure_pairs_serving(cfgs, dev, pairs_csv, on_gpu, pipe_dir, gpu_index, seconds=pair_duration_s,
+                                      progress=_printer(con))
+            else:
+                pairs_csv = pdir / "interference_pairs.csv"
+                measure_pairs(cfgs, dev, pairs_csv, pipe_dir, gpu_index, pair_duration_s, progress=_printer(con))
             rows = [r for r in read_pairs(pairs_csv) if r["device"] == dev]
             fit, report = fit_and_evaluate(rows)
             save_fit(fit, report, pdir / "interference.json")

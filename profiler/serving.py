@@ -17,6 +17,8 @@ Triton keeps sums, not distributions: p50 and p99 of a row are both the mean.
 from __future__ import annotations
 
 import asyncio
+import csv
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -177,6 +179,7 @@ def profile_serving(models: Sequence[str], device: str = "cpu", shares: Sequence
                     progress({"type": "row", "row": row})
     finally:
         rt.stop()
+        shutil.rmtree(work, ignore_errors=True)
     res.seconds = time.perf_counter() - t_start
     return res
 
@@ -194,3 +197,116 @@ def compare(inprocess: Sequence[ProfileRow], serving: Sequence[ProfileRow]) -> d
             "max_rel_gap": float(np.max(np.abs(rel))),
             "per_point": [{"model": k[0], "share": k[1], "batch": k[2], "inprocess_p50_ms": ip, "serving_p50_ms": sv}
                           for k, ip, sv in pts]}
+
+
+# --------------------------------------------------------------------------- interference pairs
+
+
+def _mean_batch_ms(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], b: int) -> float | None:
+    """Triton's mean time per batch of size ``b`` between two readings of its statistics (None: none ran)."""
+    n0, ns0 = before.get(b, (0, 0))
+    n1, ns1 = after.get(b, (0, 0))
+    return (ns1 - ns0) / (n1 - n0) / 1e6 if n1 > n0 else None
+
+
+def measure_pairs_serving(configs: Sequence[tuple], device: str, out_csv: str | Path, on_gpu: bool,
+                          mps_pipe_dir: str | Path | None = None, gpu_index: int = 0, seconds: float = 0.6,
+                          min_batches: int = 5, warmup: int = 2, delay_us: int | None = None,
+                          progress: Progress | None = None, tritonserver: str | None = None,
+                          repository: str | Path | None = None) -> list[dict]:
+    """Interference pairs through the serving path; append rows to ``out_csv`` (resumable); return the new rows.
+
+    Each split's two sides are gpu-let tritonservers, started as a deployment starts them (MPS share on
+    a GPU, their own cores on the CPU), each holding the models of its side. For a pair (model A at
+    batch a on one side, B at batch b on the other) each side's closed loop runs alone, then both at
+    once; a side's slowdown is Triton's mean time per batch together over alone. Unlike the in-process
+    pairs (CUDA graphs replayed back to back), this is what a python-backend instance does: on the
+    H200 the in-process 100/100 pairs said 1.1-4.5x where a 100 % gpu-let's models served at about
+    their profile alone, and at 20 % they said 1.23x where bert ran 1.34x (docs/benchmarks.md, run 15).
+    A pair whose batches never formed is left out, said through ``progress``."""
+    from controlplane.interference import PAIR_COLUMNS
+    from controlplane.repository import SourceRepository, build_artifacts, write_gpulet_repository
+    from controlplane.runtime.base import Launch, cpu_cores_for, gpulet_env
+    from controlplane.runtime.process import ProcessRuntime
+    from controlplane.spec import Assignment, GpuLet
+
+    from .interference import _key, read_pairs
+
+    out_csv = Path(out_csv)
+    done = {_key(r["device"], r["share_a"], r["share_b"], r["model_a"], r["batch_a"], r["model_b"], r["batch_b"])
+            for r in read_pairs(out_csv)}
+    todo = [c for c in configs if _key(device, *c) not in done]
+    if progress:
+        progress({"type": "plan", "total": len(todo), "done": len(configs) - len(todo)})
+    if not todo:
+        return []
+    check_mps([s for c in todo for s in c[:2]], on_gpu, mps_pipe_dir)
+    delay_us = delay_us if delay_us is not None else (20_000 if on_gpu else 50_000)
+    repo = SourceRepository(repository)
+    build_artifacts(repo, sorted({c[2] for c in todo} | {c[4] for c in todo}))
+    work = Path(tempfile.mkdtemp(prefix="gpulet-pairs-"))
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    by_split: dict[tuple[int, int], list[tuple]] = {}
+    for c in todo:
+        by_split.setdefault((c[0], c[1]), []).append(c)
+    new: list[dict] = []
+    for (sa, sb), cs in by_split.items():
+        sides = []
+        for side, share, models in (("a", sa, sorted({c[2] for c in cs})), ("b", sb, sorted({c[4] for c in cs}))):
+            mb = max(c[3] if side == "a" else c[5] for c in cs)
+            sides.append(GpuLet(id=f"pair-{side}-s{share}", gpu=0, share=share,
+                                models=[Assignment(model=m, batch=mb, rate=0) for m in models]))
+        cores = None if on_gpu else cpu_cores_for(sides)       # side by side on the cores, as a deployment's
+        launches = []
+        for g in sides:
+            repo_dir = write_gpulet_repository(repo, g, work / g.id, on_gpu)
+            for a in g.models:
+                _profiling_config(repo_dir / a.model / "config.pbtxt", a.batch, delay_us)
+            c = None if cores is None else cores[g.id]
+            env = gpulet_env(g, gpu_index if on_gpu else None, c, str(mps_pipe_dir) if mps_pipe_dir else None)
+            launches.append(Launch(g, repo_dir, work / f"{g.id}.log", gpu_index=gpu_index if on_gpu else None,
+                                   cores=c, env=env))
+        rt = ProcessRuntime(tritonserver)
+        try:
+            eps = rt.start(launches)
+            ea, eb = eps[sides[0].id], eps[sides[1].id]
+            warm: set[tuple[str, str, int]] = set()
+
+            async def loops(runs: list[tuple]) -> None:
+                await asyncio.gather(*(_closed_loop(ep.grpc, m, repo[m], b, seconds, min_batches)
+                                       for ep, m, b in runs))
+
+            def timed(runs: list[tuple]) -> list[float | None]:
+                for ep, m, b in runs:
+                    if (ep.http, m, b) not in warm:
+                        asyncio.run(_closed_loop(ep.grpc, m, repo[m], b, 0.0, warmup))
+                        warm.add((ep.http, m, b))
+                before = [batch_stats(ep.http, m) for ep, m, _ in runs]
+                asyncio.run(loops(runs))
+                return [_mean_batch_ms(bf, batch_stats(ep.http, m), b) for bf, (ep, m, b) in zip(before, runs)]
+
+            for (_, _, ma, ba, mb_, bb) in cs:
+                (la,) = timed([(ea, ma, ba)])
+                (lb,) = timed([(eb, mb_, bb)])
+                ta, tb = timed([(ea, ma, ba), (eb, mb_, bb)])
+                if None in (la, lb, ta, tb):
+                    if progress:
+                        progress({"type": "skipped", "model": f"{ma}/{ba}@{sa} + {mb_}/{bb}@{sb}", "precision": "fp32",
+                                  "reason": "a batch of the asked size did not form"})
+                    continue
+                row = {"device": device, "model_a": ma, "share_a": sa, "batch_a": ba, "model_b": mb_, "share_b": sb,
+                       "batch_b": bb, "slowdown_a": round(ta / la, 4), "slowdown_b": round(tb / lb, 4)}
+                new_file = not out_csv.exists() or out_csv.stat().st_size == 0
+                with out_csv.open("a", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(PAIR_COLUMNS))
+                    if new_file:
+                        w.writeheader()
+                    w.writerow(row)
+                new.append(row)
+                if progress:
+                    progress({"type": "pair", "row": row, "alone_a_ms": la, "alone_b_ms": lb,
+                              "together_a_ms": ta, "together_b_ms": tb})
+        finally:
+            rt.stop()
+    shutil.rmtree(work, ignore_errors=True)
+    return new

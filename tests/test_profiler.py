@@ -237,3 +237,34 @@ def test_profile_refuses_a_bad_pair_split_before_timing_anything(tmp_path):
     assert _splits("20/20, 60/60,100/100") == [(20, 20), (60, 60), (100, 100)]
     cfgs = pair_configs(["a", "b"], [(60, 60)], batches=[1], per_split=3)
     assert len(cfgs) == 3 and all(c[:2] == (60, 60) for c in cfgs)
+
+
+def test_interference_pairs_through_two_tritonservers(tmp_path):
+    """``--interference --mode serving``: each pair's sides are gpu-let tritonservers (on the CPU side by
+    side on its cores), each side timed alone and together from Triton's own statistics; the rows go to
+    their own CSV, the fit beside them, and a second run measures nothing again (resumable)."""
+    import csv
+    import json
+
+    from helpers import run_cli, tritonserver_pids
+
+    args = ("profile", "--device", "cpu", "--mode", "serving", "-m", "lenet", "--interference", "--skip-latency",
+            "--splits", "50/50", "--pairs-per-split", "2", "--pair-batches", "1,2", "--pair-duration-s", "0.3",
+            "--no-plots", "--out", str(tmp_path))
+    r = run_cli(*args, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    [pairs] = list(tmp_path.rglob("interference_pairs_serving.csv"))
+    rows = list(csv.DictReader(pairs.open()))
+    assert len(rows) == 2 and not list(tmp_path.rglob("interference_pairs.csv"))
+    for row in rows:
+        assert (row["model_a"], row["share_a"], row["model_b"], row["share_b"]) == ("lenet", "50", "lenet", "50")
+        assert row["batch_a"] in ("1", "2") and 0.2 < float(row["slowdown_a"]) < 10 and 0.2 < float(row["slowdown_b"]) < 10
+    fit = json.loads((pairs.parent / "interference.json").read_text())
+    assert fit["kind"] == "fitted-pairs" and fit["evaluation"]["n_pairs"] == 2
+    again = run_cli(*args, timeout=300)
+    assert again.returncode == 0 and "0 point(s) to measure, 2 already done" in again.stdout + again.stderr
+    assert len(list(csv.DictReader(pairs.open()))) == 2
+    assert tritonserver_pids("gpulet-pairs-") == []
+    bad = run_cli("profile", "--device", "cpu", "--mode", "bogus", "-m", "lenet", "--interference",
+                  "--skip-latency", "--out", str(tmp_path / "x"), timeout=120)
+    assert bad.returncode != 0 and "--mode must be inprocess or serving" in bad.stdout + bad.stderr
