@@ -173,6 +173,7 @@ def profile(
                 measure_pairs(cfgs, dev, pairs_csv, pipe_dir, gpu_index, pair_duration_s, progress=_printer(con))
             rows = [r for r in read_pairs(pairs_csv) if r["device"] == dev]
             fit, report = fit_and_evaluate(rows)
+            report["pairs"] = pairs_csv.name          # which measurement the planner's fit comes from
             save_fit(fit, report, pdir / "interference.json")
             summary["interference"] = {"seconds": time.perf_counter() - t0, **report}
             h = report["heldout"]

@@ -261,6 +261,7 @@ def test_interference_pairs_through_two_tritonservers(tmp_path):
         assert row["batch_a"] in ("1", "2") and 0.2 < float(row["slowdown_a"]) < 10 and 0.2 < float(row["slowdown_b"]) < 10
     fit = json.loads((pairs.parent / "interference.json").read_text())
     assert fit["kind"] == "fitted-pairs" and fit["evaluation"]["n_pairs"] == 2
+    assert fit["evaluation"]["pairs"] == "interference_pairs_serving.csv"
     again = run_cli(*args, timeout=300)
     assert again.returncode == 0 and "0 point(s) to measure, 2 already done" in again.stdout + again.stderr
     assert len(list(csv.DictReader(pairs.open()))) == 2
