@@ -81,25 +81,41 @@ def _key(device: str, sa, sb, ma, ba, mb, bb) -> tuple:
     return (device, int(sa), int(sb), ma, int(ba), mb, int(bb))
 
 
-def measure_pairs(configs: Sequence[tuple], device: str, out_csv: str | Path, mps_pipe_dir: str | Path,
-                  gpu_index: int = 0, duration_s: float = 0.4, precision: str = "fp32", graphs: bool = True,
-                  progress: Callable[[dict], None] | None = None) -> list[dict]:
-    """Measure pair configurations on the GPU; append rows to ``out_csv``; return the new rows."""
-    out_csv = Path(out_csv)
-    cols = _pair_columns()
+def pending(configs: Sequence[tuple], device: str, out_csv: Path,
+            progress: Callable[[dict], None] | None = None) -> dict[tuple[int, int], list[tuple]]:
+    """The configurations ``out_csv`` does not hold yet, by split (resuming), said through ``progress``."""
     done = {_key(r["device"], r["share_a"], r["share_b"], r["model_a"], r["batch_a"], r["model_b"], r["batch_b"])
             for r in read_pairs(out_csv)}
     todo = [c for c in configs if _key(device, *c) not in done]
     if progress:
         progress({"type": "plan", "total": len(todo), "done": len(configs) - len(todo)})
-    if not todo:
-        return []
-    check_mps([s for c in todo for s in c[:2]], True, mps_pipe_dir)
-    new = []
-    by_split: dict[tuple[int, int], list[tuple]] = {}
+    out: dict[tuple[int, int], list[tuple]] = {}
     for c in todo:
-        by_split.setdefault((c[0], c[1]), []).append(c)
+        out.setdefault((c[0], c[1]), []).append(c)
+    return out
+
+
+def append_pair(out_csv: Path, row: dict) -> None:
+    """One measured pair appended to ``out_csv`` (its header first in a new file)."""
     out_csv.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not out_csv.exists() or out_csv.stat().st_size == 0
+    with out_csv.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_pair_columns())
+        if new_file:
+            w.writeheader()
+        w.writerow(row)
+
+
+def measure_pairs(configs: Sequence[tuple], device: str, out_csv: str | Path, mps_pipe_dir: str | Path,
+                  gpu_index: int = 0, duration_s: float = 0.4, precision: str = "fp32", graphs: bool = True,
+                  progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Measure pair configurations on the GPU; append rows to ``out_csv``; return the new rows."""
+    out_csv = Path(out_csv)
+    by_split = pending(configs, device, out_csv, progress)
+    if not by_split:
+        return []
+    check_mps([s for split in by_split for s in split], True, mps_pipe_dir)
+    new = []
     for (sa, sb), cs in by_split.items():
         models_a = sorted({c[2] for c in cs})
         models_b = sorted({c[4] for c in cs})
@@ -136,12 +152,7 @@ def measure_pairs(configs: Sequence[tuple], device: str, out_csv: str | Path, mp
                 row = {"device": device, "model_a": ma, "share_a": sa, "batch_a": ba, "model_b": mb, "share_b": sb,
                        "batch_b": bb, "slowdown_a": round(ra["mean_ms"] / la, 4),
                        "slowdown_b": round(rb["mean_ms"] / lb, 4)}
-                new_file = not out_csv.exists() or out_csv.stat().st_size == 0
-                with out_csv.open("a", newline="") as f:
-                    w_ = csv.DictWriter(f, fieldnames=cols)
-                    if new_file:
-                        w_.writeheader()
-                    w_.writerow(row)
+                append_pair(out_csv, row)
                 new.append(row)
                 if progress:
                     progress({"type": "pair", "row": row, "alone_a_ms": la, "alone_b_ms": lb,

@@ -17,7 +17,6 @@ Triton keeps sums, not distributions: p50 and p99 of a row are both the mean.
 from __future__ import annotations
 
 import asyncio
-import csv
 import shutil
 import tempfile
 import time
@@ -97,6 +96,20 @@ def _profiling_config(path: Path, max_batch: int, delay_us: int) -> None:
     path.write_text(text_format.MessageToString(cfg))
 
 
+def _launch(repo, g, work: Path, on_gpu: bool, cores: list[int] | None, delay_us: int, gpu_index: int,
+            mps_pipe_dir: str | Path | None):
+    """A profiling gpu-let's launch: its repository under ``work`` with batches gathered for ``delay_us``
+    (:func:`_profiling_config`), the environment a deployment gives it (MPS share, or its cores)."""
+    from controlplane.repository import write_gpulet_repository
+    from controlplane.runtime.base import Launch, gpulet_env
+
+    repo_dir = write_gpulet_repository(repo, g, work / g.id, on_gpu)
+    for a in g.models:
+        _profiling_config(repo_dir / a.model / "config.pbtxt", a.batch, delay_us)
+    env = gpulet_env(g, gpu_index if on_gpu else None, cores, str(mps_pipe_dir) if mps_pipe_dir else None)
+    return Launch(g, repo_dir, work / f"{g.id}.log", gpu_index=gpu_index if on_gpu else None, cores=cores, env=env)
+
+
 def profile_serving(models: Sequence[str], device: str = "cpu", shares: Sequence[int] = (50, 100),
                     batches: Sequence[int] = (1, 8), out_csv: str | Path | None = None, runs: int = 50,
                     min_runs: int = 10, warmup: int = 3, point_budget_s: float = 1.0, delay_us: int | None = None,
@@ -110,8 +123,7 @@ def profile_serving(models: Sequence[str], device: str = "cpu", shares: Sequence
     queueing, not part of the figure. A point whose batch never formed is left out (``skipped``).
     ``repository``: the source repository (default: the zoo's), e.g. a user's from `repo add`."""
 
-    from controlplane.repository import SourceRepository, build_artifacts, write_gpulet_repository
-    from controlplane.runtime.base import Launch, gpulet_env
+    from controlplane.repository import SourceRepository, build_artifacts
     from controlplane.runtime.process import ProcessRuntime
     from controlplane.spec import Assignment, GpuLet
 
@@ -137,15 +149,10 @@ def profile_serving(models: Sequence[str], device: str = "cpu", shares: Sequence
     t_start = time.perf_counter()
     launches = []
     for s in todo:
-        cores = None if on_gpu else cores_for_share(s)
         g = GpuLet(id=f"profile-s{s}", gpu=0, share=s,
                    models=[Assignment(model=m, batch=max(batches), rate=0) for m in models])
-        repo_dir = write_gpulet_repository(repo, g, work / g.id, on_gpu)
-        for m in models:
-            _profiling_config(repo_dir / m / "config.pbtxt", max(batches), delay_us)
-        env = gpulet_env(g, gpu_index if on_gpu else None, cores, str(mps_pipe_dir) if mps_pipe_dir else None)
-        launches.append(Launch(g, repo_dir, work / f"{g.id}.log", gpu_index=gpu_index if on_gpu else None,
-                               cores=cores, env=env))
+        launches.append(_launch(repo, g, work, on_gpu, None if on_gpu else cores_for_share(s), delay_us, gpu_index,
+                                mps_pipe_dir))
     # Every share's server starts at once (start-up -- model loads, CUDA graph captures -- is most of a
     # share's time); they are timed one at a time, the others idle (an idle MPS client takes no SMs).
     rt = ProcessRuntime(tritonserver)
@@ -224,31 +231,22 @@ def measure_pairs_serving(configs: Sequence[tuple], device: str, out_csv: str | 
     H200 the in-process 100/100 pairs said 1.1-4.5x where a 100 % gpu-let's models served at about
     their profile alone, and at 20 % they said 1.23x where bert ran 1.34x (docs/benchmarks.md, run 15).
     A pair whose batches never formed is left out, said through ``progress``."""
-    from controlplane.interference import PAIR_COLUMNS
-    from controlplane.repository import SourceRepository, build_artifacts, write_gpulet_repository
-    from controlplane.runtime.base import Launch, cpu_cores_for, gpulet_env
+    from controlplane.repository import SourceRepository, build_artifacts
+    from controlplane.runtime.base import cpu_cores_for
     from controlplane.runtime.process import ProcessRuntime
     from controlplane.spec import Assignment, GpuLet
 
-    from .interference import _key, read_pairs
+    from .interference import append_pair, pending
 
     out_csv = Path(out_csv)
-    done = {_key(r["device"], r["share_a"], r["share_b"], r["model_a"], r["batch_a"], r["model_b"], r["batch_b"])
-            for r in read_pairs(out_csv)}
-    todo = [c for c in configs if _key(device, *c) not in done]
-    if progress:
-        progress({"type": "plan", "total": len(todo), "done": len(configs) - len(todo)})
-    if not todo:
+    by_split = pending(configs, device, out_csv, progress)
+    if not by_split:
         return []
-    check_mps([s for c in todo for s in c[:2]], on_gpu, mps_pipe_dir)
+    check_mps([s for split in by_split for s in split], on_gpu, mps_pipe_dir)
     delay_us = delay_us if delay_us is not None else (20_000 if on_gpu else 50_000)
     repo = SourceRepository(repository)
-    build_artifacts(repo, sorted({c[2] for c in todo} | {c[4] for c in todo}))
+    build_artifacts(repo, sorted({m for cs in by_split.values() for c in cs for m in (c[2], c[4])}))
     work = Path(tempfile.mkdtemp(prefix="gpulet-pairs-"))
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    by_split: dict[tuple[int, int], list[tuple]] = {}
-    for c in todo:
-        by_split.setdefault((c[0], c[1]), []).append(c)
     new: list[dict] = []
     for (sa, sb), cs in by_split.items():
         sides = []
@@ -257,15 +255,8 @@ def measure_pairs_serving(configs: Sequence[tuple], device: str, out_csv: str | 
             sides.append(GpuLet(id=f"pair-{side}-s{share}", gpu=0, share=share,
                                 models=[Assignment(model=m, batch=mb, rate=0) for m in models]))
         cores = None if on_gpu else cpu_cores_for(sides)       # side by side on the cores, as a deployment's
-        launches = []
-        for g in sides:
-            repo_dir = write_gpulet_repository(repo, g, work / g.id, on_gpu)
-            for a in g.models:
-                _profiling_config(repo_dir / a.model / "config.pbtxt", a.batch, delay_us)
-            c = None if cores is None else cores[g.id]
-            env = gpulet_env(g, gpu_index if on_gpu else None, c, str(mps_pipe_dir) if mps_pipe_dir else None)
-            launches.append(Launch(g, repo_dir, work / f"{g.id}.log", gpu_index=gpu_index if on_gpu else None,
-                                   cores=c, env=env))
+        launches = [_launch(repo, g, work, on_gpu, None if cores is None else cores[g.id], delay_us, gpu_index,
+                            mps_pipe_dir) for g in sides]
         rt = ProcessRuntime(tritonserver)
         try:
             eps = rt.start(launches)
@@ -296,12 +287,7 @@ def measure_pairs_serving(configs: Sequence[tuple], device: str, out_csv: str | 
                     continue
                 row = {"device": device, "model_a": ma, "share_a": sa, "batch_a": ba, "model_b": mb_, "share_b": sb,
                        "batch_b": bb, "slowdown_a": round(ta / la, 4), "slowdown_b": round(tb / lb, 4)}
-                new_file = not out_csv.exists() or out_csv.stat().st_size == 0
-                with out_csv.open("a", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=list(PAIR_COLUMNS))
-                    if new_file:
-                        w.writeheader()
-                    w.writerow(row)
+                append_pair(out_csv, row)
                 new.append(row)
                 if progress:
                     progress({"type": "pair", "row": row, "alone_a_ms": la, "alone_b_ms": lb,
