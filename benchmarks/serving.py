@@ -787,27 +787,41 @@ def point_line(p: dict) -> str:
             f"machine {100 * p['cpu']['machine_busy']:.0f}% busy")
 
 
-def search(system, dep: Deployment, guess: float, duration: float, points: int, record, direct: bool = False,
-           below: bool = False) -> dict:
-    """Max scale with >= 99 % attainment for every target: from `guess`, x1.5 steps to a bracket, then bisection.
+#: the search's step from its first point to a bracket: the first point is a prediction or an earlier
+#: run's result, within 20-30 % of the answer as a rule, so a small step brackets it in one or two points
+#: and leaves the rest for bisection (with x1.5 steps and 3 points, run 15's brackets were 15-25 % wide)
+STEP = 1.25
 
-    below: `guess` is a better system's max scale; when this one fails there, one more point (/1.5) says
+
+def search(probe, guess: float, points: int, below: bool = False) -> dict:
+    """Max scale with >= 99 % attainment for every target: from `guess`, x:data:`STEP` steps to a bracket, then
+    bisection. ``probe(scale)`` measures one point and returns it (its ``pass`` says whether it held).
+
+    below: `guess` is a better system's max scale; when this one fails there, one more point (/STEP) says
     where it stands and the search stops (its max is below the other's; device time goes elsewhere)."""
     lo, hi, s = 0.0, math.inf, guess
     tried = []
     for i in range(points):
         if below and i == 2 and not tried[0]["pass"]:
             break
-        p = measure(system, dep, s, duration, direct)
+        p = probe(s)
         tried.append(p)
-        record(p)
-        log(f"  x{s:.3g}: {point_line(p)}")
         if p["pass"]:
             lo = s
         else:
             hi = s
-        s = s * 1.5 if hi == math.inf else (s / 1.5 if lo == 0 else (lo + hi) / 2)
+        s = s * STEP if hi == math.inf else (s / STEP if lo == 0 else (lo + hi) / 2)
     return {"max_scale": lo, "fail_scale": None if hi == math.inf else hi, "points": tried}
+
+
+def prober(system, dep: Deployment, duration: float, record, direct: bool = False):
+    """``search``'s probe for a running system: measure a point, record it, log it."""
+    def probe(s: float) -> dict:
+        p = measure(system, dep, s, duration, direct)
+        record(p)
+        log(f"  x{s:.3g}: {point_line(p)}")
+        return p
+    return probe
 
 
 # --------------------------------------------------------------------------- driver
@@ -945,14 +959,14 @@ def run(args) -> dict:
                 by_port = {u.rsplit(":", 1)[-1]: name for name, u in system.server_names().items()}
                 entry["gpu_memory_mib"] = {"gpus": mem["gpus"],
                                            "servers": {by_port.get(k, k): v for k, v in mem["servers"].items()}}
-                entry.update(search(system, dep, guess, args.duration, args.points, entry["points"].append,
+                entry.update(search(prober(system, dep, args.duration, entry["points"].append), guess, args.points,
                                     below=sysname in ("triton2", "triton4") and bool(best)))
                 save()
                 log(f"{mix}/{sysname}: max scale {entry['max_scale']:.3g}")
                 if sysname == "gpulet" and "direct" in args.systems and not dep.apps:
                     d = mdoc["systems"]["direct"] = {"points": []}
-                    d.update(search(system, dep, max(entry["max_scale"], guess * 0.5), args.duration, args.points,
-                                    d["points"].append, direct=True))
+                    d.update(search(prober(system, dep, args.duration, d["points"].append, direct=True),
+                                    max(entry["max_scale"], guess * 0.5), args.points))
                     log(f"{mix}/direct: max scale {d['max_scale']:.3g}")
                     save()
                 entry["router_drops"] = [ln for ln in system.router_metrics().splitlines()

@@ -142,3 +142,27 @@ def test_router_side_attainment_is_read_from_the_routers_own_counters(serving):
     after = serving.router_counts(m.exposition().decode())
     assert serving.router_attainment(before, after) == {"bert": 0.97, "vgg16": 0.0}
     assert serving.router_counts("") == {} and serving.router_attainment({}, {}) == {}
+
+
+def test_the_search_brackets_a_max_scale_from_a_close_first_point(serving):
+    """From a first point within 20 % of the answer (a prediction, an earlier run), three points bracket
+    the max scale within 12 %: a step of STEP to a bracket, then bisection. A system known to be below a
+    better one's max stops after two failures."""
+    def system(capacity):
+        tried = []
+
+        def probe(s):
+            tried.append(round(s, 4))
+            return {"scale": s, "pass": s <= capacity}
+        return probe, tried
+
+    probe, tried = system(2.3)
+    r = serving.search(probe, 2.68, 3)
+    assert tried == [2.68, 2.144, 2.412] and (r["max_scale"], r["fail_scale"]) == (2.144, 2.412)
+    assert r["fail_scale"] / r["max_scale"] < 1.13 and len(r["points"]) == 3
+    probe, tried = system(3.0)
+    r = serving.search(probe, 2.4, 3)
+    assert tried == [2.4, 3.0, 3.75] and (r["max_scale"], r["fail_scale"]) == (3.0, 3.75)
+    probe, tried = system(1.0)
+    r = serving.search(probe, 2.0, 4, below=True)
+    assert tried == [2.0, 1.6] and r["max_scale"] == 0.0 and r["fail_scale"] == 1.6
