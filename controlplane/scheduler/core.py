@@ -484,10 +484,11 @@ def validate_plan(plan: Plan, deployment: Deployment, profiles: ProfileStore, *,
     for gpu, s in used.items():
         if s > 100:
             errs.append(f"gpu{gpu}: shares sum to {s} %")
-    for gpu, lets in by_gpu.items():
-        def cycle(g: GpuLet, a: Assignment) -> float:
-            return a.duty_cycle_ms if concurrent and a.duty_cycle_ms > 0 else g.duty_cycle_ms
 
+    def cycle(g: GpuLet, a: Assignment) -> float:
+        return a.duty_cycle_ms if concurrent and a.duty_cycle_ms > 0 else g.duty_cycle_ms
+
+    for gpu, lets in by_gpu.items():
         shape = [(h.share, {x.model: x.batch for x in h.models}) for h in lets]
         for i, g in enumerate(lets):
             lats = []
