@@ -666,20 +666,10 @@ def stage_ms(before: dict, after: dict) -> dict[str, dict[str, float]]:
 
 def router_counts(metrics_text: str) -> dict[str, tuple[float, float]]:
     """Per model, the router's (requests received, answered within the SLO) from its /metrics text."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from controlplane.live import router_arrivals, router_counter
 
-    req: dict[str, float] = {}
-    met: dict[str, float] = {}
-    for fam in text_string_to_metric_families(metrics_text):
-        for smp in fam.samples:
-            m = smp.labels.get("model")
-            if m is None:
-                continue
-            if smp.name == "router_requests_total":
-                req[m] = req.get(m, 0.0) + smp.value
-            elif smp.name == "router_slo_met_total":
-                met[m] = met.get(m, 0.0) + smp.value
-    return {m: (r, met.get(m, 0.0)) for m, r in req.items()}
+    met = router_counter(metrics_text, "router_slo_met")
+    return {m: (r, met.get(m, 0.0)) for m, r in router_arrivals(metrics_text).items()}
 
 
 def router_attainment(before: dict, after: dict) -> dict[str, float]:

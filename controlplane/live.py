@@ -117,18 +117,23 @@ def shrink(planned: Mapping[str, float], peak: Mapping[str, float]) -> tuple[dic
                       for m in down))
 
 
-def router_arrivals(metrics_text: str) -> dict[str, float]:
-    """``router_requests_total`` per model from the router's /metrics text."""
+def router_counter(metrics_text: str, counter: str = "router_requests") -> dict[str, float]:
+    """The router's counter ``counter`` (``<counter>_total``) per model from its /metrics text."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(metrics_text):
-        if fam.name != "router_requests":
+        if fam.name != counter:
             continue
         for s in fam.samples:
-            if s.name == "router_requests_total" and "model" in s.labels:
+            if s.name == f"{counter}_total" and "model" in s.labels:
                 out[s.labels["model"]] = out.get(s.labels["model"], 0.0) + s.value
     return out
+
+
+def router_arrivals(metrics_text: str) -> dict[str, float]:
+    """``router_requests_total`` per model from the router's /metrics text."""
+    return router_counter(metrics_text, "router_requests")
 
 
 # --------------------------------------------------------------------------- recalibration
