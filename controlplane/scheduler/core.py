@@ -195,7 +195,8 @@ class Let:
 
 def schedule(ctx: Ctx, share: int, rates: dict[str, float], slow: dict[str, float] | None = None
              ) -> tuple[float, dict[str, int]] | None:
-    """Smallest feasible duty cycle and the batches for it, or None (see module doc)."""
+    """Smallest feasible duty cycle and the batches for it, or None (see module doc): the models take
+    turns in it (a let whose models run at once is scheduled a model at a time, :func:`schedule_let`)."""
     ms = [m for m, r in rates.items() if r > EPS]
     if not ms:
         return None
@@ -203,7 +204,7 @@ def schedule(ctx: Ctx, share: int, rates: dict[str, float], slow: dict[str, floa
     rs = [rates[m] for m in ms]
     sl = [slow.get(m, 1.0) for m in ms] if slow else [1.0] * k
     # necessary: each batch takes at least min_time per request, and the batches fill the cycle
-    if ctx.cycle(r * ctx.min_time(m, share) * f for m, r, f in zip(ms, rs, sl)) > 1000.0 * (1 + 1e-9):
+    if sum(r * ctx.min_time(m, share) * f for m, r, f in zip(ms, rs, sl)) > 1000.0 * (1 + 1e-9):
         return None
     tabs = [ctx.lat_row(m, share) for m in ms]
     fast = [ctx.fast_row(m, share) for m in ms]
@@ -232,7 +233,7 @@ def schedule(ctx: Ctx, share: int, rates: dict[str, float], slow: dict[str, floa
             bs[j] = b
             L = tabs[j][b] * sl[j]
             lats[j] = L
-        tot = ctx.cycle(lats)
+        tot = sum(lats)
         d = max(tot, lo + EPS if lo > 0 else 0.0)
         # the batches at D=hi also hold for any D in (lo, hi] since ceil is constant there
         if d <= hi + EPS:
@@ -268,7 +269,7 @@ def let_ok(ctx: Ctx, let: Let, slow: dict[str, float]) -> bool:
     if let.duties:
         if any(lats[m] > let.cycle(m) + 1e-7 for m in let.rates):
             return False
-    elif ctx.cycle(lats.values()) > let.duty + 1e-7:
+    elif sum(lats.values()) > let.duty + 1e-7:
         return False
     for m, r in let.rates.items():
         d = let.cycle(m)
