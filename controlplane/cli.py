@@ -206,7 +206,8 @@ def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -
         console.print_json(json.dumps({"deployment": dep.name, "state": state.state, "router": router_addr,
                                        "router_ready": ready(router_addr), "gpulets": rows,
                                        "rates": {n: s.rate for n, s in state.plan.models.items()},
-                                       "replans": state.replans, "last_replan": state.last_replan}))
+                                       "replans": state.replans, "last_replan": state.last_replan,
+                                       "changing": state.changing}))
         return
     console.print(f"deployment [bold]{dep.name}[/] ({state.state}, {state.runtime} runtime, "
                   f"device {state.device}); router http://{router_addr} "
@@ -224,6 +225,10 @@ def status(file: str = FileOpt, as_json: bool = typer.Option(False, "--json")) -
     console.print(t)
     if state.replans:
         console.print(f"re-planned {state.replans} time(s); last: {state.last_replan}")
+    if state.changing:      # the table is the target plan; what still runs of the old one, until it is stopped:
+        old = sorted(set(state.gpulets) - {g.id for g in state.plan.gpulets})
+        console.print(f"changing: {state.changing}" + (f"; still serving from the previous plan: {', '.join(old)}"
+                                                        if old else ""), highlight=False)
 
 
 @app.command()

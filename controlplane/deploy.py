@@ -156,6 +156,7 @@ class Controller:
         self.endpoints: dict[str, Endpoint] = {}
         self.memory_limits: dict[str, int | None] = {}   # gpu-let -> MB each of its processes may hold
         self._stopped = False
+        self._serving = False       # serve()'s loop runs: changes go beside it (_begin)
         self._generation = 0        # plans tried since start; names the gpu-lets each adds
         self._state = "starting"
         self.replans = 0
@@ -165,6 +166,9 @@ class Controller:
         self._profiles = None               # the unscaled profile store recalibration compares with
         self.metrics = ControllerMetrics()
         self._last_change: tuple[float, float, str] = (0.0, 0.0, "")      # the last re-plan: start, end, reason
+        self._changes = None        # the one thread changes run on while serving (see _begin)
+        self._change = None         # the change in flight there (a Future)
+        self.changing: str | None = None                 # its reason, for `status`
 
     @property
     def served(self) -> Deployment:
@@ -463,6 +467,7 @@ class Controller:
         try:
             self._check_memory([g for g in gpulets if g.id in added])
             launches = self.launches(only=added)
+            self._check_not_stopping()
             if launches:
                 self.log(f"apply: starting {len(launches)} gpu-let(s): {', '.join(sorted(added))}")
                 self.endpoints.update(self.runtime.start(launches))
@@ -470,6 +475,7 @@ class Controller:
             from .router import RoutingTable
 
             endpoints = {gid: ep for gid, ep in self.endpoints.items() if gid in kept or gid in added}
+            self._check_not_stopping()
             self.router.update(RoutingTable.from_plan(plan, endpoints, repo, dep))
             t_routed = time.monotonic()
             # where a transition's time goes, by stage (live.py reports it; the GPU's is mostly start)
@@ -494,6 +500,10 @@ class Controller:
                  f"{len(added)} started, {len(removed)} stopped, {len(kept)} kept; {took}")
         self._write_state("ready")
         return plan
+
+    def _check_not_stopping(self) -> None:
+        if self._stopped:
+            raise RuntimeError("the deployment is stopping")
 
     def _check_memory(self, gpulets) -> None:
         """Refuse a transition whose new gpu-lets would not fit in the GPU memory free now (NVML), beside
@@ -585,10 +595,15 @@ class Controller:
         for m in doc["models"]:
             if rates is not None:
                 m["rate"] = round(rates[m["name"]], 3)
-        try:
-            self.apply(Deployment.model_validate(doc), reason=reason, calibration=calibration)
-        except Exception as e:  # noqa: BLE001 - the running plan keeps serving; tried again next epoch
-            self.log(f"epoch: re-planning failed, the running plan keeps serving: {type(e).__name__}: {e}")
+        dep = Deployment.model_validate(doc)
+
+        def replan() -> None:
+            try:
+                self.apply(dep, reason=reason, calibration=calibration)
+            except Exception as e:  # noqa: BLE001 - the running plan keeps serving; tried again next epoch
+                self.log(f"epoch: re-planning failed, the running plan keeps serving: {type(e).__name__}: {e}")
+
+        self._begin(reason, replan)
 
     def _measure_batches(self) -> dict[str, tuple[int, float, float]]:
         """Per source model, (batches, measured ms, profile ms) since the last epoch, from each gpu-let's
@@ -665,15 +680,54 @@ class Controller:
         path.write_text(json.dumps({"inputs": inputs}))
         return path
 
+    def _begin(self, reason: str, change) -> None:
+        """Run ``change`` (an apply, a re-plan, the repository API's requests): beside :meth:`serve`'s loop
+        when it runs, one change at a time, so the loop keeps measuring the load while new gpu-lets start
+        and warm (tens of seconds on a GPU) and decides again on current counts when it ends; inline
+        otherwise. ``change`` reports its own failures (the running plan keeps serving)."""
+        if not self._serving:
+            change()
+            return
+        self.changing = f"{reason} (since {time.strftime('%H:%M:%S')})"
+        self._write_state(self._state)
+        if self._changes is None:
+            # One thread, kept until shutdown: a server dies with the *thread* that spawned it
+            # (setpriv --pdeathsig), so a thread per change would take its servers with it when it ends.
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._changes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controlplane-change")
+        self._change = self._changes.submit(change)
+
+    def _changing(self) -> bool:
+        """True while a change runs; when one has just ended, forget it (and the load seen over the old plan)."""
+        if self._change is None:
+            return False
+        if not self._change.done():
+            return True
+        self._change, self.changing, self._over = None, None, set()
+        self._write_state(self._state)
+        return False
+
     def serve(self, stop: threading.Event, interval_s: float = 1.0) -> None:
-        """Supervise until stop is set: take `apply` requests, re-plan from the measured load every
-        epoch (``scheduler.epoch_s``), restart dead servers, keep the state file current."""
+        """Supervise until stop is set, one loop: measure the load every second; when no change is in
+        flight, take `apply` and repository API requests, re-plan from the measured load (at once on
+        growth, every ``scheduler.epoch_s`` otherwise), restart dead servers, keep the state file
+        current. Changes run beside the loop (:meth:`_begin`): while one is in flight the loop only
+        measures (the runtime is the change's until it ends; a server that dies meanwhile is restarted
+        after it)."""
         from .live import LoadWindow
 
         epoch = self.dep.scheduler.epoch_s
-        window = LoadWindow(self.dep.scheduler.window_s)
+        window = self.window = LoadWindow(self.dep.scheduler.window_s)
         self._over: set[str] = set()
         next_epoch = time.monotonic() + (epoch or 0)
+        self._serving = True
+        try:
+            self._serve(stop, interval_s, epoch, window, next_epoch)
+        finally:
+            self._serving = False
+
+    def _serve(self, stop: threading.Event, interval_s: float, epoch: float, window, next_epoch: float) -> None:
         while not stop.wait(min(interval_s, epoch or interval_s)):
             if not self.router.alive():
                 # The router's first process is this one: it cannot be restarted apart from the
@@ -681,11 +735,20 @@ class Controller:
                 # leave servers nobody can reach. It replaces its other processes itself.
                 self.log(f"the router stopped ({self.router._error or 'its thread exited'}); stopping the deployment")
                 return
-            self._take_apply_request()
-            self._take_repository_requests()
-            if epoch and self._sample(window) and not self._grow(window) and time.monotonic() >= next_epoch:
+            sampled = bool(epoch) and self._sample(window)
+            if self._changing():
+                continue
+            if self.paths.apply_request.exists():
+                self._begin("controlplane apply", self._take_apply_request)
+                continue
+            if self.dep.router.repository_api and any(self.paths.control.glob("req-*.json")):
+                self._begin("repository API", self._take_repository_requests)
+                continue
+            if sampled and not self._grow(window) and time.monotonic() >= next_epoch:
                 next_epoch = time.monotonic() + epoch
                 self._epoch(window)
+            if self._changing():
+                continue
             restarted = self.runtime.supervise()
             for gid in restarted:
                 self.log(f"gpu-let {gid}: restarted")
@@ -699,6 +762,14 @@ class Controller:
         if self._stopped:
             return
         self._stopped = True
+        change = self._change
+        if change is not None and not change.done():
+            # stop its servers first (a process runtime's start then fails at once, rather than after
+            # they are ready), then wait for it: it takes back what it started and routes nothing more
+            self.log("stopping: a change is in flight; stopping what it started too")
+            if self.runtime is not None:
+                self.runtime.stop()
+            change.exception()
         self._write_state("stopping")
         if self.router is not None:
             try:
@@ -710,6 +781,8 @@ class Controller:
             remove_orphan_shm()
         if self.mps is not None:
             self.mps.stop()
+        if self._changes is not None:
+            self._changes.shutdown(wait=False)      # its servers are stopped: the thread may end
         try:
             self.paths.state.unlink()
         except OSError:
@@ -736,7 +809,8 @@ class Controller:
                                       memory_limit_mb=self.memory_limits.get(gid),
                                       log=s.log or str(self.paths.logs / f"{gid}.log"))
                      for gid, s in statuses.items()},
-            plan=self.plan, replans=self.replans, last_replan=self.last_replan, calibration=self.calibration)
+            plan=self.plan, replans=self.replans, last_replan=self.last_replan, calibration=self.calibration,
+            changing=self.changing)
         self.paths.root.mkdir(parents=True, exist_ok=True)
         tmp = self.paths.state.with_suffix(".tmp")
         tmp.write_text(doc.model_dump_json(indent=2))

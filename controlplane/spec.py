@@ -527,4 +527,5 @@ class RunState(_Strict):
     plan: Plan
     replans: int = 0              # plans applied since start (measured load or `apply`)
     last_replan: str | None = None  # when and why the last one was made
+    changing: str | None = None   # the change in flight (its reason and since when); None: actual is the plan
     calibration: dict[str, float] = Field(default_factory=dict)  # model -> measured / profile time, planned with

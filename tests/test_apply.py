@@ -113,3 +113,96 @@ def test_apply_to_a_deployment_that_is_not_running(tmp_path):
 def _no_servers_left(tmp_path):
     yield
     assert tritonserver_pids(str(tmp_path)) == []
+
+
+def test_a_change_runs_beside_the_loop_which_keeps_measuring_and_a_stop_midway_leaves_nothing(tmp_path):
+    """While a change's new gpu-let starts (held here, after its server is spawned, until the test lets
+    it go), the controller's loop keeps sampling the router's counts, lenet keeps being served by the
+    previous plan's gpu-let, and `status` shows the target with the change in flight. A stop in the
+    middle of a second change (what Ctrl-C does) stops its half-started server with the rest."""
+    import threading
+    import time
+
+    from controlplane.deploy import Controller
+    from controlplane.runtime.base import ReplicaState
+    from controlplane.spec import load_deployment
+
+    def write(slo_ms: int) -> Path:      # sampling every tick (epoch_s set), no re-plan within the test
+        p = _write(tmp_path / "live.yaml", LENET % slo_ms)
+        p.write_text(p.read_text().replace("algorithm: trivial", "algorithm: trivial, epoch_s: 600, window_s: 600"))
+        return p
+
+    path = write(2000)
+    ctl = Controller(load_deployment(path), log=lambda m: None)
+    ctl.prepare()
+    ctl.start()
+    stop, release, held = threading.Event(), threading.Event(), threading.Event()
+    wait_ready = ctl.runtime._wait_ready
+
+    def held_wait(reps):                 # the gate: spawned, not yet waited for; a stop ends it
+        held.set()
+        while not release.is_set() and all(r.state not in (ReplicaState.STOPPING, ReplicaState.STOPPED)
+                                            for r in reps):
+            time.sleep(0.05)
+        return wait_ready(reps)
+
+    ctl.runtime._wait_ready = held_wait
+    loop = threading.Thread(target=ctl.serve, args=(stop,), kwargs={"interval_s": 0.5}, daemon=True)
+    loop.start()
+    applied: list = []
+    try:
+        (old_gid,) = _pids(_state(path))
+        r = _state(path)["router"]
+        with Traffic(f"127.0.0.1:{r['http_port']}", f"127.0.0.1:{r['grpc_port']}") as traffic:
+            # 1. lenet's SLO changed: its gpu-let is replaced; held while the new one starts
+            write(1500)
+            t = threading.Thread(target=lambda: applied.append(run_cli("apply", "-f", str(path), timeout=400)))
+            t.start()
+            assert held.wait(120), "the change never started a gpu-let"
+            samples, served = len(ctl.window.samples), traffic.ok
+            deadline = time.monotonic() + 60
+            while (len(ctl.window.samples) < samples + 3 or traffic.ok <= served) and time.monotonic() < deadline:
+                time.sleep(0.25)
+            assert len(ctl.window.samples) >= samples + 3, "the loop stopped measuring during the change"
+            assert traffic.ok > served, "lenet was not served during the change"
+            state = _state(path)
+            assert state["changing"].startswith("controlplane apply")
+            assert old_gid in state["gpulets"] and old_gid not in {g["id"] for g in state["plan"]["gpulets"]}
+            status = run_cli("status", "-f", str(path))
+            assert "changing: controlplane apply" in status.stdout and old_gid in status.stdout, status.stdout
+            release.set()
+            t.join(400)
+            assert applied[0].returncode == 0, applied[0].stdout + applied[0].stderr
+            deadline = time.monotonic() + 30
+            while _state(path)["changing"] is not None and time.monotonic() < deadline:
+                time.sleep(0.25)
+            assert _state(path)["changing"] is None
+            (new_gid,) = _pids(_state(path))
+            assert new_gid != old_gid
+            served = traffic.ok                 # the new server outlives the change that started it
+            time.sleep(2)
+            deadline = time.monotonic() + 30
+            while traffic.ok < served + 20 and time.monotonic() < deadline:
+                time.sleep(0.25)
+            new = _state(path)["gpulets"][new_gid]
+            assert new["restarts"] == 0 and "Signal (15)" not in Path(new["log"]).read_text()
+        assert traffic.ok > 0 and traffic.failures == [], traffic.failures[:5]
+
+        # 2. a second change, stopped while its gpu-let starts
+        release.clear()
+        held.clear()
+        write(1000)
+        t = threading.Thread(target=lambda: applied.append(run_cli("apply", "-f", str(path), timeout=400)))
+        t.start()
+        assert held.wait(120), "the second change never started a gpu-let"
+        deadline = time.monotonic() + 30        # spawned through its wrappers (taskset), then exec'd
+        while len(tritonserver_pids(str(tmp_path))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(tritonserver_pids(str(tmp_path))) == 2          # the serving one and the one held
+    finally:
+        stop.set()
+        loop.join(60)
+        ctl.shutdown()
+    t.join(400)
+    assert applied[1].returncode != 0, applied[1].stdout
+    assert tritonserver_pids(str(tmp_path)) == []

@@ -181,6 +181,8 @@ class ProcessRuntime(OwnReplicas, Runtime):
         waiting = list(reps)
         while waiting:
             for r in list(waiting):
+                if r.state in (ReplicaState.STOPPING, ReplicaState.STOPPED):
+                    raise StartError(f"gpu-let {r.launch.gpulet.id}: stopped while it was starting")
                 if r.proc.poll() is not None:
                     r.state = ReplicaState.FAILED
                     raise StartError(
@@ -209,6 +211,8 @@ class ProcessRuntime(OwnReplicas, Runtime):
     # ------------------------------------------------------------------ Runtime
 
     def start(self, launches: list[Launch]) -> dict[str, Endpoint]:
+        """Spawn the servers, then wait until each is ready without holding the runtime: meanwhile
+        ``status`` answers and ``stop`` stops them too (the wait then fails at once)."""
         with self._lock:
             reps = []
             taken = [ln.gpulet.id for ln in launches if ln.gpulet.id in self.replicas]
@@ -223,11 +227,16 @@ class ProcessRuntime(OwnReplicas, Runtime):
                 for r in reps:
                     r.state = ReplicaState.STARTING
                     self._spawn(r)
-                self._wait_ready(reps)
             except BaseException:
                 self._remove(reps)
                 raise
-            return {r.launch.gpulet.id: r.endpoint for r in reps}
+        try:
+            self._wait_ready(reps)
+        except BaseException:
+            with self._lock:
+                self._remove(reps)
+            raise
+        return {r.launch.gpulet.id: r.endpoint for r in reps}
 
     def supervise(self) -> list[str]:
         """Restart servers that exited or lost a stub, on fresh ports (the old ones may be taken by
