@@ -97,6 +97,7 @@ def test_gpulets_per_gpu_lets_a_host_bound_model_use_several_servers():
     doc = dep.model_dump(mode="json", exclude_none=True)
     doc["scheduler"]["colocation"] = "turns"
     doc["scheduler"]["interference"] = False
+    doc["scheduler"]["latency_margin"] = 1.1        # the planner's default: the host's limit alone
     for m in doc["models"]:
         m["rate"] *= 2.2
     many = type(dep).model_validate(doc)
