@@ -211,7 +211,11 @@ class SchedulerSpec(_Strict):
     algorithm: str = "gpulet"
     shares: list[int] = Field(default_factory=lambda: [20, 40, 50, 60, 80, 100])
     max_batch: int = Field(default=32, ge=1)
-    latency_margin: float = Field(default=1.1, ge=1.0)
+    latency_margin: float = Field(
+        default=1.1, ge=1.0,
+        description="profiled batch latencies are planned at this multiple: a deployment's batches run slower than the "
+                    "profile measured alone (on the H200, five 20 % gpu-lets under load: 1.2-1.45x, docs/benchmarks.md "
+                    "'Serving' run 16; its mixes plan with 1.25)")
     burst_pct: float = Field(
         default=0.99, ge=0, lt=1,
         description="plan each model for this quantile of its Poisson arrivals within half its SLO (less "
