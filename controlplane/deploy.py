@@ -188,7 +188,12 @@ class Controller:
                              "`render k8s`); `up` runs on this machine's: devices auto or a list of GPU indices (or, with "
                              "runtime: ray, on the cluster's GPUs)")
         if plan is None:   # up measures what its device's profile lacks (saying so) rather than fail
-            plan = make_plan(self.dep, self.devices, repo=self.repo, profile_missing=True, log=self.log)
+            from .planning import starting_calibration
+
+            if self.dep.scheduler.algorithm != "trivial":      # a trivial plan has no latencies to scale
+                self.calibration = starting_calibration(self.dep, self.devices.name, self.log)
+            plan = make_plan(self.dep, self.devices, repo=self.repo, profile_missing=True, log=self.log,
+                             calibration=self.calibration)
         if (self.devices.on_gpu and not ray and plan.gpulets
                 and max(g.gpu for g in plan.gpulets) >= self.devices.count()):      # ray: the runtime checks the cluster
             raise ValueError(f"the plan needs {plan.gpus} GPU(s) but the deployment has {self.devices.count()}")
@@ -487,6 +492,8 @@ class Controller:
                 self.runtime.remove(sorted(added))
             raise
         self.metrics.started.inc(len(added))
+        if calibration and calibration != self.calibration:
+            self._save_calibration(calibration, reason)
         if removed:
             self.log(f"apply: stopping {len(removed)} gpu-let(s) the new plan does not have: {', '.join(removed)}")
             self.runtime.remove(removed)
@@ -500,6 +507,16 @@ class Controller:
                  f"{len(added)} started, {len(removed)} stopped, {len(kept)} kept; {took}")
         self._write_state("ready")
         return plan
+
+    def _save_calibration(self, factors: dict[str, float], reason: str) -> None:
+        """Keep recalibrated factors beside the profile: the next `up` on this device plans from them."""
+        from .planning import save_calibration
+
+        try:
+            path = save_calibration(self.dep, self.devices.name, factors, reason)
+            self.log(f"recalibration saved in {path}")
+        except OSError as e:      # a read-only profile folder: the running plan has them all the same
+            self.log(f"could not save the recalibration beside the profile: {e}")
 
     def _check_not_stopping(self) -> None:
         if self._stopped:

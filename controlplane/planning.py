@@ -13,11 +13,17 @@ Where profiles live (:func:`profile_dirs`; :mod:`controlplane.paths`):
 * shipped with the project: ``profiles/<device>/`` in the source tree, read only;
 * a deployment's ``profiles:`` folder replaces both, for reading and for writing.
 
-Rows measured here win over shipped ones for the same (model, share, batch).
+Rows measured here win over shipped ones for the same (model, share, batch). Beside them, in the
+folder written to, ``calibration.json``: the factors a running deployment's recalibration measured
+(serving time over profile, per model), which later plans on that device start from
+(:func:`saved_calibration`) until the profile they were measured against changes.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -45,6 +51,67 @@ def profile_dirs(dep: Deployment, device: str) -> list[Path]:
     if dep.profiles:
         return [Path(dep.profiles) / slug]
     return [SHIPPED_PROFILES / slug, measured_profiles(dep) / slug]
+
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def _profile_stamp(dep: Deployment, device: str) -> list[list]:
+    """What the device's profile is, for a saved calibration to know it still applies: each
+    latency.csv read, with its size and modification time."""
+    out = []
+    for d in profile_dirs(dep, device):
+        f = d / "latency.csv"
+        if f.is_file():
+            st = f.stat()
+            out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def calibration_file(dep: Deployment, device: str) -> Path:
+    """Where recalibration is saved: beside the profile, in the folder this deployment writes to."""
+    return profile_dirs(dep, device)[-1] / CALIBRATION_FILE
+
+
+def saved_calibration(dep: Deployment, device: str, log: Callable[[str], None] | None = None) -> dict[str, float]:
+    """The per-model factors saved by :func:`save_calibration` ({} when there are none, or when the
+    profile has changed since: re-measured rows replace what the factors corrected)."""
+    path = calibration_file(dep, device)
+    try:
+        doc = json.loads(path.read_text())
+        factors = {str(m): float(f) for m, f in doc["factors"].items() if float(f) > 0}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        if log:
+            log(f"ignoring {path}: not a calibration file ({type(e).__name__}: {e})")
+        return {}
+    if doc.get("profile") != _profile_stamp(dep, device):
+        if log:
+            log(f"ignoring {path}: the profile has changed since it was measured")
+        return {}
+    return factors
+
+
+def starting_calibration(dep: Deployment, device: str, log: Callable[[str], None]) -> dict[str, float]:
+    """:func:`saved_calibration`, saying so when there is one (what a new plan on this machine starts from)."""
+    factors = saved_calibration(dep, device, log)
+    if factors:
+        log(f"planning with the recalibration saved in {calibration_file(dep, device)}: "
+            + ", ".join(f"{m} x{f:.3g}" for m, f in sorted(factors.items())))
+    return factors
+
+
+def save_calibration(dep: Deployment, device: str, factors: Mapping[str, float], reason: str) -> Path:
+    """Save recalibration factors beside the device's profile, so the next plan starts from them."""
+    path = calibration_file(dep, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"device": device, "factors": dict(sorted(factors.items())), "reason": reason,
+           "deployment": dep.name, "saved": time.strftime("%Y-%m-%d %H:%M:%S"), "profile": _profile_stamp(dep, device)}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+    return path
 
 
 def alias_models(store: ProfileStore, dep: Deployment) -> ProfileStore:
@@ -176,7 +243,8 @@ def plan_models(dep: Deployment, devices: DeviceSet | None = None, *, profile: s
     the deployment's ``scheduler.gpus``, else (on GPUs, planning for them) how many there are.
     profile_missing: measure models the profile lacks (logged first) instead of raising
     :class:`MissingProfile`. calibration: per source model, measured serving time over the
-    profile's; the profile's latencies are scaled by it (a running deployment's recalibration).
+    profile's; the profile's latencies are scaled by it (a running deployment's recalibration);
+    None: this machine's saved one (:func:`saved_calibration`), where it plans with this machine's profile.
     previous: the running plan, whose gpu-lets of unchanged models are kept where that costs no GPU
     (:mod:`controlplane.scheduler.incremental`).
     """
@@ -204,6 +272,8 @@ def plan_models(dep: Deployment, devices: DeviceSet | None = None, *, profile: s
     missing = [n for n in names if store is None or n not in store.models()]
     if missing:
         raise MissingProfile(missing, devices.name, devices.on_gpu, profile_dirs(dep, devices.name)[-1])
+    if calibration is None:
+        calibration = starting_calibration(dep, devices.name, log)
     if calibration:
         store = store.scaled(calibration)
     from . import scheduler

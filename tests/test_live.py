@@ -228,9 +228,22 @@ def test_a_profile_10x_too_fast_is_recalibrated_while_serving(tmp_path):
         common = set(lat0) & set(lat1)
         # the same batch is now planned at the measured factor times the profile's latency
         assert all(lat1[b] == pytest.approx(lat0[b] * f, rel=0.02) for b in common), (lat0, lat1, f)
+        # and the factor is saved beside the profile
+        saved = json.loads((tmp_path / "profiles" / device_slug(name) / "calibration.json").read_text())
+        assert saved["factors"]["lenet"] > 3 and saved["reason"].startswith("recalibrated")
     finally:
         run_cli("down", "-f", str(path))
     assert tritonserver_pids(str(tmp_path)) == []
+
+    # the next plan on this machine starts from it (no load: nothing re-plans), until the profile changes
+    proc = run_cli("plan", "-f", str(path), "--json")
+    assert proc.returncode == 0 and "planning with the recalibration saved in" in proc.stderr, proc.stderr
+    lat2 = {a["batch"]: a["latency_ms"] for g in json.loads(proc.stdout)["gpulets"] for a in g["models"]}
+    k = saved["factors"]["lenet"]
+    assert all(lat2[b] == pytest.approx(lat0[b] * k, rel=0.02) for b in set(lat2) & set(lat0)), (lat0, lat2, k)
+    write_csv(tmp_path / "profiles" / device_slug(name) / "latency.csv", rows[:-1])     # re-measured
+    proc = run_cli("plan", "-f", str(path), "--json")
+    assert proc.returncode == 0 and "the profile has changed since" in proc.stderr, proc.stderr
 
 
 def test_a_transition_that_does_not_fit_in_gpu_memory_is_refused_with_the_figures():
