@@ -129,3 +129,23 @@ def test_plan_says_when_a_gpus_concurrent_caps_oversubscribe_it():
     for m in doc["models"]:
         m["rate"] /= 2.5
     assert oversubscription(make_plan(type(dep).model_validate(doc), profile=SHIPPED_PROFILES / "h200", gpus=1)) == []
+
+
+def test_a_limit_on_gpulets_per_gpu_is_a_most_the_planner_falls_back_to_fewer():
+    """The gpulet heuristic's packing is not monotonic in gpulets_per_gpu: on the H200 profile bert-heavy at
+    x2.7 does not pack into five gpu-lets on one GPU, but does into three; a plan allowed five finds it."""
+    from controlplane.profiles import ProfileStore
+    from controlplane.scheduler import ALGORITHMS, SchedulingError, make_ctx
+
+    dep = load_deployment(Path(__file__).parent.parent / "deployments" / "bert-heavy.yaml")
+    doc = dep.model_dump(mode="json", exclude_none=True)
+    for m in doc["models"]:
+        m["rate"] *= 2.7
+    dep = type(dep).model_validate(doc)
+    assert dep.scheduler.gpulets_per_gpu == 5
+    store = ProfileStore.load(SHIPPED_PROFILES / "h200")
+    with pytest.raises(SchedulingError):        # the heuristic alone, allowed five
+        ALGORITHMS["gpulet"](make_ctx(dep, store), 1)
+    plan = make_plan(dep, profile=SHIPPED_PROFILES / "h200", gpus=1)
+    assert plan.gpus == 1 and 1 < len(plan.gpulets) < 5 and sum(g.share for g in plan.gpulets) <= 100
+    assert {a.model for g in plan.gpulets for a in g.models} == {"bert", "densenet161", "vgg16"}

@@ -32,6 +32,7 @@ Example (what ``controlplane plan`` does)::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -182,7 +183,7 @@ def plan(deployment: Deployment, profiles: ProfileStore, *, algorithm: str | Non
     if name != "trivial":
         check_slo_reachable(ctx)
         try:
-            out = fn(ctx, limit)
+            out = fewer_lets(fn, ctx, limit)
         except SchedulingError as e:
             if limit is None:
                 raise
@@ -205,6 +206,30 @@ def plan(deployment: Deployment, profiles: ProfileStore, *, algorithm: str | Non
     else:
         out = fn(ctx, limit)
     return to_plan(ctx, out, deployment.name, name)
+
+
+def fewer_lets(fn: Algorithm, ctx: Ctx, limit: int | None) -> list:
+    """``fn(ctx, limit)``; where that fails (or needs more than ``limit`` GPUs), the same with fewer gpu-lets
+    allowed per GPU, the most first: a limit is a most, and a heuristic planner's packing is not
+    monotonic in it (on the H200, bert-heavy fits x2.77 with 3 gpu-lets a GPU and only x2.56 with 5)."""
+    try:
+        out = fn(ctx, limit)
+        if limit is None or len(out) <= limit:
+            return out
+    except SchedulingError:
+        if ctx.max_lets_per_gpu <= 1:
+            raise
+        out = None
+    for k in range(ctx.max_lets_per_gpu - 1, 0, -1):
+        try:
+            alt = fn(dataclasses.replace(ctx, max_lets_per_gpu=k), limit)
+        except SchedulingError:
+            continue
+        if limit is None or len(alt) <= limit:
+            return alt
+    if out is not None:
+        return out
+    return fn(ctx, limit)       # raises what the deployment's own limit ran into
 
 
 def gpu_lower_bound(deployment: Deployment, profiles: ProfileStore) -> int:
