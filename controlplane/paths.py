@@ -23,6 +23,7 @@ into the source tree or the installed package at run time.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -104,3 +105,10 @@ class RunPaths:
         """MPS pipe/log dirs: short and under /tmp, since the pipe is a Unix socket (108-byte path limit)."""
         tag = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:8]
         return Path(tempfile.gettempdir()) / f"gpulet-mps-{name}-{tag}"
+
+
+def write_json(path: Path, doc, indent: int | None = None) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=indent))
+    tmp.replace(path)

@@ -22,14 +22,13 @@ folder written to, ``calibration.json``: the factors a running deployment's reca
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .devices import DeviceSet
 from .profiles import ProfileStore, device_slug
-from .paths import SHIPPED_PROFILES, measured_profiles
+from .paths import SHIPPED_PROFILES, measured_profiles, write_json
 from .repository import SourceRepository, repository_for
 from .spec import Assignment, Deployment, GpuLet, ModelSummary, Plan, gpulet_id
 
@@ -108,9 +107,7 @@ def save_calibration(dep: Deployment, device: str, factors: Mapping[str, float],
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"device": device, "factors": dict(sorted(factors.items())), "reason": reason,
            "deployment": dep.name, "saved": time.strftime("%Y-%m-%d %H:%M:%S"), "profile": _profile_stamp(dep, device)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
+    write_json(path, doc, indent=1)
     return path
 
 

@@ -14,24 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 import uuid
 from pathlib import Path
 
+from ..paths import write_json
 from .errors import RouterError
 
 #: how long a router process waits for the controller to load a model (profiling it where its
 #: profile is missing, then starting its gpu-lets)
 LOAD_TIMEOUT_S = 900.0
 POLL_S = 0.1
-
-
-def write_json(path: Path, doc) -> None:
-    """Write atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc))
-    tmp.replace(path)
 
 
 class RepositoryControl:
