@@ -213,13 +213,11 @@ def fewer_lets(fn: Algorithm, ctx: Ctx, limit: int | None) -> list:
     allowed per GPU, the most first: a limit is a most, and a heuristic planner's packing is not
     monotonic in it (on the H200, bert-heavy fits x2.77 with 3 gpu-lets a GPU and only x2.56 with 5)."""
     try:
-        out = fn(ctx, limit)
+        out, err = fn(ctx, limit), None
         if limit is None or len(out) <= limit:
             return out
-    except SchedulingError:
-        if ctx.max_lets_per_gpu <= 1:
-            raise
-        out = None
+    except SchedulingError as e:
+        out, err = None, e
     for k in range(ctx.max_lets_per_gpu - 1, 0, -1):
         try:
             alt = fn(dataclasses.replace(ctx, max_lets_per_gpu=k), limit)
@@ -227,9 +225,9 @@ def fewer_lets(fn: Algorithm, ctx: Ctx, limit: int | None) -> list:
             continue
         if limit is None or len(alt) <= limit:
             return alt
-    if out is not None:
-        return out
-    return fn(ctx, limit)       # raises what the deployment's own limit ran into
+    if err is not None:
+        raise err               # what the deployment's own limit ran into
+    return out
 
 
 def gpu_lower_bound(deployment: Deployment, profiles: ProfileStore) -> int:
