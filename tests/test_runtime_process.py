@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -16,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from controlplane import zoo
 from controlplane.repository import SourceRepository, build_artifacts, write_gpulet_repositories
-from controlplane.runtime.base import Launch, ReplicaState, StartError, cpu_cores_for, gpulet_env
+from controlplane.runtime.base import Launch, ReplicaState, StartError, cpu_cores_for, gpulet_env, stop_all
 from controlplane.runtime.process import ProcessRuntime
 from controlplane.spec import Assignment, GpuLet, Plan
 
@@ -58,6 +60,23 @@ def test_cpu_cores_follow_shares():
     genv = gpulet_env(gl[0], 3, None, "/tmp/pipe")
     assert genv["CUDA_VISIBLE_DEVICES"] == "3" and genv["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
     assert genv["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/pipe"
+
+
+def test_a_transitions_old_gpulets_stop_together():
+    """stop_all (a re-plan's removal, the process runtime's stop) kills its replicas at once, not one after
+    the other: each kill here waits until every other has begun, which one after the other never happens."""
+    reps = [SimpleNamespace(state=ReplicaState.READY) for _ in range(3)]
+    gone = SimpleNamespace(state=ReplicaState.STOPPED)          # already stopped: not killed again
+    together = threading.Barrier(len(reps), timeout=30)
+    killed = []
+
+    def kill(r) -> None:
+        assert r.state is ReplicaState.STOPPING and r is not gone
+        together.wait()                 # BrokenBarrierError, raised by stop_all, when the kills run in turn
+        killed.append(r)
+
+    stop_all(reps + [gone], kill)
+    assert len(killed) == 3 and all(r.state is ReplicaState.STOPPED for r in reps + [gone])
 
 
 def test_serves_restarts_and_stops(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 from .base import (Endpoint, Launch, OwnReplicas, ReplicaState, ReplicaStatus, Runtime, StartError, free_ports,
-                   restart, restricted_api_args, server_ready)
+                   restart, restricted_api_args, server_ready, stop_all)
 from .triton import TritonInstall, find_tritonserver, python_env
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -278,8 +278,4 @@ class ProcessRuntime(OwnReplicas, Runtime):
 
     def stop(self) -> None:
         with self._lock:
-            for r in self.replicas.values():
-                if r.state is not ReplicaState.STOPPED:
-                    r.state = ReplicaState.STOPPING
-                    self._kill(r)
-                    r.state = ReplicaState.STOPPED
+            stop_all(list(self.replicas.values()), self._kill)
