@@ -498,6 +498,8 @@ class Controller:
             self.log(f"apply: stopping {len(removed)} gpu-let(s) the new plan does not have: {', '.join(removed)}")
             self.runtime.remove(removed)
             self.metrics.stopped.inc(len(removed))
+            # after the switch, but the change (and so the next re-plan) waits for it: say how long
+            took += f"; old gpu-lets stopped {time.monotonic() - t_routed:.1f} s after"
         self.endpoints = endpoints
         self.calibration = dict(calibration)
         self._profiles = None              # apply may have measured models the profile lacked
@@ -581,12 +583,26 @@ class Controller:
             return True
         return False
 
+    def _shrink(self, window) -> bool:
+        """Every second, once the window is full: a model whose padded peak over the whole window is well
+        under its plan gives share back (:func:`controlplane.live.shrink`). The window is what keeps a
+        dip from giving share back, not the epoch: checked only at epochs, the step back of run 17
+        (benchmarks/live.py) waited 19 s more for one. True when it re-planned."""
+        from .live import shrink
+
+        if not window.full():
+            return False
+        rates, why = shrink({m.name: m.rate for m in self.served.models}, window.peak_rates())
+        if rates is None:
+            return False
+        self._replan(rates, f"measured load: {why}", None)
+        return True
+
     def _epoch(self, window) -> None:
-        """One re-planning epoch: apply a new plan when a model's peak over a full window is well under
-        its plan (:func:`controlplane.live.shrink`) or a model runs well off its profile
-        (:func:`controlplane.live.recalibrate`: the profile is scaled by what was measured). Growth is
-        :meth:`_grow`'s, every second."""
-        from .live import recalibrate, shrink
+        """One re-planning epoch: publish the measured rates, and apply a new plan when a model runs well
+        off its profile (:func:`controlplane.live.recalibrate`: the profile is scaled by what was
+        measured). The load's changes are :meth:`_grow`'s and :meth:`_shrink`'s, every second."""
+        from .live import recalibrate
 
         self.metrics.epochs.inc()
         for m, rate in window.peak_rates().items():
@@ -595,13 +611,8 @@ class Controller:
         calibration, why_cal = recalibrate(self.calibration, self._measure_batches())
         if window.span_s() < min(self.dep.scheduler.epoch_s, self.dep.scheduler.window_s) * 0.9:
             return      # not a full epoch measured yet
-        planned = {m.name: m.rate for m in self.served.models}
-        rates, why_rate = shrink(planned, window.peak_rates()) if window.full() else (None, "")
-        if rates is None and calibration is None:
-            return
-        reason = "; ".join(x for x in (f"measured load: {why_rate}" if why_rate else "",
-                                       f"recalibrated: {why_cal}" if why_cal else "") if x)
-        self._replan(rates, reason, calibration)
+        if calibration is not None:
+            self._replan(None, f"recalibrated: {why_cal}", calibration)
 
     def _replan(self, rates: dict[str, float] | None, reason: str, calibration: dict[str, float] | None) -> None:
         """Apply the served deployment with the models at ``rates`` (None: as they are) through the
@@ -761,7 +772,7 @@ class Controller:
             if self.dep.router.repository_api and any(self.paths.control.glob("req-*.json")):
                 self._begin("repository API", self._take_repository_requests)
                 continue
-            if sampled and not self._grow(window) and time.monotonic() >= next_epoch:
+            if sampled and not self._grow(window) and not self._shrink(window) and time.monotonic() >= next_epoch:
                 next_epoch = time.monotonic() + epoch
                 self._epoch(window)
             if self._changing():

@@ -7,9 +7,9 @@ summed) every second into a :class:`LoadWindow`, whose rates are taken over span
 whenever in the epoch it comes. :func:`grow`: a model whose rate exceeds what a Poisson stream at
 its planned rate reaches in 99 % of its seconds needs a new plan at once (the controller checks
 every second, and acts on two spans in a row). :func:`shrink`: one whose padded peak over a full
-window fell under SHRINK_BELOW of its planned rate gives share back (checked every epoch, and only
+window fell under SHRINK_BELOW of its planned rate gives share back (checked every second too, and only
 once the window is full of measurements: a deployment whose load has just started is not shrunk on
-a window that is mostly before its traffic). Between the two the plan stays (hysteresis, so a noisy
+a window that is mostly before its traffic; the epoch paces recalibration). Between the two the plan stays (hysteresis, so a noisy
 rate does not make it flap). The new rates are the peaks padded to the Poisson 99th
 percentile of a second's arrivals, as in the prototype. Pure: counts and times come in as arguments.
 """

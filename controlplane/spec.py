@@ -248,9 +248,11 @@ class SchedulerSpec(_Strict):
     gpus: int | None = Field(default=None, ge=1, description="most GPUs the plan may use; default: all devices")
     epoch_s: float | None = Field(
         default=None, gt=0,
-        description="re-plan from the measured load every epoch_s seconds (the paper: 20); default: serve the "
-                    "file's rates until `controlplane apply`")
-    window_s: float = Field(default=30.0, gt=0, description="re-planning uses each model's peak rate over this window")
+        description="re-plan from the measured load (checked every second) and recalibrate the profile every "
+                    "epoch_s seconds (the paper: 20); default: serve the file's rates until `controlplane apply`")
+    window_s: float = Field(default=30.0, gt=0,
+                            description="re-planning uses each model's peak rate over this window; share is given "
+                                        "back only when the whole window is well under the plan")
 
     @field_validator("shares")
     @classmethod

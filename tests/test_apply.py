@@ -7,6 +7,7 @@ gpu-lets are added, replaced and removed; every answer is checked against TorchS
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,9 @@ def test_apply_adds_replaces_and_removes_gpulets_without_a_failed_request(tmp_pa
             assert len(_state(path)["gpulets"]) == 1
             assert mobilenet_pid not in tritonserver_pids(str(tmp_path))
             assert not http.is_model_ready("mobilenet_v2")
+            # the last re-plan says how long stopping the dropped server took after the switch
+            assert re.search(r"; old gpu-lets stopped [0-9.]+ s after\)$", _state(path)["last_replan"]), \
+                _state(path)["last_replan"]
 
             # 4. a change apply cannot make is refused and nothing moves
             bad = tmp_path / "bad.yaml"
