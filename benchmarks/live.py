@@ -135,10 +135,27 @@ def run_system(dep: Deployment, base: dict[str, float], segments: list[dict[str,
     held = sum(a[1] * (b[0] - a[0]) for a, b in zip(s, s[1:])) + (s[-1][1] * (t_end - s[-1][0]) if s else 0.0)
     out["gpu_share_seconds"] = round(held, 1)
     out["shares"] = [(round(x[0] - t0, 1), x[1]) for x in s]
-    out["replans"] = [(round(x[0] - t0, 1), x[3]) for a, x in zip(s, s[1:]) if x[2] != a[2]]
-    changes = [out["segments"][i]["t_s"] for i in range(1, len(segments)) if segments[i] != segments[i - 1]]
-    out["reaction_s"] = [next((round(t - c, 1) for t, _ in out["replans"] if t >= c), None) for c in changes]
+    # each re-plan at the moment its new plan began serving: the state shows it once the change has
+    # ended, which is after the old gpu-lets stopped (the controller says how long that took)
+    out["replans"] = [(round(x[0] - t0 - stopped_s(x[3]), 1), x[3]) for a, x in zip(s, s[1:]) if x[2] != a[2]]
+    out["reaction_s"] = reactions(out["segments"], segments, out["replans"])
     out["transition_s"] = [transition_s(why) for _, why in out["replans"]]
+    return out
+
+
+def reactions(rows: list[dict], segments: list[dict[str, float]], replans: list) -> list[float | None]:
+    """Per load change (a segment whose factors differ from the one before), seconds from the change to the
+    first re-plan serving after it that names a model whose load changed (``resnet50 at ... req/s``): a
+    re-plan for another model does not count as the answer to it (run 17 credited vgg16's step to
+    resnet50's step back, which landed first)."""
+    out = []
+    for i in range(1, len(segments)):
+        moved = [m for m, f in segments[i].items() if f != segments[i - 1].get(m)]
+        if not moved:
+            continue
+        c = rows[i]["t_s"]
+        out.append(next((round(t - c, 1) for t, why in replans
+                         if t >= c and any(f"{m} at " in (why or "") for m in moved)), None))
     return out
 
 
@@ -148,6 +165,13 @@ def transition_s(last_replan: str | None) -> float | None:
     not (an older controller)."""
     m = re.search(r"\(serving after ([0-9.]+) s[:)]", last_replan or "")
     return float(m.group(1)) if m else None
+
+
+def stopped_s(last_replan: str | None) -> float:
+    """Seconds from a re-plan's switch to its old gpu-lets stopped, as the controller states it
+    (``...; old gpu-lets stopped T s after)``); 0 where it does not (none stopped, an older controller)."""
+    m = re.search(r"old gpu-lets stopped ([0-9.]+) s after", last_replan or "")
+    return float(m.group(1)) if m else 0.0
 
 
 def summary(sys_out: dict) -> dict:

@@ -166,3 +166,20 @@ def test_the_search_brackets_a_max_scale_from_a_close_first_point(serving):
     probe, tried = system(1.0)
     r = serving.search(probe, 2.0, 4, below=True)
     assert tried == [2.0, 1.6] and r["max_scale"] == 0.0 and r["fail_scale"] == 1.6
+
+
+def test_live_bench_answers_a_load_change_only_with_a_replan_for_the_model_that_changed():
+    """benchmarks/live.py's reaction time: a re-plan for another model (run 17: resnet50's step back landing
+    after vgg16's step) is not the answer to a change; a change nobody re-planned for has none."""
+    spec = importlib.util.spec_from_file_location("live_bench", ROOT / "benchmarks" / "live.py")
+    live = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(live)
+    trace = [{"a": 1.0, "b": 1.0}, {"a": 2.0, "b": 1.0}, {"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 2.0}]
+    rows = [{"t_s": 15.0 * i} for i in range(len(trace))]
+    replans = [(22.0, "x: measured load: a at 30 req/s > planned 10 (serving after 5 s: ...)"),
+               (50.0, "x: measured load: a at 10 req/s < 0.67 x planned 31 (...)")]
+    assert live.reactions(rows, trace, replans) == [7.0, 20.0, None]      # b's step: a's re-plan is not its answer
+    # a re-plan is timed at its switch: the state shows it only after the old gpu-lets stopped
+    assert live.stopped_s("x (serving after 9.4 s: plan 0.0 s, start 9.3 s, route 0.1 s; "
+                          "old gpu-lets stopped 6.2 s after)") == 6.2
+    assert live.stopped_s("x (serving after 9.4 s: plan 0.0 s, start 9.3 s, route 0.1 s)") == 0.0
