@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -89,6 +90,11 @@ def test_serves_restarts_and_stops(tmp_path):
             np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
         st = rt.status()["gpu0-a"]
         assert st.state is ReplicaState.READY and st.pid in tritonserver_pids(str(tmp_path))
+        # each model says in the server's log how long it took to be ready, by stage
+        log = (tmp_path / "gpu0-a.log").read_text()
+        for model in ("lenet", "mobilenet_v2"):
+            assert re.search(rf"{model}: initialized in [0-9.]+ s \(load [0-9.]+ s, prepare [0-9.]+ s: warm-up\) "
+                             r"on cpu", log), log[-2000:]
 
         # what the control plane never asks a gpu-let's server for is refused to anyone who finds its ports
         r = httpx.post(f"http://{addr}/v2/repository/models/lenet/unload")

@@ -24,6 +24,7 @@ Environment (set by the runtime for each gpu-let):
 
 import json
 import os
+import time
 
 import torch
 import triton_python_backend_utils as pb_utils
@@ -88,6 +89,7 @@ def _onnx_model_class(folder: str):
 
 class TritonPythonModel:
     def initialize(self, args):
+        t0 = time.monotonic()
         config = json.loads(args["model_config"])
         if args["model_instance_kind"] == "GPU":
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
@@ -117,6 +119,7 @@ class TritonPythonModel:
         shapes = [(tuple(int(d) for d in i["dims"]), DTYPES.get(i["data_type"], torch.float32))
                   for i in config["input"]]
         max_batch = int(config.get("max_batch_size", 0))
+        t_loaded = time.monotonic()
         self.graphs = None
         if not onnx and self.device.type == "cuda" and max_batch > 0 and all(d > 0 for sh, _ in shapes for d in sh):
             try:
@@ -126,6 +129,12 @@ class TritonPythonModel:
                 torch.cuda.synchronize(self.device)
         if self.graphs is None:
             self._warm_up(shapes, max(1, max_batch))
+        # A re-plan waits for its new gpu-lets to be ready: where that time goes, in every server's log
+        # (load: the weights onto the device; prepare: CUDA graphs of every batch size, or a warm-up run).
+        pb_utils.Logger.log_info(
+            f"{config.get('name')}: initialized in {time.monotonic() - t0:.2f} s (load {t_loaded - t0:.2f} s, "
+            f"prepare {time.monotonic() - t_loaded:.2f} s: "
+            f"{f'CUDA graphs for batches 1-{max_batch}' if self.graphs else 'warm-up'}) on {self.device}")
 
     def _warm_up(self, shapes, largest):
         """Run the smallest and the largest batch once, so the first real requests are not the slow ones
