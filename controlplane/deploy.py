@@ -586,8 +586,8 @@ class Controller:
     def _shrink(self, window) -> bool:
         """Every second, once the window is full: a model whose padded peak over the whole window is well
         under its plan gives share back (:func:`controlplane.live.shrink`). The window is what keeps a
-        dip from giving share back, not the epoch: checked only at epochs, the step back of run 17
-        (benchmarks/live.py) waited 19 s more for one. True when it re-planned."""
+        dip from giving share back, not the epoch: checked only at epochs, a step back waited up to one
+        epoch more (20 s by default) after the window had seen it. True when it re-planned."""
         from .live import shrink
 
         if not window.full():
