@@ -158,19 +158,16 @@ class OwnReplicas:
 
 def stop_all(reps: list, kill: Callable) -> None:
     """Stop these replicas (STOPPING, then STOPPED) with ``kill(record)``, all at once: each server takes
-    up to its exit timeout to finish what it holds, and one after the other a transition dropping three
-    gpu-lets spent 10-15 s here while the controller could not re-plan (benchmarks/live.py, run 17)."""
+    up to its exit timeout to finish what it holds, and one after the other a re-plan's change took the
+    sum of them while the controller could not re-plan (benchmarks/live.py, run 17)."""
     reps = [r for r in reps if r.state is not ReplicaState.STOPPED]
     for r in reps:
         r.state = ReplicaState.STOPPING
-    if len(reps) > 1:
+    if reps:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(len(reps), thread_name_prefix="stop") as pool:
             list(pool.map(kill, reps))
-    else:
-        for r in reps:
-            kill(r)
     for r in reps:
         r.state = ReplicaState.STOPPED
 

@@ -131,9 +131,10 @@ class TritonPythonModel:
             self._warm_up(shapes, max(1, max_batch))
         # A re-plan waits for its new gpu-lets to be ready: where that time goes, in every server's log
         # (load: the weights onto the device; prepare: CUDA graphs of every batch size, or a warm-up run).
+        t_ready = time.monotonic()
         pb_utils.Logger.log_info(
-            f"{config.get('name')}: initialized in {time.monotonic() - t0:.2f} s (load {t_loaded - t0:.2f} s, "
-            f"prepare {time.monotonic() - t_loaded:.2f} s: "
+            f"{config.get('name')}: initialized in {t_ready - t0:.2f} s (load {t_loaded - t0:.2f} s, "
+            f"prepare {t_ready - t_loaded:.2f} s: "
             f"{f'CUDA graphs for batches 1-{max_batch}' if self.graphs else 'warm-up'}) on {self.device}")
 
     def _warm_up(self, shapes, largest):
