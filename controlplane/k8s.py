@@ -163,7 +163,7 @@ def render_k8s(dep: Deployment, plan: Plan, repo: SourceRepository | None = None
                            "limits": {"cpu": str(cpu * 2), "memory": "16Gi"}}
         command = ["tritonserver", "--model-repository=/models", f"--http-port={PORTS['http']}",
                    f"--grpc-port={PORTS['grpc']}", f"--metrics-port={PORTS['metrics']}", "--exit-on-error=true",
-                   "--strict-readiness=true",
+                   "--strict-readiness=true", "--disable-auto-complete-config",
                    # the key is not kept anywhere: nobody needs these APIs on a gpu-let (runtime.base)
                    f"--http-restricted-api={RESTRICTED_APIS}:gpulet-admin=$(GPULET_ADMIN_KEY)",
                    f"--grpc-restricted-protocol={RESTRICTED_APIS}:gpulet-admin=$(GPULET_ADMIN_KEY)"]

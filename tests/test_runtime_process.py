@@ -93,7 +93,8 @@ def test_serves_restarts_and_stops(tmp_path):
         # each model says in the server's log how long it took to be ready, by stage
         log = (tmp_path / "gpu0-a.log").read_text()
         for model in ("lenet", "mobilenet_v2"):
-            assert re.search(rf"{model}: initialized in [0-9.]+ s \(load [0-9.]+ s, prepare [0-9.]+ s: warm-up\) "
+            assert re.search(rf"{model}: initialized in [0-9.]+ s \(stub [0-9.]+ s: import torch [0-9.]+ s; "
+                             r"load [0-9.]+ s, prepare [0-9.]+ s: warm-up\) "
                              r"on cpu", log), log[-2000:]
 
         # what the control plane never asks a gpu-let's server for is refused to anyone who finds its ports

@@ -191,7 +191,7 @@ class DockerRuntime(Runtime):
             "tritonserver",
             f"--model-repository={CONTAINER_REPOSITORY}",
             f"--http-port={ports[0]}", f"--grpc-port={ports[1]}", f"--metrics-port={ports[2]}",
-            "--exit-on-error=true", "--strict-readiness=true",
+            "--exit-on-error=true", "--strict-readiness=true", "--disable-auto-complete-config",
             *restricted_api_args(),
             *self.extra_args,
         ]

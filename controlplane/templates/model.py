@@ -26,7 +26,9 @@ import json
 import os
 import time
 
-import torch
+_T_IMPORT = time.monotonic()
+import torch  # noqa: E402 - timed: a gpu-let's start waits for it in every stub
+_IMPORT_TORCH_S = time.monotonic() - _T_IMPORT
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
@@ -43,8 +45,10 @@ class CudaGraphs:
     are overwritten by the next replay of the same size: copy them out first.
     """
 
-    def __init__(self, model, inputs, max_batch, device):
-        """inputs: (per-row shape, dtype) of each input, in the model's argument order."""
+    def __init__(self, model, inputs, max_batch, device, warmups_after_first: int = 2):
+        """inputs: (per-row shape, dtype) of each input, in the model's argument order.
+        warmups_after_first: eager runs before capturing each size after the largest (which gets two:
+        cuDNN/cuBLAS handles, workspaces and kernel choice happen there)."""
         self.graphs = {}
         pool = None
         side = torch.cuda.Stream(device)
@@ -52,7 +56,7 @@ class CudaGraphs:
             static = [torch.zeros((b, *shape), dtype=dt, device=device) for shape, dt in inputs]
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side), torch.inference_mode():
-                for _ in range(2):             # warm-up before capture (cuDNN/cuBLAS choose kernels)
+                for _ in range(2 if b == max_batch else warmups_after_first):   # warm-up before capture
                     model(*static)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
@@ -87,9 +91,23 @@ def _onnx_model_class(folder: str):
     return OnnxModel
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere): the stub's own start-up,
+    before Triton calls ``initialize``."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class TritonPythonModel:
     def initialize(self, args):
         t0 = time.monotonic()
+        stub_s = process_age_s()
         config = json.loads(args["model_config"])
         if args["model_instance_kind"] == "GPU":
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
@@ -130,10 +148,13 @@ class TritonPythonModel:
         if self.graphs is None:
             self._warm_up(shapes, max(1, max_batch))
         # A re-plan waits for its new gpu-lets to be ready: where that time goes, in every server's log
-        # (load: the weights onto the device; prepare: CUDA graphs of every batch size, or a warm-up run).
+        # (stub: its process up to here, of which importing torch; load: the weights onto the device;
+        # prepare: CUDA graphs of every batch size, or a warm-up run). benchmarks/startup.py reads it.
         t_ready = time.monotonic()
+        stub = "" if stub_s is None else f"stub {stub_s:.2f} s: import torch {_IMPORT_TORCH_S:.2f} s; "
         pb_utils.Logger.log_info(
-            f"{config.get('name')}: initialized in {t_ready - t0:.2f} s (load {t_loaded - t0:.2f} s, "
+            f"{config.get('name')}: initialized in {(stub_s or 0.0) + t_ready - t0:.2f} s "
+            f"({stub}load {t_loaded - t0:.2f} s, "
             f"prepare {t_ready - t_loaded:.2f} s: "
             f"{f'CUDA graphs for batches 1-{max_batch}' if self.graphs else 'warm-up'}) on {self.device}")
 
