@@ -16,9 +16,8 @@ into stages from its server's own log, whose lines carry the time:
   a warm-up run);
 - ``last model -> HTTP``: the rest of the server's start; ``HTTP -> ready``: until the runtime saw it ready.
 
-On a GPU it then captures each model's CUDA graphs in a process of its own at its gpu-let's share, with
-the two warm-up runs ``model.py`` makes before every size and with none after the largest size, and checks
-each replay against the eager forward: what capture costs, and whether the warm-ups are needed.
+On a GPU it then captures each model's CUDA graphs in a process of its own at its gpu-let's share, as
+``model.py`` does and as it did before (:data:`PROBES`), and checks replays against the eager forward.
 Prints a table; writes DIR/startup.json and the table to docs/benchmarks.md ("Start-up").
 """
 
@@ -41,6 +40,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 BEGIN, END = "<!-- startup-table:begin -->", "<!-- startup-table:end -->"
 TORCH_DTYPES = {"TYPE_FP32": "float32", "TYPE_FP16": "float16", "TYPE_INT64": "int64", "TYPE_INT32": "int32"}
+#: how the probe captures a model's CUDA graphs: model.py until 2026-11-30 (two warm-ups before every size,
+#: torch.cuda.graph), then each of the two changes made that day (CudaGraphs' docstring)
+PROBES = {"before": ["--warmups", "2", "--torch-graph"], "no warm-ups": ["--warmups", "0", "--torch-graph"],
+          "model.py": ["--warmups", "0"]}
 LINE = re.compile(r"^[IWE]\d{4} (\d\d):(\d\d):(\d\d\.\d+) \d+ \S+\] (.*)$")
 MODEL_LINE = re.compile(r'"(\S+): initialized in ([0-9.]+) s \((?:stub ([0-9.]+) s: import torch ([0-9.]+) s; )?'
                         r'load ([0-9.]+) s, prepare ([0-9.]+) s: ([^)]*)\)')
@@ -116,7 +119,7 @@ def start_together(runtime, launches) -> list[dict]:
 # --------------------------------------------------------------------------- CUDA graphs, in-process
 
 
-def probe(folder: Path, warmups_after_first: int) -> dict:
+def probe(folder: Path, warmups_after_first: int, lean: bool) -> dict:
     """In this process (an MPS client at the share its environment sets): import torch, load the model,
     capture its CUDA graphs as model.py does, and compare replays with the eager forward."""
     t0 = time.monotonic()
@@ -135,7 +138,7 @@ def probe(folder: Path, warmups_after_first: int) -> dict:
     torch.cuda.synchronize(dev)
     t_load = time.monotonic()
     shapes = [(tuple(s), getattr(torch, dt)) for s, dt in cfg["inputs"]]
-    graphs = mod.CudaGraphs(model, shapes, cfg["max_batch"], dev, warmups_after_first=warmups_after_first)
+    graphs = mod.CudaGraphs(model, shapes, cfg["max_batch"], dev, warmups_after_first=warmups_after_first, lean=lean)
     t_graphs = time.monotonic()
     worst = 0.0
     gen = torch.Generator().manual_seed(0)
@@ -175,13 +178,13 @@ def probe_models(launches, work: Path, env_base: dict) -> list[dict]:
             (probe_dir / "model.pt").unlink(missing_ok=True)
             os.symlink(folder / "model.pt", probe_dir / "model.pt")
             row = {"model": a.model, "share": ln.gpulet.share, "max_batch": cfg["max_batch"]}
-            for warm in (2, 0):
-                p = subprocess.run([sys.executable, __file__, "--probe", str(probe_dir), "--warmups", str(warm)],
+            for variant, args in PROBES.items():
+                p = subprocess.run([sys.executable, __file__, "--probe", str(probe_dir), *args],
                                    capture_output=True, text=True, timeout=300, env={**env_base, **ln.env})
                 try:
-                    row[f"warmups_{warm}"] = json.loads(p.stdout.strip().splitlines()[-1])
+                    row[variant] = json.loads(p.stdout.strip().splitlines()[-1])
                 except (IndexError, json.JSONDecodeError):
-                    row[f"warmups_{warm}"] = {"error": (p.stdout + p.stderr)[-800:]}
+                    row[variant] = {"error": (p.stdout + p.stderr)[-800:]}
             print(f"  probe {a.model}: {row}", flush=True)
             out.append(row)
     return out
@@ -210,16 +213,20 @@ def render(doc: dict) -> str:
     lines += [_row("alone, Triton's auto-complete on", s) for s in doc.get("auto_complete", [])]
     lines += [_row("all at once", s) for s in doc.get("together", [])]
     if doc.get("probes"):
-        lines += ["", "CUDA graphs of every batch size, captured in a process of its own at the gpu-let's share "
-                  "(warm-ups: eager runs before each size after the largest, which always gets two):", "",
-                  "| model | share | batches | import torch | CUDA init | load | graphs, 2 warm-ups | "
-                  "graphs, 0 warm-ups | largest replay difference (2 / 0) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        names = [v for v in PROBES if any(v in p for p in doc["probes"])]
+        lines += ["", "CUDA graphs of every batch size, captured in a process of its own at the gpu-let's share: "
+                  "seconds to capture them all (largest difference of a replay from the eager forward). "
+                  "before: two eager warm-ups before every size, `torch.cuda.graph`; no warm-ups: none after the "
+                  "largest size; model.py: and `capture_begin`/`capture_end` on its own stream.", "",
+                  "| model | share | batches | import torch | CUDA init | load | " + " | ".join(names) + " |",
+                  "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
         for p in doc["probes"]:
-            a, b = p.get("warmups_2", {}), p.get("warmups_0", {})
-            f = lambda d, k: f"{d[k]:.2f}" if k in d else "error"   # noqa: E731
-            lines.append(f"| {p['model']} | {p['share']} % | 1-{p['max_batch']} | {f(a, 'import_torch')} | "
-                         f"{f(a, 'cuda_init')} | {f(a, 'load')} | {f(a, 'graphs')} | {f(b, 'graphs')} | "
-                         f"{a.get('max_abs_diff', '—'):.2g} / {b.get('max_abs_diff', float('nan')):.2g} |")
+            first = next((p[v] for v in names if "import_torch" in p.get(v, {})), {})
+            f = lambda d, k: f"{d[k]:.2f}" if k in d else "—"   # noqa: E731
+            cells = [f"{p[v]['graphs']:.2f} ({p[v]['max_abs_diff']:.2g})" if "graphs" in p.get(v, {}) else "error"
+                     for v in names]
+            lines.append(f"| {p['model']} | {p['share']} % | 1-{p['max_batch']} | {f(first, 'import_torch')} | "
+                         f"{f(first, 'cuda_init')} | {f(first, 'load')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -231,10 +238,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--render", type=Path, help="only write docs/benchmarks.md from this startup.json")
     ap.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--warmups", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--warmups", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--torch-graph", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe:
-        print(json.dumps(probe(args.probe, args.warmups)))
+        print(json.dumps(probe(args.probe, args.warmups, lean=not args.torch_graph)))
         return
     if args.render:
         doc = json.loads(args.render.read_text())

@@ -622,3 +622,27 @@ def test_replanning_one_model_moves_only_that_model():
     assert inc.models["bert"].throughput >= 100
     assert sum(g.share for g in inc.gpulets_for("bert")) < sum(g.share for g in p0.gpulets_for("bert"))
     assert validate_plan(inc, d1, SYN) == []
+
+
+def test_a_step_back_gives_back_gpulets_and_starts_none():
+    """resnet50 steps from 2x back to 1x on 20 % gpu-lets (the H200's live trace): the incremental plan keeps
+    the gpu-lets the 1x rate needs exactly as they run (no server to start: a transition is then only the
+    routing and the old servers' stop) and gives back the others; the kept ones carry the new rate."""
+    from collections import Counter
+
+    base = [("resnet50", 600), ("bert", 400), ("vgg16", 200)]
+    kw = dict(shares=[20, 40, 60, 80, 100], gpulets_per_gpu=5)
+    d0 = dep([{"name": m, "rate": r * (2 if m == "resnet50" else 1), "slo_ms": SLO[m]} for m, r in base], **kw)
+    p0 = plan(d0, SYN)
+    d1 = dep([{"name": m, "rate": r, "slo_ms": SLO[m]} for m, r in base], **kw)
+    p1 = plan(d1, SYN, previous=p0)
+    assert validate_plan(p1, d1, SYN) == []
+    assert not Counter(map(_let_key, p1.gpulets)) - Counter(map(_let_key, p0.gpulets))      # nothing new
+    assert len(p1.gpulets_for("resnet50")) < len(p0.gpulets_for("resnet50"))
+    assert sum(g.share for g in p1.gpulets) < sum(g.share for g in p0.gpulets)
+    assert sum(g.assignment("resnet50").rate for g in p1.gpulets_for("resnet50")) == pytest.approx(600, rel=1e-6)
+    # a rate that falls less than one gpu-let's worth has nothing to drop: the model is planned again
+    d2 = dep([{"name": m, "rate": r * (1.9 if m == "resnet50" else 1), "slo_ms": SLO[m]} for m, r in base], **kw)
+    p2 = plan(d2, SYN, previous=p0)
+    assert validate_plan(p2, d2, SYN) == []
+    assert sum(g.share for g in p2.gpulets) <= sum(g.share for g in p0.gpulets)
