@@ -3,7 +3,7 @@
     python benchmarks/startup.py --out DIR [--deployment deployments/gpu-run.yaml] [--rounds 2] [--render DIR/startup.json]
 
 A re-plan serves its new plan only once the gpu-lets it adds are ready (issue 12: 9-14 s of every
-transition on the H200, runs 16-17), so this plans the deployment as `up` would, starts the MPS daemon,
+transition on the H200 in live runs 16-17, 5-10 s in run 18), so this plans the deployment as `up` would, starts the MPS daemon,
 and starts each of the plan's gpu-lets with the process runtime: alone, ``--rounds`` times (the first
 finds cold caches), once more with Triton's auto-complete of the configs on (as the runtime ran them until
 2026-11-30: a stub per model that imports torch only to complete a config), then all of them at once (as a

@@ -711,7 +711,7 @@ class Controller:
     def _begin(self, reason: str, change) -> None:
         """Run ``change`` (an apply, a re-plan, the repository API's requests): beside :meth:`serve`'s loop
         when it runs, one change at a time, so the loop keeps measuring the load while new gpu-lets start
-        and warm (tens of seconds on a GPU) and decides again on current counts when it ends; inline
+        and warm (5-10 s each on the H200, benchmarks/startup.py) and decides again on current counts when it ends; inline
         otherwise. ``change`` reports its own failures (the running plan keeps serving)."""
         if not self._serving:
             change()

@@ -183,3 +183,29 @@ def test_live_bench_answers_a_load_change_only_with_a_replan_for_the_model_that_
     assert live.stopped_s("x (serving after 9.4 s: plan 0.0 s, start 9.3 s, route 0.1 s; "
                           "old gpu-lets stopped 6.2 s after)") == 6.2
     assert live.stopped_s("x (serving after 9.4 s: plan 0.0 s, start 9.3 s, route 0.1 s)") == 0.0
+
+
+def test_startup_bench_cuts_each_real_start_into_stages(tmp_path):
+    """benchmarks/startup.py on this machine (CPU: no probes), the default deployment: every start of every
+    gpu-let is cut into stages from its real tritonserver's log, each model of the gpu-let found there with its
+    stub (of which import torch), load and prepare, all of it within the start as the runtime timed it."""
+    import json
+    import subprocess
+
+    out = tmp_path / "out"
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--out", str(out), "--work",
+                        str(tmp_path / "work"), "--deployment", str(ROOT / "deployments" / "default.yaml"),
+                        "--rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    doc = json.loads((out / "startup.json").read_text())
+    starts = doc["alone"][0] + doc["auto_complete"] + doc["together"]
+    assert len(starts) == 3 * len(doc["plan"])
+    for s in starts:
+        planned = next(g for g in doc["plan"] if g["gpulet"] == s["gpulet"])
+        assert sorted(s["models"]) == sorted(planned["models"]), s
+        for m in s["models"].values():
+            assert 0 < m["import_torch"] <= m["stub"] <= m["total"] <= s["total"] + 0.05, s
+            assert 0 <= m["done_after"] <= s["total"] + 0.05, s
+        assert s["spawn_to_loading"] >= 0 and s["models_to_http"] >= -0.05 and s["http_to_ready"] >= -0.05, s
+    assert (ROOT / "docs" / "benchmarks.md").read_text() == docs        # a CPU run writes nothing into the tree
