@@ -88,15 +88,19 @@ def stages(log: str, spawned: float, ready: float) -> dict:
     return out
 
 
+def _row(launch, spawned: float, ready: float) -> dict:
+    """One start of a gpu-let: what it runs and its stages (:func:`stages`)."""
+    g = launch.gpulet
+    return {"gpulet": g.id, "share": g.share, "models": [a.model for a in g.models],
+            **stages(launch.log_path.read_text(errors="replace"), spawned, ready)}
+
+
 def start_one(runtime, launch) -> dict:
     """Start one gpu-let, wait until ready, read its stages, stop it."""
     spawned = time.time()
     runtime.start([launch])
-    ready = time.time()
     try:
-        return {"gpulet": launch.gpulet.id, "share": launch.gpulet.share,
-                "models": [a.model for a in launch.gpulet.models],
-                **stages(launch.log_path.read_text(errors="replace"), spawned, ready)}
+        return _row(launch, spawned, time.time())
     finally:
         runtime.remove([launch.gpulet.id])
 
@@ -106,14 +110,13 @@ def start_together(runtime, launches) -> list[dict]:
     def one(ln):
         spawned = time.time()
         runtime.start([ln])
-        return ln, spawned, time.time()
+        return _row(ln, spawned, time.time())
 
-    with ThreadPoolExecutor(len(launches)) as pool:
-        done = list(pool.map(one, launches))
-    out = [{"gpulet": ln.gpulet.id, "share": ln.gpulet.share, "models": [a.model for a in ln.gpulet.models],
-            **stages(ln.log_path.read_text(errors="replace"), s, r)} for ln, s, r in done]
-    runtime.remove([ln.gpulet.id for ln in launches])
-    return out
+    try:
+        with ThreadPoolExecutor(len(launches)) as pool:
+            return list(pool.map(one, launches))
+    finally:
+        runtime.remove([ln.gpulet.id for ln in launches])
 
 
 # --------------------------------------------------------------------------- CUDA graphs, in-process
@@ -193,7 +196,7 @@ def probe_models(launches, work: Path, env_base: dict) -> list[dict]:
 # --------------------------------------------------------------------------- report
 
 
-def _row(kind: str, s: dict) -> str:
+def _table_row(kind: str, s: dict) -> str:
     ms = s["models"]
     per = "; ".join(f"{n}: stub {m['stub']:.1f} (torch {m['import_torch']:.1f}), load {m['load']:.1f}, "
                     f"prepare {m['prepare']:.1f}" for n, m in ms.items())
@@ -209,9 +212,9 @@ def render(doc: dict) -> str:
              "which import torch; load; prepare) | last model -> HTTP | HTTP -> ready seen |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, rnd in enumerate(doc["alone"]):
-        lines += [_row(f"alone, round {i + 1}", s) for s in rnd]
-    lines += [_row("alone, Triton's auto-complete on", s) for s in doc.get("auto_complete", [])]
-    lines += [_row("all at once", s) for s in doc.get("together", [])]
+        lines += [_table_row(f"alone, round {i + 1}", s) for s in rnd]
+    lines += [_table_row("alone, Triton's auto-complete on", s) for s in doc.get("auto_complete", [])]
+    lines += [_table_row("all at once", s) for s in doc.get("together", [])]
     if doc.get("probes"):
         names = [v for v in PROBES if any(v in p for p in doc["probes"])]
         lines += ["", "CUDA graphs of every batch size, captured in a process of its own at the gpu-let's share: "
