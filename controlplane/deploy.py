@@ -89,11 +89,12 @@ LOADED_RATE = 1.0
 
 class ControllerMetrics:
     """What the controller does while serving, for the router's ``/metrics``: epochs, re-plans by cause
-    (``controlplane apply``, measured load, recalibrated, repository API) and refused ones, the gpu-lets
-    transitions started and stopped, servers restarted, and per model the planned and measured rates."""
+    (``controlplane apply``, measured load, recalibrated, repository API) and refused ones, how long each
+    applied re-plan's stages took, the gpu-lets transitions started and stopped, servers restarted, and per
+    model the planned and measured rates."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         r = self.registry = CollectorRegistry()
         self.epochs = Counter("controlplane_epochs", "re-planning epochs run (the load measured)", registry=r)
@@ -102,6 +103,11 @@ class ControllerMetrics:
         self.refused = Counter("controlplane_replans_refused",
                                "new plans tried and given up (the running plan kept serving), by cause", ["cause"],
                                registry=r)
+        self.transition = Histogram(
+            "controlplane_transition_seconds",
+            "an applied re-plan's stages: plan, start (its new gpu-lets until ready), route (every router "
+            "process on the new plan: it serves from then), stop (the gpu-lets it dropped, after the switch)",
+            ["stage"], buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 60, 180), registry=r)
         self.started = Counter("controlplane_gpulets_started", "gpu-lets started by re-plans", registry=r)
         self.stopped = Counter("controlplane_gpulets_stopped", "gpu-lets drained and stopped by re-plans", registry=r)
         self.restarts = Counter("controlplane_gpulet_restarts", "gpu-let servers restarted after they died",
@@ -492,12 +498,15 @@ class Controller:
                 self.runtime.remove(sorted(added))
             raise
         self.metrics.started.inc(len(added))
+        for stage, t0, t1 in (("plan", t_start, t_planned), ("start", t_planned, t_started), ("route", t_started, t_routed)):
+            self.metrics.transition.labels(stage).observe(t1 - t0)
         if calibration and calibration != self.calibration:
             self._save_calibration(calibration, reason)
         if removed:
             self.log(f"apply: stopping {len(removed)} gpu-let(s) the new plan does not have: {', '.join(removed)}")
             self.runtime.remove(removed)
             self.metrics.stopped.inc(len(removed))
+            self.metrics.transition.labels("stop").observe(time.monotonic() - t_routed)
             # after the switch, but the change (and so the next re-plan) waits for it: say how long
             took += f"; old gpu-lets stopped {time.monotonic() - t_routed:.1f} s after"
         self.endpoints = endpoints

@@ -101,6 +101,11 @@ def test_apply_adds_replaces_and_removes_gpulets_without_a_failed_request(tmp_pa
         assert m[("controlplane_gpulets_started_total", ())] == 2       # mobilenet_v2's, then lenet's new one
         assert m[("controlplane_gpulets_stopped_total", ())] == 2       # lenet's old one, then mobilenet_v2's
         assert m[("controlplane_gpulets", ())] == 1
+        # each applied change's stages, timed: three changes, two of which stopped a server
+        count = {st: m[("controlplane_transition_seconds_count", (("stage", st),))] for st in
+                 ("plan", "start", "route", "stop")}
+        assert count == {"plan": 3, "start": 3, "route": 3, "stop": 2}, count
+        assert m[("controlplane_transition_seconds_sum", (("stage", "start"),))] > 0
         assert sorted(tritonserver_pids(str(tmp_path))) == sorted(before.values())
     finally:
         run_cli("down", "-f", str(path))
