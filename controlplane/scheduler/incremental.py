@@ -65,7 +65,7 @@ def _kept(ctx: Ctx, previous: Plan, same: set[str]) -> dict[int, dict[str, float
 def _dropping(ctx: Ctx, previous: Plan, same: set[str]) -> dict[int, dict[str, float]]:
     """:func:`_kept`, plus the gpu-lets of models whose rate fell, less the largest of them that the rest can
     do without: a model's rate falling frees whole gpu-lets and starts nothing, where planning the model
-    again starts new servers (a re-plan's transition, mostly tritonserver's start: 5-7 s on the H200).
+    again starts new servers (a re-plan's transition, mostly tritonserver's start: 4-6 s on the H200).
     The kept ones share the fallen model's new rate in proportion to what each was planned for (each
     still has the capacity it had: Triton batches what is queued, so less load only means smaller batches).
     Empty when nothing can be dropped."""
