@@ -39,7 +39,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 BEGIN, END = "<!-- startup-table:begin -->", "<!-- startup-table:end -->"
-TORCH_DTYPES = {"TYPE_FP32": "float32", "TYPE_FP16": "float16", "TYPE_INT64": "int64", "TYPE_INT32": "int32"}
 #: how the probe captures a model's CUDA graphs: model.py until 2026-11-30 (two warm-ups before every size,
 #: torch.cuda.graph), then each of the two changes made that day (CudaGraphs' docstring)
 PROBES = {"before": ["--warmups", "2", "--torch-graph"], "no warm-ups": ["--warmups", "0", "--torch-graph"],
@@ -140,7 +139,7 @@ def probe(folder: Path, warmups_after_first: int, lean: bool) -> dict:
     model = torch.jit.load(str(folder / "model.pt"), map_location=dev).eval()
     torch.cuda.synchronize(dev)
     t_load = time.monotonic()
-    shapes = [(tuple(s), getattr(torch, dt)) for s, dt in cfg["inputs"]]
+    shapes = [(tuple(s), mod.DTYPES.get(dt, torch.float32)) for s, dt in cfg["inputs"]]   # as model.py maps them
     graphs = mod.CudaGraphs(model, shapes, cfg["max_batch"], dev, warmups_after_first=warmups_after_first, lean=lean)
     t_graphs = time.monotonic()
     worst = 0.0
@@ -174,7 +173,7 @@ def probe_models(launches, work: Path, env_base: dict) -> list[dict]:
             folder = next((ln.repository / a.model).glob("[0-9]*"))
             cfg = text_format.Parse((ln.repository / a.model / "config.pbtxt").read_text(), mc.ModelConfig())
             cfg = {"max_batch": cfg.max_batch_size,
-                   "inputs": [[list(i.dims), TORCH_DTYPES[mc.DataType.Name(i.data_type)]] for i in cfg.input]}
+                   "inputs": [[list(i.dims), mc.DataType.Name(i.data_type)] for i in cfg.input]}
             probe_dir = work / "probe" / a.model
             probe_dir.mkdir(parents=True, exist_ok=True)
             (probe_dir / "config.json").write_text(json.dumps(cfg))

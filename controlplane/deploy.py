@@ -506,9 +506,10 @@ class Controller:
             self.log(f"apply: stopping {len(removed)} gpu-let(s) the new plan does not have: {', '.join(removed)}")
             self.runtime.remove(removed)
             self.metrics.stopped.inc(len(removed))
-            self.metrics.transition.labels("stop").observe(time.monotonic() - t_routed)
+            stopped = time.monotonic() - t_routed
+            self.metrics.transition.labels("stop").observe(stopped)
             # after the switch, but the change (and so the next re-plan) waits for it: say how long
-            took += f"; old gpu-lets stopped {time.monotonic() - t_routed:.1f} s after"
+            took += f"; old gpu-lets stopped {stopped:.1f} s after"
         self.endpoints = endpoints
         self.calibration = dict(calibration)
         self._profiles = None              # apply may have measured models the profile lacked

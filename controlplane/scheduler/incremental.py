@@ -23,21 +23,22 @@ from ..spec import Plan
 from .core import Ctx, Gpu, Let, SchedulingError, settle, try_gpu
 
 
+def _same_slo(ctx: Ctx, m: str, s) -> bool:
+    """Whether model m's SLO is the one the previous plan (its summary s) was made for."""
+    return abs(s.slo_ms - (ctx.slos[m] + ctx.overhead_ms)) <= 1e-6
+
+
 def _unchanged(ctx: Ctx, previous: Plan) -> set[str]:
     """Models whose gpu-lets can stay: the SLO the previous plan was made for, and at least its rate
     (a grown rate keeps its gpu-lets and only the increase is planned anew)."""
-    out = set()
-    for m, s in previous.models.items():
-        if m in ctx.rates and ctx.rates[m] >= s.rate * (1 - 1e-6) and \
-                abs(s.slo_ms - (ctx.slos[m] + ctx.overhead_ms)) <= 1e-6:
-            out.add(m)
-    return out
+    return {m for m, s in previous.models.items()
+            if m in ctx.rates and ctx.rates[m] >= s.rate * (1 - 1e-6) and _same_slo(ctx, m, s)}
 
 
 def _fallen(ctx: Ctx, previous: Plan) -> set[str]:
     """Models whose rate fell, with the SLO the previous plan was made for."""
     return {m for m, s in previous.models.items()
-            if 0 < ctx.rates.get(m, 0.0) < s.rate * (1 - 1e-6) and abs(s.slo_ms - (ctx.slos[m] + ctx.overhead_ms)) <= 1e-6}
+            if 0 < ctx.rates.get(m, 0.0) < s.rate * (1 - 1e-6) and _same_slo(ctx, m, s)}
 
 
 def _kept_let(ctx: Ctx, g, rates: dict[str, float]) -> Let | None:
@@ -62,8 +63,9 @@ def _kept(ctx: Ctx, previous: Plan, same: set[str]) -> dict[int, dict[str, float
             if g.models and all(a.model in same for a in g.models)}
 
 
-def _dropping(ctx: Ctx, previous: Plan, same: set[str]) -> dict[int, dict[str, float]]:
-    """:func:`_kept`, plus the gpu-lets of models whose rate fell, less the largest of them that the rest can
+def _dropping(ctx: Ctx, previous: Plan, same: set[str], kept: dict[int, dict[str, float]]
+              ) -> dict[int, dict[str, float]]:
+    """``kept`` (:func:`_kept`), plus the gpu-lets of models whose rate fell, less the largest of them that the rest can
     do without: a model's rate falling frees whole gpu-lets and starts nothing, where planning the model
     again starts new servers (a re-plan's transition, mostly tritonserver's start: 4-6 s on the H200).
     The kept ones share the fallen model's new rate in proportion to what each was planned for (each
@@ -82,7 +84,7 @@ def _dropping(ctx: Ctx, previous: Plan, same: set[str]) -> dict[int, dict[str, f
                 cap[a.model] -= a.rate
     if not dropped:
         return {}
-    out = _kept(ctx, previous, same)
+    out = dict(kept)
     for i, g in theirs.items():
         if i not in dropped:   # a fallen model's new rate, spread; one its gpu-lets cannot carry alone keeps them full
             out[i] = {a.model: a.rate * min(1.0, ctx.rates[a.model] / cap[a.model]) if a.model in fallen else a.rate
@@ -97,8 +99,9 @@ def incremental(ctx: Ctx, previous: Plan, algorithm: Callable[[Ctx, int | None],
     dropping some of its gpu-lets serves the new rate (:func:`_dropping`), that is taken unless planning
     the model again uses less share."""
     same = _unchanged(ctx, previous)
+    kept = _kept(ctx, previous, same)
     best = None
-    for keep in (_dropping(ctx, previous, same), _kept(ctx, previous, same)):
+    for keep in (_dropping(ctx, previous, same, kept), kept):
         got = _with_kept(ctx, previous, keep, algorithm, limit) if keep else None
         if got is not None and (best is None or _share(got) < _share(best)):
             best = got
